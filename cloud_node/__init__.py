@@ -1,0 +1,1 @@
+"""The cloud tier: thin wiring over shared/ (the tier loop lives in shared.tier)."""

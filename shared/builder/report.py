@@ -1,0 +1,84 @@
+"""The build report: report.json, a printed summary, reliability diagrams and a cost/accuracy plot."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from shared.calibration import reliability_bins, softmax  # noqa: E402
+from shared.manifest import CostModel  # noqa: E402
+from shared.policy import relative_cost, route  # noqa: E402
+
+
+def write_report(folder: Path, report: dict[str, Any]) -> Path:
+    path = folder / "report.json"
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    return path
+
+
+def summary_text(report: dict[str, Any]) -> str:
+    lines = [
+        f"{'exit':<7}{'layer':>6}{'acc':>8}{'ECE before':>12}{'ECE after':>11}{'T':>7}{'kept':>6}"
+        f"{'tau':>8}{'exits':>8}{'exit acc':>10}"
+    ]
+    for i, e in enumerate(report["exits"]):
+        last = i == len(report["exits"]) - 1
+        tau = "always" if last else "never" if e["threshold"] > 1 else f"{e['threshold']:.3f}"
+        lines.append(
+            f"{e['tier']:<7}{e['layer']:>6}{e['accuracy']:>8.4f}{e['ece_before']:>12.4f}{e['ece_after']:>11.4f}"
+            f"{e['temperature']:>7.3f}{'yes' if e['temperature_kept'] else 'no':>6}{tau:>8}"
+            f"{e['exit_fraction']:>8.3f}{_fmt(e['exited_accuracy']):>10}"
+        )
+    lines.append(
+        f"system accuracy {report['system_accuracy']:.4f} vs final exit {report['final_accuracy']:.4f} "
+        f"(drop {report['accuracy_drop_points']:+.2f} points); expected cost {report['relative_cost']:.3f} "
+        f"of cloud-only; built in {report['build_seconds']:.0f} s on {report['test_split']}"
+    )
+    return "\n".join(lines)
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.4f}"
+
+
+def plot_reliability(path: Path, tiers: list[str], logits: list[np.ndarray], labels: np.ndarray,
+                     temperatures: list[float]) -> None:
+    fig, axes = plt.subplots(1, len(tiers), figsize=(4.2 * len(tiers), 4), squeeze=False)
+    for ax, tier, z, t in zip(axes[0], tiers, logits, temperatures, strict=True):
+        for temp, style, name in ((1.0, "o--", "uncalibrated"), (t, "s-", f"T = {t:.2f}")):
+            bins = reliability_bins(softmax(z, temp), labels)
+            filled = bins.count > 0
+            ax.plot(bins.confidence[filled], bins.accuracy[filled], style, label=name, markersize=4)
+        ax.plot([0, 1], [0, 1], color="grey", linewidth=0.8)
+        ax.set(title=f"{tier} exit", xlabel="confidence", ylabel="accuracy", xlim=(0.45, 1.0), ylim=(0.3, 1.0))
+        ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_tradeoff(path: Path, probs: list[np.ndarray], labels: np.ndarray, chosen: list[float],
+                  split_points: tuple[int, int, int], cost: CostModel) -> None:
+    """Accuracy against relative cost as one threshold sweeps both exits, with the chosen point."""
+    points = []
+    for tau in np.linspace(0.5, 1.0, 51):
+        r = route(probs, [tau, tau])
+        points.append((relative_cost(r.fractions(), split_points, cost), float(np.mean(r.prediction == labels))))
+    r = route(probs, chosen)
+    fig, ax = plt.subplots(figsize=(5, 4))
+    ax.plot(*zip(*points, strict=True), ".-", label="one threshold for both exits")
+    ax.plot(relative_cost(r.fractions(), split_points, cost), np.mean(r.prediction == labels), "r*",
+            markersize=12, label="chosen thresholds")
+    ax.axhline(np.mean(probs[-1].argmax(-1) == labels), color="grey", linestyle=":", label="final exit")
+    ax.set(xlabel="expected cost relative to cloud-only", ylabel="accuracy")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

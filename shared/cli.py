@@ -1,0 +1,141 @@
+"""The `tierserve` command: one argparse subcommand per concern, each registered by its own module.
+
+A subcommand module offers `add_<name>_parser(subparsers)`, which sets `handler`: a function of
+the parsed arguments returning the exit status. Heavy imports happen inside handlers, so that
+`tierserve --help` and the serving commands never import torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+from shared.config import SETTINGS_BY_TIER, add_settings_arguments, settings_from_args
+
+DEFAULT_ENTRY = "127.0.0.1:50051"
+CLASSIFY_BATCH = 64
+
+
+def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
+    serve = subparsers.add_parser(
+        "serve", help="serve one tier (mobile, edge or cloud) in this process",
+        description="Serve one tier until SIGTERM/SIGINT. Every flag also reads from the "
+                    "environment (TIERSERVE_<TIER>_<FLAG>).")
+    tiers = serve.add_subparsers(dest="tier", required=True, metavar="TIER")
+    for tier, cls in SETTINGS_BY_TIER.items():
+        parser = tiers.add_parser(tier, help=f"serve the {tier} tier")
+        add_settings_arguments(parser, cls)
+        parser.set_defaults(handler=run_serve, parser=parser)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from shared.server import run_tier
+
+    return run_tier(settings_from_args(SETTINGS_BY_TIER[args.tier], args, args.parser))
+
+
+def add_classify_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "classify", help="classify texts through the running tiers",
+        description="Send texts to the mobile tier; print label, confidence, exit tier per text.")
+    p.add_argument("texts", nargs="*", metavar="TEXT", help="texts to classify; '-' reads stdin")
+    p.add_argument("-f", "--file", action="append", default=[], metavar="FILE",
+                   help="read texts from FILE, one per line ('-': stdin); repeatable")
+    p.add_argument("--address", default=DEFAULT_ENTRY, help="the mobile tier (default %(default)s)")
+    p.add_argument("--threshold", action="append", default=[], type=_threshold,
+                   metavar="TIER=VALUE", help="per-request threshold override, e.g. mobile=0.95")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
+    p.add_argument("--json", action="store_true", help="print one JSON object per text")
+    p.set_defaults(handler=run_classify)
+
+
+def _threshold(text: str) -> tuple[str, float]:
+    tier, _, value = text.partition("=")
+    try:
+        return tier.strip(), float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected TIER=VALUE like mobile=0.9, got {text!r}") from None
+
+
+def read_texts(texts: Iterable[str], files: Iterable[str]) -> list[str]:
+    """Texts from the command line and files, one per line; '-' means stdin; blank lines skipped."""
+    collected: list[str] = []
+    for text in texts:
+        collected.extend(_lines(sys.stdin) if text == "-" else [text])
+    for name in files:
+        if name == "-":
+            collected.extend(_lines(sys.stdin))
+        else:
+            with open(Path(name), encoding="utf-8") as f:
+                collected.extend(_lines(f))
+    return collected
+
+
+def _lines(stream: Iterable[str]) -> list[str]:
+    return [line.rstrip("\r\n") for line in stream if line.strip()]
+
+
+def run_classify(args: argparse.Namespace) -> int:
+    import json
+
+    import grpc
+
+    from shared.client import TierClient
+
+    texts = read_texts(args.texts, args.file)
+    if not texts:
+        print("tierserve classify: no texts (give TEXT arguments, -f FILE or '-' for stdin)",
+              file=sys.stderr)
+        return 2
+    thresholds = dict(args.threshold)
+    with TierClient(args.address, timeout=args.timeout) as client:
+        for start in range(0, len(texts), CLASSIFY_BATCH):
+            batch = texts[start:start + CLASSIFY_BATCH]
+            try:
+                answers = client.classify(batch, thresholds)
+            except grpc.RpcError as exc:
+                hint = (" (is it running? `tierserve serve mobile` or `make demo`)"
+                        if exc.code() == grpc.StatusCode.UNAVAILABLE else "")
+                print(f"tierserve classify: {args.address}: {exc.code().name}: {exc.details()}"
+                      f"{hint}", file=sys.stderr)
+                return 1
+            for text, answer in zip(batch, answers, strict=True):
+                if args.json:
+                    print(json.dumps({
+                        "text": text, "label": answer.label, "label_index": answer.label_index,
+                        "confidence": answer.confidence, "tier": answer.tier,
+                        "exit_layer": answer.exit_layer, "truncated": answer.truncated,
+                        "probabilities": list(answer.probabilities)}))
+                else:
+                    flag = "  (truncated)" if answer.truncated else ""
+                    print(f"{answer.label:<12} {answer.confidence:.4f}  {answer.tier:<6}  "
+                          f"{text}{flag}")
+    return 0
+
+
+def _command_parsers() -> list[Callable[[argparse._SubParsersAction], None]]:
+    from shared.builder.cli import add_build_parser
+    from shared.demo import add_demo_parser
+
+    return [add_build_parser, add_serve_parser, add_classify_parser, add_demo_parser]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tierserve", description="Three-tier (mobile / edge / cloud) early-exit serving.")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add_parser in _command_parsers():
+        add_parser(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

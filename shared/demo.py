@@ -1,0 +1,249 @@
+"""`tierserve demo`: the three tiers as local processes, a labeled set through the mobile tier.
+
+Two passes over the data: in batches (accuracy, exits per tier, throughput: the batch is split
+per sample between the tiers), then one text per request (latency per exit tier, where a
+sample's latency is its own). Prints a summary, writes it as JSON, stops the tiers. The tiers
+are stopped on every way out: normal end, error, Ctrl-C, SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from shared.manifest import TIERS, Manifest, load_manifest
+
+DEFAULT_ARTIFACTS = Path("artifacts/default")
+DEFAULT_OUT = Path("artifacts/demo.json")
+
+
+def add_demo_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "demo", help="start the three tiers locally and send a labeled set through them",
+        description="Start mobile, edge and cloud as separate processes on free 127.0.0.1 ports, "
+                    "classify the SST-2 dev set (or --data) through the mobile tier, print "
+                    "accuracy, exits per tier and latency per exit tier, then stop the tiers. "
+                    "It builds nothing: run `tierserve build` (make model) first.")
+    p.add_argument("--artifacts", type=Path, default=DEFAULT_ARTIFACTS,
+                   help="the built model (default %(default)s)")
+    p.add_argument("--data", help="labeled .tsv/.csv or GLUE-style folder (default: the SST-2 "
+                                  "dev set in ../shared/data/sst2)")
+    p.add_argument("--batch-size", type=int, default=32, help="texts per request, first pass")
+    p.add_argument("--latency-samples", type=int, default=None,
+                   help="texts sent one per request for latency (default: all; 0: skip)")
+    p.add_argument("--limit", type=int, help="use only the first N samples")
+    p.add_argument("--threshold", action="append", default=[], metavar="TIER=VALUE",
+                   help="per-request threshold override (default: the manifest's)")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                   help="results JSON (default %(default)s)")
+    p.set_defaults(handler=run_demo_command)
+
+
+def run_demo_command(args: argparse.Namespace) -> int:
+    from shared.cli import _threshold
+    from shared.errors import TierServeError
+
+    try:
+        thresholds = dict(_threshold(t) for t in args.threshold)
+        results = run_demo(args.artifacts, args.data, args.batch_size, args.latency_samples,
+                           args.limit, thresholds, args.out)
+    except (TierServeError, ValueError, RuntimeError, TimeoutError,
+            argparse.ArgumentTypeError) as exc:
+        print(f"tierserve demo: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("tierserve demo: interrupted; tiers stopped", file=sys.stderr)
+        return 130
+    print(format_summary(results))
+    print(f"results written to {args.out}")
+    return 0
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM/SIGHUP raise KeyboardInterrupt, so the `finally` that stops the tiers runs."""
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def load_labeled(data: str | None, limit: int | None, manifest: Manifest
+                 ) -> tuple[list[str], np.ndarray, str]:
+    """Texts and label indices in the manifest's label order, and the data's source."""
+    from shared.data import DEFAULT_SST2, load_split, load_splits
+
+    if data is not None:
+        dataset = load_split(data)
+    elif (DEFAULT_SST2 / "dev.tsv").is_file():
+        dataset = load_split(DEFAULT_SST2 / "dev.tsv")
+    else:
+        dataset = load_splits(None)[1]
+    if set(dataset.label_names) == set(manifest.labels):
+        order = [manifest.labels.index(name) for name in dataset.label_names]
+    elif len(dataset.label_names) == len(manifest.labels):
+        order = list(range(len(manifest.labels)))  # e.g. 0/1 in the data, names in the model
+    else:
+        raise ValueError(f"{dataset.source} has labels {dataset.label_names}, "
+                         f"the model {manifest.labels}")
+    labels = np.array(order)[dataset.labels]
+    texts = dataset.texts
+    if limit is not None:
+        texts, labels = texts[:limit], labels[:limit]
+    return texts, labels, dataset.source
+
+
+def run_demo(artifacts: Path, data: str | None = None, batch_size: int = 32,
+             latency_samples: int | None = None, limit: int | None = None,
+             thresholds: dict[str, float] | None = None, out: Path | None = DEFAULT_OUT
+             ) -> dict[str, Any]:
+    from shared.client import TierClient
+    from shared.processes import TierCluster
+
+    manifest = load_manifest(artifacts)
+    texts, labels, source = load_labeled(data, limit, manifest)
+    thresholds = thresholds or {}
+    print(f"demo: {len(texts)} samples from {source}; starting mobile, edge, cloud on "
+          f"{artifacts}", flush=True)
+    with _sigterm_as_interrupt():
+        cluster = TierCluster(artifacts)
+        try:
+            cluster.start()
+            print("demo: tiers SERVING at " + ", ".join(
+                f"{t} {p.address}" for t, p in cluster.tiers.items()), flush=True)
+            with TierClient(cluster.entry_address, timeout=120) as client:
+                batched = _batched_pass(client, texts, batch_size, thresholds)
+                n_latency = len(texts) if latency_samples is None else min(latency_samples,
+                                                                            len(texts))
+                single = _single_pass(client, texts[:n_latency], thresholds)
+        finally:
+            statuses = cluster.stop()
+            cluster.close()
+    results = _results(manifest, artifacts, source, labels, thresholds, batched, single)
+    results["tier_exit_status"] = statuses
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def _batched_pass(client: Any, texts: list[str], batch_size: int,
+                  thresholds: dict[str, float]) -> dict[str, Any]:
+    tiers, predictions, request_seconds = [], [], []
+    started = time.perf_counter()
+    for start in range(0, len(texts), batch_size):
+        sent = time.perf_counter()
+        answers = client.classify(texts[start:start + batch_size], thresholds)
+        request_seconds.append(time.perf_counter() - sent)
+        tiers += [a.tier for a in answers]
+        predictions += [a.label_index for a in answers]
+    return {"tiers": tiers, "predictions": np.array(predictions),
+            "seconds": time.perf_counter() - started, "request_seconds": request_seconds,
+            "batch_size": batch_size}
+
+
+def _single_pass(client: Any, texts: list[str], thresholds: dict[str, float]) -> dict[str, Any]:
+    tiers, latency, predictions = [], [], []
+    for text in texts:
+        sent = time.perf_counter()
+        [answer] = client.classify([text], thresholds)
+        latency.append(time.perf_counter() - sent)
+        tiers.append(answer.tier)
+        predictions.append(answer.label_index)
+    return {"tiers": tiers, "latency": np.array(latency), "predictions": np.array(predictions)}
+
+
+def _percentiles_ms(seconds: Any) -> dict[str, float] | None:
+    values = np.asarray(seconds, dtype=float)
+    if not len(values):
+        return None
+    return {"p50": float(np.percentile(values, 50) * 1e3),
+            "p95": float(np.percentile(values, 95) * 1e3), "n": len(values)}
+
+
+def _results(manifest: Manifest, artifacts: Path, source: str, labels: np.ndarray,
+             thresholds: dict[str, float], batched: dict[str, Any], single: dict[str, Any]
+             ) -> dict[str, Any]:
+    n = len(labels)
+    correct = batched["predictions"] == labels
+    tiers = np.array(batched["tiers"])
+    single_tiers = np.array(single["tiers"])
+    exits = {}
+    for tier in TIERS:
+        here = tiers == tier
+        exits[tier] = {
+            "count": int(here.sum()), "fraction": float(here.mean()) if n else 0.0,
+            "accuracy": float(correct[here].mean()) if here.any() else None,
+            "latency_ms": _percentiles_ms(single["latency"][single_tiers == tier]),
+        }
+    effective = {t: thresholds.get(t, manifest.exit(t).threshold) for t in TIERS[:-1]}
+    results: dict[str, Any] = {
+        "artifacts": str(artifacts), "data": source, "samples": n,
+        "thresholds": effective, "threshold_overrides": thresholds,
+        "accuracy": float(correct.mean()) if n else None, "exits": exits,
+        "latency_ms_all": _percentiles_ms(single["latency"]),
+        "batched": {
+            "batch_size": batched["batch_size"], "seconds": batched["seconds"],
+            "samples_per_second": n / batched["seconds"] if batched["seconds"] else None,
+            "request_ms": _percentiles_ms(batched["request_seconds"]),
+        },
+        "single_pass_agrees": bool(np.array_equal(
+            single["predictions"], batched["predictions"][: len(single["predictions"])])),
+    }
+    results["builder_report"] = _report_comparison(artifacts, source, thresholds, results)
+    return results
+
+
+def _report_comparison(artifacts: Path, source: str, thresholds: dict[str, float],
+                       results: dict[str, Any]) -> dict[str, Any] | None:
+    """The builder's test-split accuracy at the manifest's thresholds, when it is the same data."""
+    try:
+        report = json.loads((artifacts / "report.json").read_text())
+    except (OSError, ValueError):
+        return None
+    same_data = Path(str(report.get("test_split", ""))).resolve() == Path(source).resolve()
+    comparable = same_data and not thresholds and "system_accuracy" in report
+    return {"system_accuracy": report.get("system_accuracy"), "test_split":
+            report.get("test_split"), "comparable": comparable,
+            "equal": comparable and abs(report["system_accuracy"] - results["accuracy"]) < 1e-9}
+
+
+def format_summary(results: dict[str, Any]) -> str:
+    fmt = results["thresholds"]
+    lines = [
+        f"{results['samples']} samples from {results['data']}; thresholds "
+        + ", ".join(f"{t} {'never' if v > 1 else f'{v:.4f}'}" for t, v in fmt.items()),
+        f"accuracy {results['accuracy']:.4f}",
+    ]
+    report = results.get("builder_report")
+    if report and report["comparable"]:
+        verdict = "equal" if report["equal"] else "DIFFERENT"
+        lines.append(f"builder report accuracy {report['system_accuracy']:.4f} "
+                     f"(same data, same thresholds): {verdict}")
+    lines.append(f"{'exit tier':<10}{'samples':>8}{'share':>8}{'accuracy':>10}"
+                 f"{'p50 ms':>9}{'p95 ms':>9}")
+    for tier, e in results["exits"].items():
+        acc = "-" if e["accuracy"] is None else f"{e['accuracy']:.4f}"
+        lat = e["latency_ms"]
+        p50, p95 = ("-", "-") if lat is None else (f"{lat['p50']:.2f}", f"{lat['p95']:.2f}")
+        lines.append(f"{tier:<10}{e['count']:>8}{e['fraction']:>8.3f}{acc:>10}{p50:>9}{p95:>9}")
+    b = results["batched"]
+    lines.append(
+        f"latency: one text per request, end to end at the client. In batches of "
+        f"{b['batch_size']}: {b['samples_per_second']:.0f} samples/s, request p50 "
+        f"{b['request_ms']['p50']:.1f} ms, p95 {b['request_ms']['p95']:.1f} ms")
+    return "\n".join(lines)

@@ -1,0 +1,183 @@
+"""Start and stop the three tiers as local processes (tests, demo, bench).
+
+Each tier runs `python -m <tier>_node` in its own process group on a free 127.0.0.1 port, with
+its log in a file. Stopping sends SIGTERM to the group, waits, then SIGKILLs what is left; on
+Linux a tier also gets SIGTERM if the process that started it dies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from shared.client import health_status
+from shared.manifest import TIERS
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+_PR_SET_PDEATHSIG = 1
+PARENT_PID_ENV = "TIERSERVE_PARENT_PID"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def exit_with_parent() -> None:
+    """In a tier started by start_tier: get SIGTERM when the starting process dies (Linux).
+
+    Done in the child at startup rather than in a preexec_fn, which is unsafe in a parent with
+    threads (gRPC's).
+    """
+    parent = os.environ.get(PARENT_PID_ENV)
+    if not parent or sys.platform != "linux":
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != int(parent):  # it died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+@dataclass
+class TierProcess:
+    tier: str
+    address: str
+    metrics_port: int
+    log_path: Path
+    process: subprocess.Popen = field(repr=False)
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def stop(self, timeout: float = 10.0) -> int:
+        """SIGTERM the tier's process group, SIGKILL it after `timeout`; the exit status."""
+        if self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        return self.process.returncode
+
+
+def start_tier(tier: str, artifacts: str | Path, log_dir: Path, next_address: str | None = None,
+               flags: Mapping[str, object] | None = None, env: Mapping[str, str] | None = None
+               ) -> TierProcess:
+    """Launch one tier (not waiting for it). flags: extra settings, e.g. {"threshold": 0.9}."""
+    address = f"127.0.0.1:{free_port()}"
+    metrics_port = free_port()
+    argv = [sys.executable, "-m", f"{tier}_node", "--listen", address,
+            "--artifacts", str(Path(artifacts).resolve()), "--metrics-port", str(metrics_port)]
+    if next_address:
+        argv += ["--next", next_address]
+    for name, value in (flags or {}).items():
+        argv += ["--" + name.replace("_", "-"), str(value)]
+    log_path = log_dir / f"{tier}.log"
+    child_env = {**os.environ, **(env or {}), PARENT_PID_ENV: str(os.getpid())}
+    child_env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(REPO_ROOT), child_env.get("PYTHONPATH")) if p)
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            argv, cwd=REPO_ROOT, env=child_env, stdin=subprocess.DEVNULL, stdout=log,
+            stderr=subprocess.STDOUT, start_new_session=True)
+    return TierProcess(tier, address, metrics_port, log_path, process)
+
+
+def wait_until_serving(processes: Iterable[TierProcess], timeout: float = 60.0) -> None:
+    """Poll standard health until every tier is SERVING; raise with its log if one dies or hangs."""
+    deadline = time.monotonic() + timeout
+    waiting = list(processes)
+    while waiting:
+        for proc in list(waiting):
+            if proc.process.poll() is not None:
+                raise RuntimeError(
+                    f"the {proc.tier} tier exited with status {proc.process.returncode}:\n"
+                    f"{proc.log_tail()}")
+            if health_status(proc.address, timeout=0.5) == "SERVING":
+                waiting.remove(proc)
+        if waiting and time.monotonic() > deadline:
+            raise TimeoutError(
+                f"tiers {[p.tier for p in waiting]} not SERVING after {timeout:.0f}s:\n"
+                + "\n".join(p.log_tail() for p in waiting))
+        if waiting:
+            time.sleep(0.1)
+
+
+class TierCluster:
+    """The three tiers, started together; use as a context manager so they are always stopped."""
+
+    def __init__(self, artifacts: str | Path,
+                 flags: Mapping[str, Mapping[str, object]] | None = None,
+                 log_dir: str | Path | None = None, env: Mapping[str, str] | None = None) -> None:
+        self.artifacts = Path(artifacts)
+        self.flags = flags or {}
+        self.env = env
+        self._tmp = None if log_dir else tempfile.TemporaryDirectory(prefix="tierserve-logs-")
+        self.log_dir = Path(log_dir or self._tmp.name)  # type: ignore[union-attr]
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.tiers: dict[str, TierProcess] = {}
+
+    @property
+    def entry_address(self) -> str:
+        return self.tiers[TIERS[0]].address
+
+    def start(self, timeout: float = 60.0) -> TierCluster:
+        """Start cloud, edge, mobile (each pointing at the next) and wait until all are SERVING."""
+        try:
+            next_address = None
+            for tier in reversed(TIERS):
+                started = start_tier(tier, self.artifacts, self.log_dir, next_address,
+                                     self.flags.get(tier), self.env)
+                self.tiers[tier] = started
+                next_address = started.address
+            wait_until_serving(self.tiers.values(), timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self, timeout: float = 10.0) -> dict[str, int]:
+        """Stop the entry tier first so no new work flows in; the exit status per tier."""
+        statuses = {}
+        for tier in TIERS:
+            if tier in self.tiers:
+                statuses[tier] = self.tiers[tier].stop(timeout)
+        return statuses
+
+    def close(self) -> None:
+        self.stop()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+    def __enter__(self) -> TierCluster:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@contextlib.contextmanager
+def running_tiers(artifacts: str | Path, **kwargs: object) -> Iterator[TierCluster]:
+    """`with running_tiers(folder) as cluster: TierClient(cluster.entry_address)...`"""
+    cluster = TierCluster(artifacts, **kwargs)  # type: ignore[arg-type]
+    try:
+        yield cluster.start()
+    finally:
+        cluster.close()

@@ -1,0 +1,128 @@
+"""The generic tier server: grpc.aio, health checking, reflection, metrics, graceful shutdown.
+
+`run_tier(settings)` is all a node package calls. The server starts NOT_SERVING, loads and verifies
+its slice, then reports SERVING; SIGTERM/SIGINT stop new RPCs and let in-flight ones finish
+within the grace period.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from shared.client import ContinuationClient
+from shared.config import ForwardingSettings, MobileSettings, TierSettings, parse_settings
+from shared.errors import TierServeError
+from shared.manifest import load_manifest, verified_slice_path
+from shared.metrics import TierMetrics
+from shared.processes import exit_with_parent
+from shared.rpc import SERVICE_NAMES, message_size_options, pb2, pb2_grpc
+from shared.runner import SliceRunner
+from shared.text import TextEncoder
+from shared.tier import ClassifierServicer, ContinuationServicer, TierLoop
+
+log = logging.getLogger("tierserve.server")
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def _load(settings: TierSettings, metrics: TierMetrics,
+          next_tier: ContinuationClient | None) -> tuple[TierLoop, TextEncoder | None]:
+    """Read the manifest, verify and open this tier's slice (blocking: run it in a thread)."""
+    manifest = load_manifest(settings.artifacts)
+    spec = manifest.slice(settings.tier)
+    runner = SliceRunner(verified_slice_path(settings.artifacts, spec), spec, settings.onnx_threads)
+    loop = TierLoop(
+        manifest, settings.tier, runner, metrics, next_tier,
+        threshold_override=getattr(settings, "threshold", None),
+        hop_timeout=getattr(settings, "hop_timeout", 10.0))
+    encoder = None
+    if isinstance(settings, MobileSettings) and manifest.family == "text":
+        encoder = TextEncoder.for_manifest(manifest, settings.artifacts)
+    return loop, encoder
+
+
+async def serve(settings: TierSettings, stop: asyncio.Event) -> None:
+    """Serve one tier until `stop` is set, then shut down gracefully."""
+    tier = settings.tier
+    metrics = TierMetrics(tier)
+    if settings.metrics_port:
+        metrics.serve(settings.metrics_port, settings.metrics_addr)
+    server = grpc.aio.server(options=message_size_options(settings.max_message_bytes))
+    servicer: ClassifierServicer | ContinuationServicer
+    if isinstance(settings, MobileSettings):
+        servicer = ClassifierServicer(tier, metrics, settings.max_batch, settings.max_text_chars)
+        pb2_grpc.add_ClassifierServicer_to_server(servicer, server)
+        service = pb2.DESCRIPTOR.services_by_name["Classifier"].full_name
+    else:
+        servicer = ContinuationServicer(tier, metrics, settings.max_batch)
+        pb2_grpc.add_ContinuationServicer_to_server(servicer, server)
+        service = pb2.DESCRIPTOR.services_by_name["Continuation"].full_name
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME), server)
+    port = server.add_insecure_port(settings.listen)
+    for name in ("", service):
+        await health_servicer.set(name, NOT_SERVING)
+    await server.start()
+    host = settings.listen.rsplit(":", 1)[0]
+    log.info("%s tier listening on %s:%d (metrics port %s)", tier, host, port,
+             settings.metrics_port or "off")
+
+    next_tier = None
+    if isinstance(settings, ForwardingSettings):
+        next_tier = ContinuationClient(settings.next, settings.max_message_bytes)
+    try:
+        servicer.loop, encoder = await asyncio.to_thread(_load, settings, metrics, next_tier)
+        if isinstance(servicer, ClassifierServicer):
+            servicer.encoder = encoder
+        for name in ("", service):
+            await health_servicer.set(name, SERVING)
+        log.info("%s tier serving %s", tier, settings.artifacts)
+        await stop.wait()
+        log.info("%s tier stopping: finishing in-flight requests (grace %.1fs)", tier,
+                 settings.grace_seconds)
+    finally:
+        await health_servicer.enter_graceful_shutdown()
+        await server.stop(settings.grace_seconds)
+        if next_tier is not None:
+            await next_tier.close()
+        if servicer.loop is not None:
+            servicer.loop.runner.close()
+    log.info("%s tier stopped", tier)
+
+
+async def _serve_until_signalled(settings: TierSettings) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await serve(settings, stop)
+
+
+def run_tier(settings: TierSettings) -> int:
+    """Serve a tier in this process until SIGTERM/SIGINT; the exit status."""
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stderr,
+        format=f"%(asctime)s {settings.tier} %(levelname)s %(name)s: %(message)s")
+    exit_with_parent()
+    try:
+        asyncio.run(_serve_until_signalled(settings))
+    except TierServeError as exc:  # a broken or missing artifact: say what, exit non-zero
+        log.error("%s", exc)
+        return 2
+    return 0
+
+
+def main(tier: str, argv: Sequence[str] | None = None) -> None:
+    """Entry point of `python -m <tier>_node`: settings from env and flags, then serve."""
+    sys.exit(run_tier(parse_settings(tier, argv)))

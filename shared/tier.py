@@ -1,0 +1,279 @@
+"""The tier loop, written once for every tier, its gRPC servicers, and the error -> status mapping.
+
+Per request: run the slice, softmax(logits / T) with this exit's temperature, answer the samples
+whose confidence >= threshold (the last tier answers all), forward the rest as one smaller batch
+to the next tier, merge the answers back in request order. This is the online form of
+shared.policy.route, and gives the same decisions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol, TypeVar
+
+import grpc
+import numpy as np
+
+from shared.calibration import softmax
+from shared.codec import decode_tensors, payload_bytes
+from shared.errors import ArtifactError, InvalidInput, NotReady, TierServeError
+from shared.manifest import TIERS, Manifest, Tier
+from shared.metrics import TierMetrics
+from shared.rpc import pb2, pb2_grpc
+from shared.runner import ATTENTION_MASK, SliceRunner
+from shared.text import TextEncoder
+
+LOGITS = "logits"
+log = logging.getLogger("tierserve.tier")
+T = TypeVar("T")
+
+
+class NextTier(Protocol):
+    """Where a tier sends what it cannot answer (shared.client.ContinuationClient over gRPC)."""
+
+    async def continue_batch(self, tensors: Mapping[str, np.ndarray], request_ids: Sequence[str],
+                             thresholds: Mapping[str, float], timeout: float | None
+                             ) -> list[pb2.Answer]: ...
+
+
+def check_thresholds(thresholds: Mapping[str, float]) -> dict[str, float]:
+    """Per-request threshold overrides, validated: keys mobile/edge, finite values >= 0."""
+    early_exits = TIERS[:-1]
+    for tier, value in thresholds.items():
+        if tier not in early_exits:
+            raise InvalidInput(
+                f"threshold for unknown or last tier '{tier}': thresholds apply to "
+                f"{', '.join(early_exits)} (the {TIERS[-1]} always answers)")
+        if not math.isfinite(value) or value < 0:
+            raise InvalidInput(f"threshold for {tier} is {value}; it must be a finite number >= 0")
+    return dict(thresholds)
+
+
+def forwarded_tensors(inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray],
+                      forwards: Mapping[str, str], rows: np.ndarray) -> dict[str, np.ndarray]:
+    """The next slice's inputs for the samples in `rows`.
+
+    forwards: next input name -> the name of this slice's output (or input, passed through, like
+    the attention mask) that feeds it. Columns that are padding in every kept row are dropped.
+    """
+    picked = {name: (outputs[source] if source in outputs else inputs[source])[rows]
+              for name, source in forwards.items()}
+    mask = picked.get(ATTENTION_MASK)
+    if mask is not None and mask.size:
+        width = int(np.flatnonzero(mask.any(axis=0))[-1]) + 1
+        if width < mask.shape[1]:
+            picked = {name: a[:, :width] if a.ndim >= 2 and a.shape[1] == mask.shape[1] else a
+                      for name, a in picked.items()}
+    return {name: np.ascontiguousarray(a) for name, a in picked.items()}
+
+
+@dataclass
+class TierLoop:
+    """One tier's share of a request: its slice, its exit, and the hand-off to the next tier."""
+
+    manifest: Manifest
+    tier: Tier
+    runner: SliceRunner
+    metrics: TierMetrics
+    next_tier: NextTier | None = None  # None: the last tier, which answers everything
+    threshold_override: float | None = None  # the node's config, over the manifest's
+    hop_timeout: float = 10.0
+
+    def __post_init__(self) -> None:
+        self.exit = self.manifest.exit(self.tier)
+        position = TIERS.index(self.tier)
+        self.next_name = TIERS[position + 1] if position + 1 < len(TIERS) else None
+        next_inputs = self.manifest.slice(self.next_name).inputs if self.next_name else []
+        # a manifest without explicit wiring feeds the next slice same-named tensors
+        self.forwards = self.manifest.slice(self.tier).forwards or {n: n for n in next_inputs}
+        known = set(self.runner.input_names) | set(self.runner.output_names)
+        if sorted(self.forwards) != sorted(next_inputs) or not set(self.forwards.values()) <= known:
+            raise ArtifactError(
+                f"the manifest wires {self.forwards} from the {self.tier} slice "
+                f"({sorted(known)}) to the next slice's inputs {next_inputs}")
+        self.hop = f"{self.tier}_{self.next_name}"
+
+    def threshold(self, request_thresholds: Mapping[str, float]) -> float:
+        if self.tier in request_thresholds:
+            return request_thresholds[self.tier]
+        if self.threshold_override is not None:
+            return self.threshold_override
+        return self.exit.threshold
+
+    async def process(self, inputs: Mapping[str, np.ndarray], request_ids: Sequence[str],
+                      thresholds: Mapping[str, float], time_left: float | None = None
+                      ) -> list[pb2.Answer]:
+        """Answers for every sample of `inputs`, in order, each with this tier's timing first.
+
+        thresholds: the request's overrides (validated), passed on to the next tier unchanged.
+        time_left: seconds until the caller's deadline, if it set one.
+        """
+        started = time.perf_counter()
+        batch = self.runner.check_inputs(inputs)
+        if batch == 0:
+            raise InvalidInput("the batch is empty")
+        if len(request_ids) != batch:
+            raise InvalidInput(f"{len(request_ids)} request ids for a batch of {batch} samples")
+        self.metrics.samples.labels(self.tier).inc(batch)
+        self.metrics.batch_size.labels(self.tier).observe(batch)
+
+        result = await self.runner.run(inputs)
+        self.metrics.compute_duration.labels(self.tier).observe(result.compute_seconds)
+        probs = softmax(result.outputs[LOGITS], self.exit.temperature)
+        confidence = probs.max(axis=-1)
+        for value in confidence:
+            self.metrics.confidence.labels(self.tier).observe(value)
+        leaves = np.ones(batch, dtype=bool) if self.next_tier is None else confidence >= self.threshold(thresholds)
+
+        answers: list[pb2.Answer] = [
+            self._answer(probs[i], request_ids[i]) if leaves[i] else pb2.Answer()
+            for i in range(batch)
+        ]
+        self.metrics.exits.labels(self.tier).inc(int(leaves.sum()))
+        waited = 0.0
+        rows = np.flatnonzero(~leaves)
+        if len(rows):
+            assert self.next_tier is not None
+            tensors = forwarded_tensors(inputs, result.outputs, self.forwards, rows)
+            self.metrics.forwarded_samples.labels(self.hop).inc(len(rows))
+            self.metrics.forwarded_bytes.labels(self.hop).inc(payload_bytes(tensors))
+            wait_started = time.perf_counter()
+            timeout = self.hop_timeout
+            if time_left is not None:  # what is left of the caller's deadline, after our own work
+                timeout = min(timeout, max(0.0, time_left - (wait_started - started)))
+            downstream = await self.next_tier.continue_batch(
+                tensors, [request_ids[i] for i in rows], thresholds, timeout)
+            waited = time.perf_counter() - wait_started
+            self.metrics.downstream_wait.labels(self.tier).observe(waited)
+            for row, answer in zip(rows, downstream, strict=True):
+                answers[row] = answer
+
+        total = time.perf_counter() - started
+        self.metrics.own_duration.labels(self.tier).observe(total - waited)
+        timing = pb2.TierTiming(tier=self.tier, server_seconds=total, own_seconds=total - waited,
+                                compute_seconds=result.compute_seconds)
+        for index, answer in enumerate(answers):
+            answer.index = index
+            answer.timings.insert(0, timing)
+        return answers
+
+    def _answer(self, probs: np.ndarray, request_id: str) -> pb2.Answer:
+        label = int(probs.argmax())
+        return pb2.Answer(
+            request_id=request_id, label_index=label, label=self.manifest.labels[label],
+            probabilities=probs.tolist(), confidence=float(probs[label]), tier=self.tier,
+            exit_layer=self.exit.layer)
+
+
+async def answer_rpc(context: grpc.aio.ServicerContext, metrics: TierMetrics, tier: str,
+                     handle: Callable[[], Awaitable[T]]) -> T:
+    """Run one RPC's handler; the one place where failures become gRPC statuses.
+
+    TierServeError subclasses carry their status code; anything unexpected is INTERNAL, logged,
+    and the server keeps serving.
+    """
+    started = time.perf_counter()
+    outcome = "ok"
+    metrics.inflight.labels(tier).inc()
+    try:
+        return await handle()
+    except TierServeError as exc:
+        outcome = exc.code.lower()
+        code = grpc.StatusCode[exc.code]
+        message = str(exc)
+    except asyncio.CancelledError:
+        outcome = "cancelled"
+        raise
+    except Exception as exc:
+        log.exception("unexpected failure at the %s tier", tier)
+        outcome = "internal"
+        code = grpc.StatusCode.INTERNAL
+        message = f"internal error at the {tier} tier: {type(exc).__name__}: {exc}"
+    finally:
+        metrics.inflight.labels(tier).dec()
+        metrics.request_duration.labels(tier, outcome).observe(time.perf_counter() - started)
+    metrics.errors.labels(tier, code.name).inc()
+    await context.abort(code, message)
+    raise AssertionError("unreachable: context.abort raises")
+
+
+class _Servicer:
+    """Holds the tier loop once it is loaded; until then requests get UNAVAILABLE."""
+
+    def __init__(self, tier: Tier, metrics: TierMetrics, max_batch: int) -> None:
+        self.tier = tier
+        self.metrics = metrics
+        self.max_batch = max_batch
+        self.loop: TierLoop | None = None
+
+    def ready_loop(self) -> TierLoop:
+        if self.loop is None:
+            raise NotReady(f"the {self.tier} tier is still loading its model")
+        return self.loop
+
+
+class ContinuationServicer(_Servicer, pb2_grpc.ContinuationServicer):
+    """Continue at the edge and cloud tiers."""
+
+    async def Continue(self, request: pb2.ContinueRequest,
+                       context: grpc.aio.ServicerContext) -> pb2.ContinueResponse:
+        async def handle() -> pb2.ContinueResponse:
+            loop = self.ready_loop()
+            if len(request.request_ids) > self.max_batch:
+                raise InvalidInput(
+                    f"too many samples: {len(request.request_ids)}, at most {self.max_batch}")
+            thresholds = check_thresholds(request.thresholds)
+            inputs = decode_tensors(request.tensors)
+            answers = await loop.process(inputs, list(request.request_ids), thresholds,
+                                         context.time_remaining())
+            return pb2.ContinueResponse(answers=answers)
+
+        return await answer_rpc(context, self.metrics, self.tier, handle)
+
+
+class ClassifierServicer(_Servicer, pb2_grpc.ClassifierServicer):
+    """Classify at the entry tier: check and tokenise the texts, then the tier loop."""
+
+    def __init__(self, tier: Tier, metrics: TierMetrics, max_batch: int,
+                 max_text_chars: int) -> None:
+        super().__init__(tier, metrics, max_batch)
+        self.max_text_chars = max_text_chars
+        self.encoder: TextEncoder | None = None
+
+    def check_texts(self, texts: Sequence[str]) -> None:
+        if not texts:
+            raise InvalidInput("no texts: send at least one")
+        if len(texts) > self.max_batch:
+            raise InvalidInput(
+                f"too many texts: {len(texts)}, at most {self.max_batch} per request")
+        for i, text in enumerate(texts):
+            if not text.strip():
+                raise InvalidInput(f"text {i} is empty")
+            if len(text) > self.max_text_chars:
+                raise InvalidInput(
+                    f"text {i} has {len(text)} characters, at most {self.max_text_chars}")
+
+    async def Classify(self, request: pb2.ClassifyRequest,
+                       context: grpc.aio.ServicerContext) -> pb2.ClassifyResponse:
+        async def handle() -> pb2.ClassifyResponse:
+            loop = self.ready_loop()
+            if self.encoder is None:
+                raise InvalidInput(f"this model ({loop.manifest.family}) does not take texts")
+            texts = list(request.texts)
+            self.check_texts(texts)
+            thresholds = check_thresholds(request.thresholds)
+            encoded = self.encoder.encode(texts)
+            prefix = request.request_id or uuid.uuid4().hex[:16]
+            ids = [f"{prefix}/{i}" for i in range(len(texts))]
+            answers = await loop.process(encoded.tensors, ids, thresholds, context.time_remaining())
+            for answer, truncated in zip(answers, encoded.truncated, strict=True):
+                answer.truncated = bool(truncated)
+            return pb2.ClassifyResponse(answers=answers)
+
+        return await answer_rpc(context, self.metrics, self.tier, handle)

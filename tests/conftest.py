@@ -1,0 +1,31 @@
+"""Shared fixtures: a tiny built model (real builder, real ONNX export), built once per session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.tiny_model import make_checkpoint, make_dataset
+
+TINY_LABELS = ["negative", "positive"]
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("tiny_checkpoint"))
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_dataset(tmp_path_factory.mktemp("tiny_data"))
+
+
+@pytest.fixture(scope="session")
+def tiny_artifacts(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path, tiny_data: Path) -> Path:
+    """A small built model: manifest.json, mobile/edge/cloud.onnx, tokenizer.json, report.json."""
+    from shared.builder.build import BuildConfig, build
+
+    config = BuildConfig(backbone=str(tiny_checkpoint), data=str(tiny_data), profile="tiny",
+                         split_points=(1, 2, 3), label_names=TINY_LABELS, max_length=32, p_tar=(0.8, 0.8))
+    return build(config, tmp_path_factory.mktemp("tiny_build") / "model")

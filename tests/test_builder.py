@@ -1,0 +1,135 @@
+"""The builder on a tiny random BERT: real training, calibration, ONNX export and report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from shared.builder.build import BuildConfig, build, check_split_points
+from shared.data import load_splits, read_table
+from shared.errors import ArtifactError, BuildInputError
+from shared.manifest import TIERS, load_manifest, verified_slice_path
+from shared.text import TextEncoder
+from tests.tiny_model import make_dataset
+
+REPORT_EXIT_KEYS = {"tier", "layer", "accuracy", "ece_before", "ece_after", "temperature", "threshold",
+                    "exit_fraction", "exited_accuracy"}
+
+
+def test_build_writes_a_complete_artifact_folder(tiny_artifacts: Path) -> None:
+    for name in ("manifest.json", "mobile.onnx", "edge.onnx", "cloud.onnx", "tokenizer.json",
+                 "report.json", "reliability.png", "tradeoff.png"):
+        assert (tiny_artifacts / name).is_file(), name
+    manifest = load_manifest(tiny_artifacts)
+    assert manifest.labels == ["negative", "positive"]
+    assert manifest.split_points() == (1, 2, 3)
+    assert [s.tier for s in manifest.slices] == list(TIERS)
+    assert manifest.slices[0].inputs == ["input_ids", "attention_mask"]
+    assert manifest.slices[-1].outputs == ["logits"]
+    assert manifest.provenance.profile == "tiny"
+    report = json.loads((tiny_artifacts / "report.json").read_text())
+    assert [e["tier"] for e in report["exits"]] == list(TIERS)
+    for e in report["exits"]:
+        assert e.keys() >= REPORT_EXIT_KEYS
+    assert sum(e["exit_fraction"] for e in report["exits"]) == pytest.approx(1.0)
+    for key in ("final_accuracy", "relative_cost", "accuracy_drop_points", "build_seconds", "provenance"):
+        assert key in report
+    assert report["max_logit_difference"] <= 1e-4
+    assert report["final_accuracy"] > 0.7  # learnable data: training really happened
+
+
+def test_slices_have_dynamic_axes_and_chain_like_the_report(tiny_artifacts: Path, tiny_data: Path) -> None:
+    manifest = load_manifest(tiny_artifacts)
+    sessions = {s.tier: ort.InferenceSession(str(verified_slice_path(tiny_artifacts, s))) for s in manifest.slices}
+    encoder = TextEncoder.for_manifest(manifest, tiny_artifacts)
+    _, test = load_splits(tiny_data)
+    report = json.loads((tiny_artifacts / "report.json").read_text())
+    correct = []
+    for start in range(0, len(test), 37):  # odd batch sizes, mixed lengths
+        batch = encoder.encode(test.texts[start : start + 37]).tensors
+        logits, hidden = sessions["mobile"].run(None, batch)
+        logits, hidden = sessions["edge"].run(None, {"hidden": hidden, "attention_mask": batch["attention_mask"]})
+        (logits,) = sessions["cloud"].run(None, {"hidden": hidden, "attention_mask": batch["attention_mask"]})
+        correct.extend(logits.argmax(-1) == test.labels[start : start + 37])
+    assert np.mean(correct) == pytest.approx(report["final_accuracy"], abs=1e-9)
+
+
+def test_second_build_with_same_config_is_cached(tiny_artifacts: Path, capsys: pytest.CaptureFixture) -> None:
+    from shared.builder.build import CONFIG_FILE
+
+    config = BuildConfig.model_validate_json((tiny_artifacts / CONFIG_FILE).read_text())
+    before = (tiny_artifacts / "mobile.onnx").stat().st_mtime_ns
+    build(config, tiny_artifacts)
+    assert "cached build" in capsys.readouterr().out
+    assert (tiny_artifacts / "mobile.onnx").stat().st_mtime_ns == before
+
+
+def test_manifest_round_trips(tiny_artifacts: Path, tmp_path: Path) -> None:
+    from shared.manifest import Manifest, save_manifest
+
+    manifest = load_manifest(tiny_artifacts)
+    save_manifest(manifest, tmp_path)
+    assert Manifest.model_validate_json((tmp_path / "manifest.json").read_text()) == manifest
+
+
+def test_tampered_slice_is_refused(tiny_artifacts: Path, tmp_path: Path) -> None:
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_artifacts, copy)
+    manifest = load_manifest(copy)
+    path = copy / manifest.slice("edge").file
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="sha256"):
+        verified_slice_path(copy, manifest.slice("edge"))
+    verified_slice_path(copy, manifest.slice("mobile"))  # untouched slices still load
+
+
+def test_frozen_encoder_three_classes_csv(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    folder = make_dataset(tmp_path / "data3", num_classes=3, train=400, dev=90)
+    csv_file = tmp_path / "all.csv"
+    rows = (folder / "train.tsv").read_text().splitlines()[1:]
+    csv_file.write_text("text,label\n" + "\n".join(r.replace("\t", ",") for r in rows) + "\n")
+    out = build(BuildConfig(backbone=str(tiny_checkpoint), data=str(csv_file), profile="tiny",
+                            split_points=(1, 2, 3), freeze_encoder=True, epochs=1), tmp_path / "m3")
+    manifest = load_manifest(out)
+    assert manifest.labels == ["0", "1", "2"]
+    assert manifest.provenance.test_samples == 40  # 10% of the single file
+    report = json.loads((out / "report.json").read_text())
+    assert report["exits"][0]["accuracy"] >= 0.0
+
+
+@pytest.mark.parametrize(("points", "message"), [
+    ((2, 1, 3), "strictly increasing"),
+    ((0, 2, 3), "strictly increasing"),
+    ((1, 2, 5), "number of layers"),
+])
+def test_bad_split_points_say_what_to_fix(points: tuple[int, int, int], message: str) -> None:
+    with pytest.raises(BuildInputError, match=message):
+        check_split_points(points, 3)
+
+
+def test_bad_data_says_what_to_fix(tmp_path: Path) -> None:
+    with pytest.raises(BuildInputError, match="does not exist"):
+        load_splits(tmp_path / "missing")
+    bad = tmp_path / "cols.tsv"
+    bad.write_text("words\tstars\nhello\t1\n")
+    with pytest.raises(BuildInputError, match="text column"):
+        read_table(bad)
+    one = tmp_path / "one"
+    one.mkdir()
+    for name in ("train", "dev"):
+        (one / f"{name}.tsv").write_text("sentence\tlabel\na\t1\nb\t1\n")
+    with pytest.raises(BuildInputError, match="only one class"):
+        load_splits(one)
+
+
+def test_missing_backbone_is_reported(tmp_path: Path, tiny_data: Path) -> None:
+    with pytest.raises(BuildInputError, match="not a Hugging Face checkpoint"):
+        build(BuildConfig(backbone=str(tmp_path), data=str(tiny_data), profile="tiny"), tmp_path / "out")

@@ -1,0 +1,39 @@
+"""Node settings: defaults that run locally, environment with a prefix, flags over both."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from shared.config import CloudSettings, EdgeSettings, MobileSettings, parse_settings
+
+
+def test_local_defaults_chain_mobile_to_edge_to_cloud(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("MOBILE", "EDGE", "CLOUD"):
+        for field in ("LISTEN", "NEXT", "METRICS_PORT", "ARTIFACTS"):
+            monkeypatch.delenv(f"TIERSERVE_{name}_{field}", raising=False)
+    mobile, edge, cloud = MobileSettings(), EdgeSettings(), CloudSettings()
+    assert (mobile.listen, mobile.next) == ("127.0.0.1:50051", "127.0.0.1:50052")
+    assert (edge.listen, edge.next) == ("127.0.0.1:50052", "127.0.0.1:50053")
+    assert cloud.listen == "127.0.0.1:50053" and not hasattr(cloud, "next")
+    assert (mobile.metrics_port, edge.metrics_port, cloud.metrics_port) == (9101, 9102, 9103)
+    assert mobile.artifacts == Path("artifacts/default")
+
+
+def test_flags_override_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TIERSERVE_EDGE_THRESHOLD", "0.7")
+    monkeypatch.setenv("TIERSERVE_EDGE_HOP_TIMEOUT", "2.5")
+    monkeypatch.setenv("TIERSERVE_MOBILE_THRESHOLD", "0.1")  # another tier's prefix: ignored
+    edge = parse_settings("edge", ["--listen", "127.0.0.1:0", "--threshold", "0.9"])
+    assert isinstance(edge, EdgeSettings)
+    assert (edge.listen, edge.threshold, edge.hop_timeout) == ("127.0.0.1:0", 0.9, 2.5)
+
+
+def test_bad_values_exit_with_a_message(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as caught:
+        parse_settings("cloud", ["--onnx-threads", "0"])
+    assert caught.value.code == 2
+    assert "onnx_threads" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_settings("cloud", ["--next", "127.0.0.1:1"])  # the cloud has no next tier
