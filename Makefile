@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 ARTIFACTS ?= artifacts/default
 STAMP := $(VENV)/.installed
 
-.PHONY: install model demo test lint bench full-model up down clean
+.PHONY: install model demo test lint bench full-model up down clean fashion-mnist image-model image-demo
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,15 +29,38 @@ full-model: install
 demo: model
 	$(BIN)/tierserve demo --artifacts $(ARTIFACTS)
 
+# The vision family: Fashion-MNIST from Debian's dataset-fashion-mnist package.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+$(FASHION_MNIST):
+	dpkg -s dataset-fashion-mnist >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist; }
+
+fashion-mnist: $(FASHION_MNIST)
+
+image-model: install $(FASHION_MNIST)
+	$(BIN)/tierserve build --family image --out artifacts/fashion-mnist
+
+image-demo: image-model
+	$(BIN)/tierserve demo --artifacts artifacts/fashion-mnist --out artifacts/fashion-mnist-demo.json
+
 lint: install
 	$(BIN)/ruff check .
 
+# One torch/onnxruntime thread per process: the tests start several processes on a 2-core machine,
+# and two spinning OpenMP threads per process slow tiny models down a hundredfold under load.
 test: install
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q
 
 bench: model
 	$(BIN)/python -m bench.run_all --artifacts $(ARTIFACTS)
+
+# Docker: the three tiers + Prometheus (:9090) + Grafana (:3000); needs Docker with compose v2
+up: model
+	TIERSERVE_ARTIFACTS=$(abspath $(ARTIFACTS)) docker compose -f deploy/docker-compose.yml up -d --build --wait
+
+down:
+	docker compose -f deploy/docker-compose.yml down
 
 clean:
 	rm -rf $(VENV) shared/gen .pytest_cache .ruff_cache *.egg-info

@@ -48,6 +48,10 @@ def add_classify_parser(subparsers: argparse._SubParsersAction) -> None:
                    metavar="TIER=VALUE", help="per-request threshold override, e.g. mobile=0.95")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
     p.add_argument("--json", action="store_true", help="print one JSON object per text")
+    p.add_argument("--tls", action="store_true", help="TLS to the mobile tier (implied by --tls-ca/--tls-cert)")
+    p.add_argument("--tls-ca", type=Path, help="PEM CA that verifies the mobile tier (default: system roots)")
+    p.add_argument("--tls-cert", type=Path, help="PEM client certificate, for mutual TLS")
+    p.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
     p.set_defaults(handler=run_classify)
 
 
@@ -91,7 +95,12 @@ def run_classify(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     thresholds = dict(args.threshold)
-    with TierClient(args.address, timeout=args.timeout) as client:
+    tls = None
+    if args.tls or args.tls_ca or args.tls_cert:
+        from shared.tls import ClientTLS
+
+        tls = ClientTLS(args.tls_ca, args.tls_cert, args.tls_key)
+    with TierClient(args.address, timeout=args.timeout, tls=tls) as client:
         for start in range(0, len(texts), CLASSIFY_BATCH):
             batch = texts[start:start + CLASSIFY_BATCH]
             try:
@@ -108,9 +117,11 @@ def run_classify(args: argparse.Namespace) -> int:
                         "text": text, "label": answer.label, "label_index": answer.label_index,
                         "confidence": answer.confidence, "tier": answer.tier,
                         "exit_layer": answer.exit_layer, "truncated": answer.truncated,
+                        "degraded": answer.degraded, "degraded_reason": answer.degraded_reason,
                         "probabilities": list(answer.probabilities)}))
                 else:
                     flag = "  (truncated)" if answer.truncated else ""
+                    flag += f"  (degraded: {answer.degraded_reason})" if answer.degraded else ""
                     print(f"{answer.label:<12} {answer.confidence:.4f}  {answer.tier:<6}  "
                           f"{text}{flag}")
     return 0
@@ -119,8 +130,9 @@ def run_classify(args: argparse.Namespace) -> int:
 def _command_parsers() -> list[Callable[[argparse._SubParsersAction], None]]:
     from shared.builder.cli import add_build_parser
     from shared.demo import add_demo_parser
+    from shared.retune import add_retune_parser
 
-    return [add_build_parser, add_serve_parser, add_classify_parser, add_demo_parser]
+    return [add_build_parser, add_retune_parser, add_serve_parser, add_classify_parser, add_demo_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

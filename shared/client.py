@@ -4,14 +4,16 @@ tier, ContinuationClient for the tier-to-tier Continue call, and a health probe.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from shared.codec import encode_tensors
+from shared.codec import encode_tensors, to_tensor
 from shared.errors import TierServeError
 from shared.rpc import DEFAULT_MAX_MESSAGE_BYTES, message_size_options, pb2, pb2_grpc
+from shared.tls import ClientTLS, aio_channel, secure_or_insecure_channel
 
 DEFAULT_TIMEOUT = 30.0
 # Statuses of the next tier passed on as they are; any other failure there is this tier's fault.
@@ -20,11 +22,18 @@ _PASSED_ON = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
 
 
 class NextTierError(TierServeError):
-    """The call to the next tier failed; `code` is the status this tier answers with."""
+    """The call to the next tier failed; `code` is the status this tier answers with.
 
-    def __init__(self, message: str, code: str = "INTERNAL") -> None:
+    next_status: the status the next tier's call ended with (None: not a gRPC failure);
+    kind: why, in a word (shared.resilience: unavailable, deadline, overloaded, circuit_open, error).
+    """
+
+    def __init__(self, message: str, code: str = "INTERNAL", kind: str = "error",
+                 next_status: str | None = None) -> None:
         super().__init__(message)
         self.code = code
+        self.kind = kind
+        self.next_status = next_status
 
 
 def _classify_request(texts: Sequence[str], thresholds: Mapping[str, float] | None,
@@ -33,21 +42,33 @@ def _classify_request(texts: Sequence[str], thresholds: Mapping[str, float] | No
                                request_id=request_id)
 
 
+def _images_request(images: np.ndarray, thresholds: Mapping[str, float] | None,
+                    request_id: str) -> pb2.ClassifyRequest:
+    return pb2.ClassifyRequest(images=to_tensor(np.asarray(images)), thresholds=dict(thresholds or {}),
+                               request_id=request_id)
+
+
 class TierClient:
     """Blocking client of the entry tier. Raises grpc.RpcError on failure."""
 
     def __init__(self, address: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                 timeout: float = DEFAULT_TIMEOUT) -> None:
+                 timeout: float = DEFAULT_TIMEOUT, tls: ClientTLS | None = None) -> None:
         self.address = address
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(
-            address, options=message_size_options(max_message_bytes))
+        self._channel = secure_or_insecure_channel(
+            address, message_size_options(max_message_bytes), tls)
         self._stub = pb2_grpc.ClassifierStub(self._channel)
 
     def classify(self, texts: Sequence[str], thresholds: Mapping[str, float] | None = None,
                  timeout: float | None = None, request_id: str = "") -> list[pb2.Answer]:
         """One answer per text, in order. thresholds: per-request overrides by tier name."""
         request = _classify_request(texts, thresholds, request_id)
+        return list(self._stub.Classify(request, timeout=timeout or self.timeout).answers)
+
+    def classify_images(self, images: np.ndarray, thresholds: Mapping[str, float] | None = None,
+                        timeout: float | None = None, request_id: str = "") -> list[pb2.Answer]:
+        """One answer per image of an image model: uint8 or float32 (0..255), [N, C, H, W] or [N, H, W]."""
+        request = _images_request(images, thresholds, request_id)
         return list(self._stub.Classify(request, timeout=timeout or self.timeout).answers)
 
     def close(self) -> None:
@@ -64,16 +85,21 @@ class AsyncTierClient:
     """asyncio client of the entry tier (create it inside a running event loop)."""
 
     def __init__(self, address: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                 timeout: float = DEFAULT_TIMEOUT) -> None:
+                 timeout: float = DEFAULT_TIMEOUT, tls: ClientTLS | None = None) -> None:
         self.address = address
         self.timeout = timeout
-        self._channel = grpc.aio.insecure_channel(
-            address, options=message_size_options(max_message_bytes))
+        self._channel = aio_channel(address, message_size_options(max_message_bytes), tls)
         self._stub = pb2_grpc.ClassifierStub(self._channel)
 
     async def classify(self, texts: Sequence[str], thresholds: Mapping[str, float] | None = None,
                        timeout: float | None = None, request_id: str = "") -> list[pb2.Answer]:
         request = _classify_request(texts, thresholds, request_id)
+        response = await self._stub.Classify(request, timeout=timeout or self.timeout)
+        return list(response.answers)
+
+    async def classify_images(self, images: np.ndarray, thresholds: Mapping[str, float] | None = None,
+                              timeout: float | None = None, request_id: str = "") -> list[pb2.Answer]:
+        request = _images_request(images, thresholds, request_id)
         response = await self._stub.Classify(request, timeout=timeout or self.timeout)
         return list(response.answers)
 
@@ -87,20 +113,37 @@ class AsyncTierClient:
         await self.close()
 
 
+def reconnect_options(max_backoff_ms: int = 250) -> list[tuple[str, Any]]:
+    """Channel options so that a restarted next tier is reconnected to within max_backoff_ms.
+
+    gRPC's defaults back off up to 120 s between connection attempts; between tiers that would
+    keep a restarted tier unused for minutes. Calls fail fast (no wait_for_ready) while the
+    channel is down: the circuit breaker and degraded answers handle that time.
+    """
+    initial = min(100, max_backoff_ms)
+    return [("grpc.initial_reconnect_backoff_ms", initial),
+            ("grpc.min_reconnect_backoff_ms", max(1000, initial)),  # also the connect timeout
+            ("grpc.max_reconnect_backoff_ms", max_backoff_ms)]
+
+
 class ContinuationClient:
     """The call from one tier to the next (asyncio). Failures raise NextTierError."""
 
-    def __init__(self, address: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
+    def __init__(self, address: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                 tls: ClientTLS | None = None, max_reconnect_backoff_ms: int = 250,
+                 encoding: str = "fp32") -> None:
         self.address = address
-        self._channel = grpc.aio.insecure_channel(
-            address, options=message_size_options(max_message_bytes))
+        self.encoding = encoding  # float tensors on the wire (shared.codec.FLOAT_ENCODINGS)
+        self._channel = aio_channel(
+            address, [*message_size_options(max_message_bytes),
+                      *reconnect_options(max_reconnect_backoff_ms)], tls)
         self._stub = pb2_grpc.ContinuationStub(self._channel)
 
     async def continue_batch(self, tensors: Mapping[str, np.ndarray], request_ids: Sequence[str],
                              thresholds: Mapping[str, float], timeout: float | None
                              ) -> list[pb2.Answer]:
         request = pb2.ContinueRequest(
-            tensors=encode_tensors(tensors), request_ids=list(request_ids),
+            tensors=encode_tensors(tensors, self.encoding), request_ids=list(request_ids),
             thresholds=dict(thresholds))
         try:
             response = await self._stub.Continue(request, timeout=timeout)
@@ -108,7 +151,7 @@ class ContinuationClient:
             code = exc.code()
             raise NextTierError(
                 f"next tier at {self.address} answered {code.name}: {exc.details()}",
-                code.name if code in _PASSED_ON else "INTERNAL") from exc
+                code.name if code in _PASSED_ON else "INTERNAL", next_status=code.name) from exc
         answers = list(response.answers)
         if [a.request_id for a in answers] != list(request_ids):
             raise NextTierError(f"next tier at {self.address} answered other request ids than sent")
@@ -118,9 +161,10 @@ class ContinuationClient:
         await self._channel.close()
 
 
-def health_status(address: str, timeout: float = 1.0, service: str = "") -> str:
+def health_status(address: str, timeout: float = 1.0, service: str = "",
+                  tls: ClientTLS | None = None) -> str:
     """The standard health check's status name (SERVING, NOT_SERVING, ...); UNREACHABLE on error."""
-    with grpc.insecure_channel(address) as channel:
+    with secure_or_insecure_channel(address, [], tls) as channel:
         try:
             response = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=service), timeout=timeout)

@@ -2,6 +2,12 @@
 
 Every check a tensor from the wire needs lives here; a bad tensor raises InvalidInput with a
 message naming the tensor and the problem.
+
+Forwarded tensors may travel compactly (proto TensorEncoding), chosen by a tier's
+`forward_encoding` setting: float tensors as fp32 (raw, the default), fp16, int8 with one scale
+per token (per row of the last axis) or int8 with one scale per tensor. An attention mask always
+travels losslessly as row lengths (right-padded 0/1 masks) or as uint8. `dtype` and `shape` name
+the decoded array, so the receiving tier gets back what its slice takes.
 """
 
 from __future__ import annotations
@@ -13,6 +19,14 @@ import numpy as np
 
 from shared.errors import InvalidInput
 from shared.rpc import pb2
+
+ATTENTION_MASK = "attention_mask"
+# forward_encoding setting -> the encoding of float tensors
+FLOAT_ENCODINGS: dict[str, int] = {
+    "fp32": pb2.TENSOR_ENCODING_RAW, "fp16": pb2.TENSOR_ENCODING_FP16,
+    "int8": pb2.TENSOR_ENCODING_INT8_TOKEN, "int8_tensor": pb2.TENSOR_ENCODING_INT8_TENSOR,
+}
+FP16_MAX = float(np.finfo(np.float16).max)
 
 # Wire dtype names (numpy's) that tensors may carry.
 DTYPES: dict[str, np.dtype] = {
@@ -34,9 +48,9 @@ def to_tensor(array: np.ndarray) -> pb2.Tensor:
 
 
 def from_tensor(tensor: pb2.Tensor, name: str = "tensor") -> np.ndarray:
-    """The array a Tensor message holds (read-only, sharing the message's bytes)."""
+    """The array a Tensor message holds (raw: read-only, sharing the message's bytes)."""
     if tensor.encoding != pb2.TENSOR_ENCODING_RAW:
-        raise InvalidInput(f"tensor '{name}' has unsupported encoding {tensor.encoding}")
+        return _decode(tensor, name)
     dtype = DTYPES.get(tensor.dtype)
     if dtype is None:
         raise InvalidInput(
@@ -59,13 +73,127 @@ def from_tensor(tensor: pb2.Tensor, name: str = "tensor") -> np.ndarray:
     return array
 
 
-def encode_tensors(arrays: Mapping[str, np.ndarray]) -> dict[str, pb2.Tensor]:
-    return {name: to_tensor(array) for name, array in arrays.items()}
+def encode_tensors(arrays: Mapping[str, np.ndarray], encoding: str = "fp32") -> dict[str, pb2.Tensor]:
+    """Tensor messages for `arrays`: float tensors in `encoding` (FLOAT_ENCODINGS), masks compact."""
+    float_encoding = _float_encoding(encoding)
+    return {name: _encode(name, array, float_encoding) for name, array in arrays.items()}
 
 
 def decode_tensors(tensors: Mapping[str, pb2.Tensor]) -> dict[str, np.ndarray]:
     return {name: from_tensor(tensor, name) for name, tensor in tensors.items()}
 
 
-def payload_bytes(arrays: Mapping[str, np.ndarray]) -> int:
-    return sum(int(a.nbytes) for a in arrays.values())
+def payload_bytes(arrays: Mapping[str, np.ndarray], encoding: str = "fp32") -> int:
+    """The bytes encode_tensors(arrays, encoding) puts on the wire (data + scales), computed
+    without encoding."""
+    float_encoding = _float_encoding(encoding)
+    total = 0
+    for name, array in arrays.items():
+        kind = _encoding_of(name, array, float_encoding)
+        if kind == pb2.TENSOR_ENCODING_LENGTHS:
+            total += 4 * array.shape[0]
+        elif kind == pb2.TENSOR_ENCODING_UINT8:
+            total += array.size
+        elif kind == pb2.TENSOR_ENCODING_FP16:
+            total += 2 * array.size
+        elif kind == pb2.TENSOR_ENCODING_INT8_TENSOR:
+            total += array.size + 4
+        elif kind == pb2.TENSOR_ENCODING_INT8_TOKEN:
+            total += array.size + 4 * (array.size // array.shape[-1] if array.shape[-1] else 0)
+        else:
+            total += int(array.nbytes)
+    return total
+
+
+def _float_encoding(encoding: str) -> int:
+    if encoding not in FLOAT_ENCODINGS:
+        raise ValueError(f"unknown tensor encoding {encoding!r}: one of {', '.join(FLOAT_ENCODINGS)}")
+    return FLOAT_ENCODINGS[encoding]
+
+
+def _encoding_of(name: str, array: np.ndarray, float_encoding: int) -> int:
+    """How one tensor travels: float tensors as asked; a 0/1 attention mask compactly."""
+    kind = array.dtype.kind
+    if kind == "f" and array.size and array.dtype.name in DTYPES:
+        if float_encoding == pb2.TENSOR_ENCODING_INT8_TOKEN and array.ndim < 2:
+            return pb2.TENSOR_ENCODING_INT8_TENSOR
+        return float_encoding
+    if name == ATTENTION_MASK and kind in "iub" and array.dtype.name in DTYPES and array.size:
+        if not ((array == 0) | (array == 1)).all():
+            return pb2.TENSOR_ENCODING_RAW  # the receiver explains what is wrong with it
+        if array.ndim == 2 and (np.diff(array.astype(np.int8), axis=1) <= 0).all():
+            return pb2.TENSOR_ENCODING_LENGTHS
+        return pb2.TENSOR_ENCODING_UINT8
+    return pb2.TENSOR_ENCODING_RAW
+
+
+def _encode(name: str, array: np.ndarray, float_encoding: int) -> pb2.Tensor:
+    array = np.asarray(array)
+    kind = _encoding_of(name, array, float_encoding)
+    if kind == pb2.TENSOR_ENCODING_RAW:
+        return to_tensor(array)
+    scales = b""
+    if kind == pb2.TENSOR_ENCODING_LENGTHS:
+        data = array.sum(axis=1).astype("<i4").tobytes()
+    elif kind == pb2.TENSOR_ENCODING_UINT8:
+        data = np.ascontiguousarray(array, dtype=np.uint8).tobytes()
+    elif kind == pb2.TENSOR_ENCODING_FP16:  # saturates beyond fp16's range instead of sending inf
+        data = np.clip(array, -FP16_MAX, FP16_MAX).astype("<f2").tobytes()
+    else:
+        values = array.astype(np.float32)
+        per_token = kind == pb2.TENSOR_ENCODING_INT8_TOKEN
+        absmax = np.abs(values).max(axis=-1, keepdims=True) if per_token else np.abs(values).max(initial=0.0)
+        scale = (absmax / 127.0).astype(np.float32)
+        q = np.rint(values / np.where(scale > 0, scale, 1.0)).clip(-127, 127).astype(np.int8)
+        data, scales = q.tobytes(), np.ascontiguousarray(scale, dtype="<f4").tobytes()
+    return pb2.Tensor(dtype=array.dtype.name, shape=array.shape, data=data, encoding=kind, scales=scales)
+
+
+def _decode(tensor: pb2.Tensor, name: str) -> np.ndarray:
+    """The array an encoded (not raw) Tensor holds, every field checked."""
+    kind = tensor.encoding
+    dtype = DTYPES.get(tensor.dtype)
+    if kind not in pb2.TensorEncoding.values():
+        raise InvalidInput(f"tensor '{name}' has unsupported encoding {kind}")
+    label = pb2.TensorEncoding.Name(kind)
+    if dtype is None:
+        raise InvalidInput(
+            f"tensor '{name}' has unknown dtype '{tensor.dtype}' (supported: {', '.join(DTYPES)})")
+    shape = tuple(tensor.shape)
+    if len(shape) > MAX_RANK or any(d < 0 for d in shape):
+        raise InvalidInput(f"tensor '{name}' has an invalid shape {list(shape)}")
+    floats = kind in (pb2.TENSOR_ENCODING_FP16, pb2.TENSOR_ENCODING_INT8_TENSOR, pb2.TENSOR_ENCODING_INT8_TOKEN)
+    if floats != (dtype.kind == "f"):
+        raise InvalidInput(f"tensor '{name}': encoding {label} does not apply to dtype {tensor.dtype}")
+    if kind == pb2.TENSOR_ENCODING_LENGTHS and len(shape) != 2:
+        raise InvalidInput(f"tensor '{name}': encoding {label} needs shape [batch, sequence], got {list(shape)}")
+    size = math.prod(shape)
+    rows = size // shape[-1] if shape and shape[-1] else 0
+    item, n_scales = {
+        pb2.TENSOR_ENCODING_FP16: (2, 0), pb2.TENSOR_ENCODING_INT8_TENSOR: (1, 1),
+        pb2.TENSOR_ENCODING_INT8_TOKEN: (1, rows), pb2.TENSOR_ENCODING_UINT8: (1, 0),
+    }.get(kind, (0, 0))
+    expected = 4 * shape[0] if kind == pb2.TENSOR_ENCODING_LENGTHS else size * item
+    if len(tensor.data) != expected or len(tensor.scales) != 4 * n_scales:
+        raise InvalidInput(
+            f"tensor '{name}' ({label}) has {len(tensor.data)} bytes of data and {len(tensor.scales)} of "
+            f"scales; shape {list(shape)} needs {expected} and {4 * n_scales}")
+    if kind == pb2.TENSOR_ENCODING_LENGTHS:
+        lengths = np.frombuffer(tensor.data, "<i4")
+        if ((lengths < 0) | (lengths > shape[1])).any():
+            raise InvalidInput(f"tensor '{name}' has row lengths outside 0..{shape[1]}")
+        return (np.arange(shape[1]) < lengths[:, None]).astype(dtype.newbyteorder("="))
+    if kind == pb2.TENSOR_ENCODING_UINT8:
+        return np.frombuffer(tensor.data, np.uint8).reshape(shape).astype(dtype.newbyteorder("="))
+    if kind == pb2.TENSOR_ENCODING_FP16:
+        values = np.frombuffer(tensor.data, "<f2").reshape(shape).astype(dtype.newbyteorder("="))
+    else:
+        scales = np.frombuffer(tensor.scales, "<f4")
+        if not (np.isfinite(scales) & (scales >= 0)).all():
+            raise InvalidInput(f"tensor '{name}' has negative, NaN or infinite scales")
+        q = np.frombuffer(tensor.data, np.int8).reshape(shape)
+        scale = scales.reshape(*shape[:-1], 1) if kind == pb2.TENSOR_ENCODING_INT8_TOKEN else scales[0]
+        values = (q * scale).astype(dtype.newbyteorder("="))
+    if not np.isfinite(values).all():
+        raise InvalidInput(f"tensor '{name}' holds NaN or infinite values")
+    return values

@@ -9,12 +9,13 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.manifest import TIERS, Tier
+from shared.tls import ClientTLS
 
 MiB = 1 << 20
 
@@ -31,7 +32,29 @@ class TierSettings(BaseSettings):
     max_batch: int = Field(256, ge=1, description="samples per request at most")
     max_message_bytes: int = Field(64 * MiB, ge=1024, description="gRPC message size limit")
     onnx_threads: int = Field(1, ge=1, description="onnxruntime intra-op threads")
+    max_batch_size: int = Field(
+        32, ge=1, description="dynamic batching: samples of concurrent requests merged into one slice run "
+        "at most (1: no batching)")
+    max_queue_delay_ms: float = Field(
+        0.0, ge=0, description="dynamic batching: how long a request may wait for others while the slice "
+        "is idle (0: none; requests queued while it runs are merged anyway)")
     grace_seconds: float = Field(5.0, ge=0, description="time to finish in-flight RPCs on SIGTERM")
+    max_inflight: int = Field(
+        64, ge=1, description="requests handled at once at most; beyond it RESOURCE_EXHAUSTED at once")
+    tls_cert: Path | None = Field(None, description="PEM server certificate: serve TLS (with tls_key)")
+    tls_key: Path | None = Field(None, description="PEM private key of tls_cert")
+    tls_client_ca: Path | None = Field(
+        None, description="PEM CA that client certificates must be signed by: mutual TLS")
+    inject_delay_ms: float = Field(
+        0.0, ge=0, description="test hook, never in production: sleep this long before answering Continue")
+
+    @model_validator(mode="after")
+    def _tls_files_come_in_pairs(self) -> TierSettings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
+        return self
 
 
 class ForwardingSettings(TierSettings):
@@ -42,6 +65,40 @@ class ForwardingSettings(TierSettings):
         None, ge=0, description="override of this tier's exit threshold (above 1: never answer)")
     hop_timeout: float = Field(
         10.0, gt=0, description="deadline, seconds, for the call to the next tier")
+    forward_encoding: Literal["fp32", "fp16", "int8", "int8_tensor"] = Field(
+        "fp32", description="hidden state sent to the next tier as fp32, fp16, int8 with a scale per token, "
+        "or int8 with one scale per tensor (the attention mask always goes as lengths)")
+    deadline_margin_ms: float = Field(
+        10.0, ge=0, description="time kept back from the caller's deadline to answer degraded in time "
+                                "(the entry tier keeps more: its answer still crosses to the client)")
+    forward_attempts: int = Field(
+        3, ge=1, description="calls to the next tier at most per batch (retries on UNAVAILABLE only)")
+    retry_base_ms: float = Field(10.0, ge=0, description="backoff before the first retry (full jitter)")
+    retry_max_ms: float = Field(200.0, ge=0, description="backoff between retries at most")
+    breaker_failures: int = Field(
+        5, ge=1, description="consecutive failures of the next tier that open its circuit breaker")
+    breaker_cooldown_s: float = Field(
+        0.25, ge=0, description="time an open breaker waits before letting one probe call through")
+    reconnect_max_ms: int = Field(
+        250, ge=10, description="gRPC reconnect backoff to the next tier at most")
+    next_tls: bool = Field(False, description="TLS to the next tier (implied by next_tls_ca / next_tls_cert)")
+    next_tls_ca: Path | None = Field(None, description="PEM CA that verifies the next tier's certificate")
+    next_tls_cert: Path | None = Field(None, description="PEM client certificate for mutual TLS to the next tier")
+    next_tls_key: Path | None = Field(None, description="PEM private key of next_tls_cert")
+    next_tls_server_name: str | None = Field(
+        None, description="name expected in the next tier's certificate, if not its host")
+
+    @model_validator(mode="after")
+    def _next_tls_files_come_in_pairs(self) -> ForwardingSettings:
+        if (self.next_tls_cert is None) != (self.next_tls_key is None):
+            raise ValueError("next_tls_cert and next_tls_key go together")
+        return self
+
+    def next_client_tls(self) -> ClientTLS | None:
+        """TLS to the next tier, or None for plaintext."""
+        if not (self.next_tls or self.next_tls_ca or self.next_tls_cert):
+            return None
+        return ClientTLS(self.next_tls_ca, self.next_tls_cert, self.next_tls_key, self.next_tls_server_name)
 
 
 class MobileSettings(ForwardingSettings):
@@ -50,7 +107,10 @@ class MobileSettings(ForwardingSettings):
     listen: str = "127.0.0.1:50051"
     next: str = "127.0.0.1:50052"
     metrics_port: int = 9101
+    deadline_margin_ms: float = 20.0
     max_text_chars: int = Field(10_000, ge=1, description="characters per text at most")
+    model_name: str = Field(
+        "tierserve", min_length=1, description="the model's name in the Open Inference Protocol")
 
 
 class EdgeSettings(ForwardingSettings):

@@ -127,3 +127,33 @@ def _default_sst2() -> Path:
         with urllib.request.urlopen(GLUE_SST2_URL, timeout=60) as response:
             zipfile.ZipFile(io.BytesIO(response.read())).extractall(CACHE_DIR)
     return target
+
+
+def hold_out_calibration(data: TextDataset, n: int, seed: int) -> tuple[TextDataset, TextDataset]:
+    """(fit, calibration): `n` whole examples held out of `data`, and nothing of them left in fit.
+
+    Some datasets (SST-2's train split) hold every phrase of each sentence as a row of its own.
+    A random hold-out would then leak: the model trains on most phrases of the sentences it is
+    calibrated on, and looks better calibrated than it is on unseen sentences. So calibration
+    takes whole examples only (rows that are not a word span of another row), and every row
+    that is a word span of a calibration example leaves the fit set. Plain datasets are unaffected.
+    """
+    norm = [" ".join(t.split()) for t in data.texts]
+    corpus = "\n".join(f" {t} " for t in norm)
+    order = np.random.default_rng(seed).permutation(len(data))
+    n = min(n, max(1, len(data) // 5))
+    chosen: list[int] = []
+    for i in order:
+        needle = f" {norm[i]} "
+        first = corpus.find(needle)
+        if norm[i] and corpus.find(needle, first + 1) < 0 and len(corpus) > 0:
+            chosen.append(int(i))  # occurs once: its own row, a whole example
+            if len(chosen) == n:
+                break
+    spans = set()
+    for i in chosen:
+        words = norm[i].split()
+        spans.update(" ".join(words[a:b]) for a in range(len(words)) for b in range(a + 1, len(words) + 1))
+    held = set(chosen)
+    fit = np.array([i for i in range(len(data)) if i not in held and norm[i] not in spans], dtype=np.int64)
+    return data.subset(fit), data.subset(np.array(chosen, dtype=np.int64))

@@ -13,7 +13,7 @@ import json
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from shared.manifest import TIERS, Manifest, load_manifest
+from shared.policy import relative_cost
 
 DEFAULT_ARTIFACTS = Path("artifacts/default")
 DEFAULT_OUT = Path("artifacts/demo.json")
@@ -83,10 +84,12 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 
 
 def load_labeled(data: str | None, limit: int | None, manifest: Manifest
-                 ) -> tuple[list[str], np.ndarray, str]:
-    """Texts and label indices in the manifest's label order, and the data's source."""
+                 ) -> tuple[list[str] | np.ndarray, np.ndarray, str]:
+    """Texts (image model: images) and label indices in the manifest's label order, and the data's source."""
     from shared.data import DEFAULT_SST2, load_split, load_splits
 
+    if manifest.family == "image":
+        return _load_labeled_images(data, limit, manifest)
     if data is not None:
         dataset = load_split(data)
     elif (DEFAULT_SST2 / "dev.tsv").is_file():
@@ -105,6 +108,17 @@ def load_labeled(data: str | None, limit: int | None, manifest: Manifest
     if limit is not None:
         texts, labels = texts[:limit], labels[:limit]
     return texts, labels, dataset.source
+
+
+def _load_labeled_images(data: str | None, limit: int | None, manifest: Manifest
+                         ) -> tuple[np.ndarray, np.ndarray, str]:
+    """The test split of an image dataset (default Fashion-MNIST's), uint8 [N, C, H, W]."""
+    from shared.images import load_image_splits
+
+    test = load_image_splits(data)[1]
+    if len(test.label_names) > len(manifest.labels):
+        raise ValueError(f"{test.source} has {len(test.label_names)} classes, the model {len(manifest.labels)}")
+    return test.images[:limit], test.labels[:limit], test.source
 
 
 def run_demo(artifacts: Path, data: str | None = None, batch_size: int = 32,
@@ -126,10 +140,11 @@ def run_demo(artifacts: Path, data: str | None = None, batch_size: int = 32,
             print("demo: tiers SERVING at " + ", ".join(
                 f"{t} {p.address}" for t, p in cluster.tiers.items()), flush=True)
             with TierClient(cluster.entry_address, timeout=120) as client:
-                batched = _batched_pass(client, texts, batch_size, thresholds)
+                classify = client.classify_images if manifest.family == "image" else client.classify
+                batched = _batched_pass(classify, texts, batch_size, thresholds)
                 n_latency = len(texts) if latency_samples is None else min(latency_samples,
                                                                             len(texts))
-                single = _single_pass(client, texts[:n_latency], thresholds)
+                single = _single_pass(classify, texts[:n_latency], thresholds)
         finally:
             statuses = cluster.stop()
             cluster.close()
@@ -141,13 +156,13 @@ def run_demo(artifacts: Path, data: str | None = None, batch_size: int = 32,
     return results
 
 
-def _batched_pass(client: Any, texts: list[str], batch_size: int,
+def _batched_pass(classify: Callable[..., list[Any]], texts: Sequence[str] | np.ndarray, batch_size: int,
                   thresholds: dict[str, float]) -> dict[str, Any]:
     tiers, predictions, request_seconds = [], [], []
     started = time.perf_counter()
     for start in range(0, len(texts), batch_size):
         sent = time.perf_counter()
-        answers = client.classify(texts[start:start + batch_size], thresholds)
+        answers = classify(texts[start:start + batch_size], thresholds)
         request_seconds.append(time.perf_counter() - sent)
         tiers += [a.tier for a in answers]
         predictions += [a.label_index for a in answers]
@@ -156,11 +171,12 @@ def _batched_pass(client: Any, texts: list[str], batch_size: int,
             "batch_size": batch_size}
 
 
-def _single_pass(client: Any, texts: list[str], thresholds: dict[str, float]) -> dict[str, Any]:
+def _single_pass(classify: Callable[..., list[Any]], texts: Sequence[str] | np.ndarray,
+                 thresholds: dict[str, float]) -> dict[str, Any]:
     tiers, latency, predictions = [], [], []
-    for text in texts:
+    for i in range(len(texts)):
         sent = time.perf_counter()
-        [answer] = client.classify([text], thresholds)
+        [answer] = classify(texts[i:i + 1], thresholds)
         latency.append(time.perf_counter() - sent)
         tiers.append(answer.tier)
         predictions.append(answer.label_index)
@@ -195,6 +211,8 @@ def _results(manifest: Manifest, artifacts: Path, source: str, labels: np.ndarra
         "artifacts": str(artifacts), "data": source, "samples": n,
         "thresholds": effective, "threshold_overrides": thresholds,
         "accuracy": float(correct.mean()) if n else None, "exits": exits,
+        "relative_cost": relative_cost(np.array([exits[t]["fraction"] for t in TIERS]),
+                                       manifest.split_points(), manifest.cost_model) if n else None,
         "latency_ms_all": _percentiles_ms(single["latency"]),
         "batched": {
             "batch_size": batched["batch_size"], "seconds": batched["seconds"],
@@ -216,7 +234,10 @@ def _report_comparison(artifacts: Path, source: str, thresholds: dict[str, float
     except (OSError, ValueError):
         return None
     same_data = Path(str(report.get("test_split", ""))).resolve() == Path(source).resolve()
-    comparable = same_data and not thresholds and "system_accuracy" in report
+    # the manifest's thresholds may have been re-tuned since the build (tierserve retune)
+    same_thresholds = all(e.get("threshold") == results["thresholds"].get(e.get("tier"))
+                          for e in report.get("exits", [])[:-1])
+    comparable = same_data and same_thresholds and not thresholds and "system_accuracy" in report
     return {"system_accuracy": report.get("system_accuracy"), "test_split":
             report.get("test_split"), "comparable": comparable,
             "equal": comparable and abs(report["system_accuracy"] - results["accuracy"]) < 1e-9}
@@ -227,7 +248,8 @@ def format_summary(results: dict[str, Any]) -> str:
     lines = [
         f"{results['samples']} samples from {results['data']}; thresholds "
         + ", ".join(f"{t} {'never' if v > 1 else f'{v:.4f}'}" for t, v in fmt.items()),
-        f"accuracy {results['accuracy']:.4f}",
+        f"accuracy {results['accuracy']:.4f}; cost {results['relative_cost']:.3f} of cloud-only "
+        "(shared.policy cost model, from the exit shares)",
     ]
     report = results.get("builder_report")
     if report and report["comparable"]:
@@ -243,7 +265,7 @@ def format_summary(results: dict[str, Any]) -> str:
         lines.append(f"{tier:<10}{e['count']:>8}{e['fraction']:>8.3f}{acc:>10}{p50:>9}{p95:>9}")
     b = results["batched"]
     lines.append(
-        f"latency: one text per request, end to end at the client. In batches of "
+        f"latency: one sample per request, end to end at the client. In batches of "
         f"{b['batch_size']}: {b['samples_per_second']:.0f} samples/s, request p50 "
         f"{b['request_ms']['p50']:.1f} ms, p95 {b['request_ms']['p95']:.1f} ms")
     return "\n".join(lines)

@@ -25,6 +25,12 @@ class NotReady(TierServeError):
     code = "UNAVAILABLE"
 
 
+class NotFound(TierServeError):
+    """Something asked for by name (a model of the Open Inference Protocol) is not served here."""
+
+    code = "NOT_FOUND"
+
+
 class ArtifactError(TierServeError):
     """A build artifact is missing, malformed or does not match its recorded hash."""
 

@@ -84,7 +84,10 @@ class Manifest(BaseModel):
     hidden_size: int
     max_length: int | None = Field(None, description="text: tokens per sequence after truncation")
     tokenizer_file: str | None = None
-    input_shape: list[int] | None = Field(None, description="image: channels, height, width")
+    tokenizer_sha256: str | None = Field(None, description="text: checked at load when recorded")
+    input_shape: list[int] | None = Field(
+        None, description="image: channels, height, width of the mobile slice's `pixels` input, "
+        "float32 [batch, C, H, W] holding 0..255 pixel values (normalised inside the slice)")
     slices: list[SliceSpec] = Field(min_length=3, max_length=3)
     exits: list[ExitSpec] = Field(min_length=3, max_length=3)
     policy: PolicySpec = PolicySpec()

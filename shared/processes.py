@@ -22,6 +22,7 @@ from pathlib import Path
 
 from shared.client import health_status
 from shared.manifest import TIERS
+from shared.tls import ClientTLS
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 _PR_SET_PDEATHSIG = 1
@@ -63,6 +64,12 @@ class TierProcess:
         except OSError:
             return ""
 
+    def kill(self) -> int:
+        """SIGKILL the tier's process group (a crash: no graceful shutdown); the exit status."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        return self.process.wait()
+
     def stop(self, timeout: float = 10.0) -> int:
         """SIGTERM the tier's process group, SIGKILL it after `timeout`; the exit status."""
         if self.process.poll() is None:
@@ -78,11 +85,14 @@ class TierProcess:
 
 
 def start_tier(tier: str, artifacts: str | Path, log_dir: Path, next_address: str | None = None,
-               flags: Mapping[str, object] | None = None, env: Mapping[str, str] | None = None
-               ) -> TierProcess:
-    """Launch one tier (not waiting for it). flags: extra settings, e.g. {"threshold": 0.9}."""
-    address = f"127.0.0.1:{free_port()}"
-    metrics_port = free_port()
+               flags: Mapping[str, object] | None = None, env: Mapping[str, str] | None = None,
+               address: str | None = None, metrics_port: int | None = None) -> TierProcess:
+    """Launch one tier (not waiting for it). flags: extra settings, e.g. {"threshold": 0.9}.
+
+    address, metrics_port: where to listen (a restart reuses them); default: free ports.
+    """
+    address = address or f"127.0.0.1:{free_port()}"
+    metrics_port = metrics_port or free_port()
     argv = [sys.executable, "-m", f"{tier}_node", "--listen", address,
             "--artifacts", str(Path(artifacts).resolve()), "--metrics-port", str(metrics_port)]
     if next_address:
@@ -93,15 +103,19 @@ def start_tier(tier: str, artifacts: str | Path, log_dir: Path, next_address: st
     child_env = {**os.environ, **(env or {}), PARENT_PID_ENV: str(os.getpid())}
     child_env["PYTHONPATH"] = os.pathsep.join(
         p for p in (str(REPO_ROOT), child_env.get("PYTHONPATH")) if p)
-    with open(log_path, "wb") as log:
+    with open(log_path, "ab") as log:  # a restarted tier appends to its log
         process = subprocess.Popen(
             argv, cwd=REPO_ROOT, env=child_env, stdin=subprocess.DEVNULL, stdout=log,
             stderr=subprocess.STDOUT, start_new_session=True)
     return TierProcess(tier, address, metrics_port, log_path, process)
 
 
-def wait_until_serving(processes: Iterable[TierProcess], timeout: float = 60.0) -> None:
-    """Poll standard health until every tier is SERVING; raise with its log if one dies or hangs."""
+def wait_until_serving(processes: Iterable[TierProcess], timeout: float = 60.0,
+                       tls: ClientTLS | None = None) -> None:
+    """Poll standard health until every tier is SERVING; raise with its log if one dies or hangs.
+
+    tls: how to reach tiers that serve TLS (the same client credentials for every tier).
+    """
     deadline = time.monotonic() + timeout
     waiting = list(processes)
     while waiting:
@@ -110,7 +124,7 @@ def wait_until_serving(processes: Iterable[TierProcess], timeout: float = 60.0) 
                 raise RuntimeError(
                     f"the {proc.tier} tier exited with status {proc.process.returncode}:\n"
                     f"{proc.log_tail()}")
-            if health_status(proc.address, timeout=0.5) == "SERVING":
+            if health_status(proc.address, timeout=0.5, tls=tls) == "SERVING":
                 waiting.remove(proc)
         if waiting and time.monotonic() > deadline:
             raise TimeoutError(
@@ -125,10 +139,12 @@ class TierCluster:
 
     def __init__(self, artifacts: str | Path,
                  flags: Mapping[str, Mapping[str, object]] | None = None,
-                 log_dir: str | Path | None = None, env: Mapping[str, str] | None = None) -> None:
+                 log_dir: str | Path | None = None, env: Mapping[str, str] | None = None,
+                 health_tls: ClientTLS | None = None) -> None:
         self.artifacts = Path(artifacts)
         self.flags = flags or {}
         self.env = env
+        self.health_tls = health_tls  # client credentials for health checks of TLS tiers
         self._tmp = None if log_dir else tempfile.TemporaryDirectory(prefix="tierserve-logs-")
         self.log_dir = Path(log_dir or self._tmp.name)  # type: ignore[union-attr]
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -147,11 +163,23 @@ class TierCluster:
                                      self.flags.get(tier), self.env)
                 self.tiers[tier] = started
                 next_address = started.address
-            wait_until_serving(self.tiers.values(), timeout)
+            wait_until_serving(self.tiers.values(), timeout, self.health_tls)
         except BaseException:
             self.stop()
             raise
         return self
+
+    def restart(self, tier: str, timeout: float = 60.0, wait: bool = True) -> TierProcess:
+        """Start `tier` again on its address (after kill() or stop()); wait until SERVING if asked."""
+        old = self.tiers[tier]
+        following = TIERS[TIERS.index(tier) + 1:]
+        next_address = self.tiers[following[0]].address if following else None
+        started = start_tier(tier, self.artifacts, self.log_dir, next_address, self.flags.get(tier),
+                             self.env, address=old.address, metrics_port=old.metrics_port)
+        self.tiers[tier] = started
+        if wait:
+            wait_until_serving([started], timeout, self.health_tls)
+        return started
 
     def stop(self, timeout: float = 10.0) -> dict[str, int]:
         """Stop the entry tier first so no new work flows in; the exit status per tier."""

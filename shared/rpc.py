@@ -1,5 +1,8 @@
 """The generated gRPC stubs of proto/tierserve.proto, (re)generated when missing or stale.
 
+proto/inference/grpc_service.proto (the Open Inference Protocol) is generated alongside; its stubs
+are loaded only on demand by `inference_stubs()`, see there.
+
 Stubs are tied to the installed protobuf version, so they are built here, not committed:
 `python -m shared.rpc` regenerates them; importing this module does so when needed.
 The include mapping `-Ishared/gen=proto` makes the generated code import
@@ -18,15 +21,21 @@ from pathlib import Path
 from types import ModuleType
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-PROTO_FILE = REPO_ROOT / "proto" / "tierserve.proto"
+PROTO_DIR = REPO_ROOT / "proto"
+PROTO_FILE = PROTO_DIR / "tierserve.proto"
+INFERENCE_PROTO_FILE = PROTO_DIR / "inference" / "grpc_service.proto"
+PROTO_FILES = (PROTO_FILE, INFERENCE_PROTO_FILE)
 GEN_DIR = REPO_ROOT / "shared" / "gen"
-GENERATED = ("tierserve_pb2.py", "tierserve_pb2.pyi", "tierserve_pb2_grpc.py")
+# generated files, relative to GEN_DIR, per .proto (which lies at the same relative place in proto/)
+GENERATED = tuple(
+    str(proto.relative_to(PROTO_DIR).with_suffix("")) + suffix
+    for proto in PROTO_FILES for suffix in ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py"))
 
 
 def _stale() -> bool:
     if not PROTO_FILE.is_file():
-        return False  # an installed copy without the proto: use what was generated at build time
-    proto_mtime = PROTO_FILE.stat().st_mtime
+        return False  # an installed copy without the protos: use what was generated at build time
+    proto_mtime = max(proto.stat().st_mtime for proto in PROTO_FILES)
     for name in GENERATED:
         path = GEN_DIR / name
         if not path.is_file() or path.stat().st_mtime < proto_mtime:
@@ -48,18 +57,20 @@ def generate() -> None:
             well_known = Path(protoc.__file__).parent / "_proto"
             status = protoc.main([
                 "grpc_tools.protoc",
-                f"-Ishared/gen={PROTO_FILE.parent}",
+                f"-Ishared/gen={PROTO_DIR}",
                 f"-I{well_known}",
                 f"--python_out={tmp}",
                 f"--pyi_out={tmp}",
                 f"--grpc_python_out={tmp}",
-                f"shared/gen/{PROTO_FILE.name}",
+                *(f"shared/gen/{proto.relative_to(PROTO_DIR)}" for proto in PROTO_FILES),
             ])
             if status != 0:
-                raise RuntimeError(f"protoc failed ({status}) on {PROTO_FILE}")
+                raise RuntimeError(f"protoc failed ({status}) on {', '.join(map(str, PROTO_FILES))}")
             for name in GENERATED:
+                (GEN_DIR / name).parent.mkdir(exist_ok=True)
                 os.replace(Path(tmp) / "shared" / "gen" / name, GEN_DIR / name)
-        (GEN_DIR / "__init__.py").touch()
+        for name in GENERATED:  # every generated folder is a package
+            (GEN_DIR / name).parent.joinpath("__init__.py").touch()
 
 
 def _load() -> tuple[ModuleType, ModuleType]:
@@ -68,6 +79,19 @@ def _load() -> tuple[ModuleType, ModuleType]:
     pb2 = importlib.import_module("shared.gen.tierserve_pb2")
     pb2_grpc = importlib.import_module("shared.gen.tierserve_pb2_grpc")
     return pb2, pb2_grpc
+
+
+def inference_stubs() -> tuple[ModuleType, ModuleType]:
+    """The Open Inference Protocol stubs (package `inference`): grpc_service_pb2 and _pb2_grpc.
+
+    Loaded on demand only, by the entry tier's server: their messages share full names with
+    tritonclient's own copy of the protocol, so the two cannot be imported in one process
+    (protobuf refuses duplicate symbols in its default descriptor pool).
+    """
+    if _stale():
+        generate()
+    return (importlib.import_module("shared.gen.inference.grpc_service_pb2"),
+            importlib.import_module("shared.gen.inference.grpc_service_pb2_grpc"))
 
 
 pb2, pb2_grpc = _load()
@@ -83,6 +107,7 @@ def message_size_options(max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[tup
 
 if __name__ == "__main__":
     shutil.rmtree(GEN_DIR / "__pycache__", ignore_errors=True)
+    shutil.rmtree(GEN_DIR / "inference" / "__pycache__", ignore_errors=True)
     for stale in GENERATED:
         (GEN_DIR / stale).unlink(missing_ok=True)
     generate()

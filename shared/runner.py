@@ -17,10 +17,11 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from shared.codec import ATTENTION_MASK
 from shared.errors import ArtifactError, InvalidInput
 from shared.manifest import SliceSpec
 
-ATTENTION_MASK = "attention_mask"
+__all__ = ["ATTENTION_MASK", "SliceResult", "SliceRunner", "TensorSignature"]
 _ORT_DTYPES = {
     "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
     "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int8)": np.int8,

@@ -17,32 +17,51 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from shared.batching import Batcher
 from shared.client import ContinuationClient
 from shared.config import ForwardingSettings, MobileSettings, TierSettings, parse_settings
+from shared.decoding import UndecodableRequests
 from shared.errors import TierServeError
-from shared.manifest import load_manifest, verified_slice_path
+from shared.manifest import TIERS, load_manifest, verified_slice_path
 from shared.metrics import TierMetrics
 from shared.processes import exit_with_parent
+from shared.resilience import CircuitBreaker, GuardedNextTier, InflightLimit, RetryPolicy
 from shared.rpc import SERVICE_NAMES, message_size_options, pb2, pb2_grpc
 from shared.runner import SliceRunner
 from shared.text import TextEncoder
 from shared.tier import ClassifierServicer, ContinuationServicer, TierLoop
+from shared.tls import server_credentials
 
 log = logging.getLogger("tierserve.server")
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
+def guarded_next_tier(settings: ForwardingSettings) -> GuardedNextTier:
+    """The client of the next tier behind retries and a circuit breaker, as configured."""
+    client = ContinuationClient(settings.next, settings.max_message_bytes, settings.next_client_tls(),
+                                settings.reconnect_max_ms, encoding=settings.forward_encoding)
+    retry = RetryPolicy(settings.forward_attempts, settings.retry_base_ms / 1000, settings.retry_max_ms / 1000)
+    breaker = CircuitBreaker(settings.breaker_failures, settings.breaker_cooldown_s)
+    next_name = TIERS[TIERS.index(settings.tier) + 1]
+    return GuardedNextTier(client, next_name, retry, breaker)
+
+
 def _load(settings: TierSettings, metrics: TierMetrics,
-          next_tier: ContinuationClient | None) -> tuple[TierLoop, TextEncoder | None]:
+          next_tier: GuardedNextTier | None) -> tuple[TierLoop, TextEncoder | None]:
     """Read the manifest, verify and open this tier's slice (blocking: run it in a thread)."""
     manifest = load_manifest(settings.artifacts)
     spec = manifest.slice(settings.tier)
     runner = SliceRunner(verified_slice_path(settings.artifacts, spec), spec, settings.onnx_threads)
+    batcher = None
+    if settings.max_batch_size > 1:
+        batcher = Batcher(runner, settings.max_batch_size, settings.max_queue_delay_ms / 1000, metrics)
     loop = TierLoop(
         manifest, settings.tier, runner, metrics, next_tier,
+        batcher=batcher, forward_encoding=getattr(settings, "forward_encoding", "fp32"),
         threshold_override=getattr(settings, "threshold", None),
-        hop_timeout=getattr(settings, "hop_timeout", 10.0))
+        hop_timeout=getattr(settings, "hop_timeout", 10.0),
+        deadline_margin=getattr(settings, "deadline_margin_ms", 0.0) / 1000)
     encoder = None
     if isinstance(settings, MobileSettings) and manifest.family == "text":
         encoder = TextEncoder.for_manifest(manifest, settings.artifacts)
@@ -55,7 +74,8 @@ async def serve(settings: TierSettings, stop: asyncio.Event) -> None:
     metrics = TierMetrics(tier)
     if settings.metrics_port:
         metrics.serve(settings.metrics_port, settings.metrics_addr)
-    server = grpc.aio.server(options=message_size_options(settings.max_message_bytes))
+    server = grpc.aio.server(options=message_size_options(settings.max_message_bytes),
+                             interceptors=[UndecodableRequests(metrics, tier)])
     servicer: ClassifierServicer | ContinuationServicer
     if isinstance(settings, MobileSettings):
         servicer = ClassifierServicer(tier, metrics, settings.max_batch, settings.max_text_chars)
@@ -65,27 +85,40 @@ async def serve(settings: TierSettings, stop: asyncio.Event) -> None:
         servicer = ContinuationServicer(tier, metrics, settings.max_batch)
         pb2_grpc.add_ContinuationServicer_to_server(servicer, server)
         service = pb2.DESCRIPTOR.services_by_name["Continuation"].full_name
+    servicer.admission = InflightLimit(settings.max_inflight, tier)
+    servicer.inject_delay = settings.inject_delay_ms / 1000
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    extra_services: list[str] = []
+    if isinstance(servicer, ClassifierServicer):  # the Open Inference Protocol beside Classify
+        from shared.oip import add_inference_service  # imported here only: see shared.rpc.inference_stubs
+
+        assert isinstance(settings, MobileSettings)
+        extra_services.append(add_inference_service(server, servicer, settings.model_name, health_servicer))
     reflection.enable_server_reflection(
-        (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+        (*SERVICE_NAMES, *extra_services, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
          reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(settings.listen)
-    for name in ("", service):
+    if settings.tls_cert is not None and settings.tls_key is not None:
+        port = server.add_secure_port(settings.listen, server_credentials(
+            settings.tls_cert, settings.tls_key, settings.tls_client_ca))
+    else:
+        port = server.add_insecure_port(settings.listen)
+    for name in ("", service, *extra_services):
         await health_servicer.set(name, NOT_SERVING)
     await server.start()
     host = settings.listen.rsplit(":", 1)[0]
-    log.info("%s tier listening on %s:%d (metrics port %s)", tier, host, port,
+    security = "mutual TLS" if settings.tls_client_ca else "TLS" if settings.tls_cert else "plaintext"
+    log.info("%s tier listening on %s:%d, %s (metrics port %s)", tier, host, port, security,
              settings.metrics_port or "off")
 
     next_tier = None
     if isinstance(settings, ForwardingSettings):
-        next_tier = ContinuationClient(settings.next, settings.max_message_bytes)
+        next_tier = guarded_next_tier(settings)
     try:
         servicer.loop, encoder = await asyncio.to_thread(_load, settings, metrics, next_tier)
         if isinstance(servicer, ClassifierServicer):
             servicer.encoder = encoder
-        for name in ("", service):
+        for name in ("", service, *extra_services):
             await health_servicer.set(name, SERVING)
         log.info("%s tier serving %s", tier, settings.artifacts)
         await stop.wait()

@@ -15,7 +15,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from shared.errors import ArtifactError
-from shared.manifest import Manifest
+from shared.manifest import Manifest, sha256_file
 
 PAD_ID = 0
 
@@ -50,7 +50,14 @@ class TextEncoder:
     @classmethod
     def for_manifest(cls, manifest: Manifest, folder: str | Path) -> TextEncoder:
         assert manifest.tokenizer_file is not None and manifest.max_length is not None
-        return cls(Path(folder) / manifest.tokenizer_file, manifest.max_length)
+        path = Path(folder) / manifest.tokenizer_file
+        if manifest.tokenizer_sha256 is not None and path.is_file():
+            actual = sha256_file(path)
+            if actual != manifest.tokenizer_sha256:
+                raise ArtifactError(
+                    f"tokenizer {path} has sha256 {actual[:12]}..., the manifest expects "
+                    f"{manifest.tokenizer_sha256[:12]}...: rebuild or restore it")
+        return cls(path, manifest.max_length)
 
     def token_ids(self, texts: Sequence[str]) -> tuple[list[list[int]], np.ndarray]:
         """Unpadded ids per text, and which texts were truncated."""

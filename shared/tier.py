@@ -14,22 +14,28 @@ import math
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
 import grpc
 import numpy as np
 
+from shared.batching import Batcher
 from shared.calibration import softmax
-from shared.codec import decode_tensors, payload_bytes
+from shared.client import NextTierError
+from shared.codec import decode_tensors, from_tensor, payload_bytes
 from shared.errors import ArtifactError, InvalidInput, NotReady, TierServeError
+from shared.images import ImageInput
 from shared.manifest import TIERS, Manifest, Tier
 from shared.metrics import TierMetrics
+from shared.resilience import InflightLimit
 from shared.rpc import pb2, pb2_grpc
 from shared.runner import ATTENTION_MASK, SliceRunner
 from shared.text import TextEncoder
 
 LOGITS = "logits"
+DEFAULT_MAX_INFLIGHT = 64
 log = logging.getLogger("tierserve.tier")
 T = TypeVar("T")
 
@@ -84,6 +90,10 @@ class TierLoop:
     next_tier: NextTier | None = None  # None: the last tier, which answers everything
     threshold_override: float | None = None  # the node's config, over the manifest's
     hop_timeout: float = 10.0
+    deadline_margin: float = 0.010  # seconds kept back from the caller's deadline for our own answer
+    min_forward_seconds: float = 0.002  # less time than this left for the next tier: answer degraded
+    batcher: Batcher | None = None  # dynamic batching of concurrent requests (shared.batching)
+    forward_encoding: str = "fp32"  # how forwarded float tensors travel (shared.codec), for the bytes metric
 
     def __post_init__(self) -> None:
         self.exit = self.manifest.exit(self.tier)
@@ -121,10 +131,12 @@ class TierLoop:
         if len(request_ids) != batch:
             raise InvalidInput(f"{len(request_ids)} request ids for a batch of {batch} samples")
         self.metrics.samples.labels(self.tier).inc(batch)
-        self.metrics.batch_size.labels(self.tier).observe(batch)
-
-        result = await self.runner.run(inputs)
-        self.metrics.compute_duration.labels(self.tier).observe(result.compute_seconds)
+        if self.batcher is not None:  # it observes batch size and compute time per merged run
+            result = await self.batcher.run(inputs)
+        else:
+            self.metrics.batch_size.labels(self.tier).observe(batch)
+            result = await self.runner.run(inputs)
+            self.metrics.compute_duration.labels(self.tier).observe(result.compute_seconds)
         probs = softmax(result.outputs[LOGITS], self.exit.temperature)
         confidence = probs.max(axis=-1)
         for value in confidence:
@@ -142,17 +154,20 @@ class TierLoop:
             assert self.next_tier is not None
             tensors = forwarded_tensors(inputs, result.outputs, self.forwards, rows)
             self.metrics.forwarded_samples.labels(self.hop).inc(len(rows))
-            self.metrics.forwarded_bytes.labels(self.hop).inc(payload_bytes(tensors))
+            self.metrics.forwarded_bytes.labels(self.hop).inc(payload_bytes(tensors, self.forward_encoding))
             wait_started = time.perf_counter()
-            timeout = self.hop_timeout
-            if time_left is not None:  # what is left of the caller's deadline, after our own work
-                timeout = min(timeout, max(0.0, time_left - (wait_started - started)))
-            downstream = await self.next_tier.continue_batch(
-                tensors, [request_ids[i] for i in rows], thresholds, timeout)
+            downstream = await self._forward(tensors, [request_ids[i] for i in rows], thresholds,
+                                             time_left, wait_started - started)
             waited = time.perf_counter() - wait_started
             self.metrics.downstream_wait.labels(self.tier).observe(waited)
-            for row, answer in zip(rows, downstream, strict=True):
-                answers[row] = answer
+            if isinstance(downstream, NextTierError):  # no request is lost: answer with our own exit
+                self.metrics.degraded.labels(self.tier, downstream.kind).inc(len(rows))
+                log.debug("answering %d samples degraded: %s", len(rows), downstream)
+                for row in rows:
+                    answers[row] = self._answer(probs[row], request_ids[row], degraded_reason=str(downstream))
+            else:
+                for row, answer in zip(rows, downstream, strict=True):
+                    answers[row] = answer
 
         total = time.perf_counter() - started
         self.metrics.own_duration.labels(self.tier).observe(total - waited)
@@ -163,26 +178,48 @@ class TierLoop:
             answer.timings.insert(0, timing)
         return answers
 
-    def _answer(self, probs: np.ndarray, request_id: str) -> pb2.Answer:
+    async def _forward(self, tensors: Mapping[str, np.ndarray], request_ids: Sequence[str],
+                       thresholds: Mapping[str, float], time_left: float | None, spent: float
+                       ) -> list[pb2.Answer] | NextTierError:
+        """The next tier's answers, or why there are none (then the caller answers degraded).
+
+        The next tier gets what is left of the caller's deadline after our own work (`spent`) and
+        the margin our own answer needs, so that a slow next tier still leaves us time to answer.
+        """
+        assert self.next_tier is not None
+        timeout = self.hop_timeout
+        if time_left is not None:
+            timeout = min(timeout, time_left - spent - self.deadline_margin)
+            if timeout < self.min_forward_seconds:
+                return NextTierError(
+                    f"{self.next_name} skipped: the deadline ({time_left * 1000:.0f} ms left on arrival) "
+                    f"leaves no time to forward", "DEADLINE_EXCEEDED", kind="deadline")
+        try:
+            return await self.next_tier.continue_batch(tensors, request_ids, thresholds, timeout)
+        except NextTierError as exc:
+            return exc
+
+    def _answer(self, probs: np.ndarray, request_id: str, degraded_reason: str = "") -> pb2.Answer:
         label = int(probs.argmax())
         return pb2.Answer(
             request_id=request_id, label_index=label, label=self.manifest.labels[label],
             probabilities=probs.tolist(), confidence=float(probs[label]), tier=self.tier,
-            exit_layer=self.exit.layer)
+            exit_layer=self.exit.layer, degraded=bool(degraded_reason), degraded_reason=degraded_reason)
 
 
 async def answer_rpc(context: grpc.aio.ServicerContext, metrics: TierMetrics, tier: str,
-                     handle: Callable[[], Awaitable[T]]) -> T:
+                     handle: Callable[[], Awaitable[T]], admission: InflightLimit | None = None) -> T:
     """Run one RPC's handler; the one place where failures become gRPC statuses.
 
     TierServeError subclasses carry their status code; anything unexpected is INTERNAL, logged,
-    and the server keeps serving.
+    and the server keeps serving. admission: the tier's in-flight limit (RESOURCE_EXHAUSTED beyond it).
     """
     started = time.perf_counter()
     outcome = "ok"
     metrics.inflight.labels(tier).inc()
     try:
-        return await handle()
+        with admission.admit() if admission is not None else nullcontext():
+            return await handle()
     except TierServeError as exc:
         outcome = exc.code.lower()
         code = grpc.StatusCode[exc.code]
@@ -211,6 +248,8 @@ class _Servicer:
         self.metrics = metrics
         self.max_batch = max_batch
         self.loop: TierLoop | None = None
+        self.admission = InflightLimit(DEFAULT_MAX_INFLIGHT, tier)  # the server sets its configured limit
+        self.inject_delay = 0.0  # test hook (settings.inject_delay_ms): seconds to sleep before Continue
 
     def ready_loop(self) -> TierLoop:
         if self.loop is None:
@@ -225,6 +264,8 @@ class ContinuationServicer(_Servicer, pb2_grpc.ContinuationServicer):
                        context: grpc.aio.ServicerContext) -> pb2.ContinueResponse:
         async def handle() -> pb2.ContinueResponse:
             loop = self.ready_loop()
+            if self.inject_delay:
+                await asyncio.sleep(self.inject_delay)
             if len(request.request_ids) > self.max_batch:
                 raise InvalidInput(
                     f"too many samples: {len(request.request_ids)}, at most {self.max_batch}")
@@ -234,11 +275,11 @@ class ContinuationServicer(_Servicer, pb2_grpc.ContinuationServicer):
                                          context.time_remaining())
             return pb2.ContinueResponse(answers=answers)
 
-        return await answer_rpc(context, self.metrics, self.tier, handle)
+        return await answer_rpc(context, self.metrics, self.tier, handle, self.admission)
 
 
 class ClassifierServicer(_Servicer, pb2_grpc.ClassifierServicer):
-    """Classify at the entry tier: check and tokenise the texts, then the tier loop."""
+    """Classify at the entry tier: check and tokenise the texts (or check the images), then the tier loop."""
 
     def __init__(self, tier: Tier, metrics: TierMetrics, max_batch: int,
                  max_text_chars: int) -> None:
@@ -259,21 +300,50 @@ class ClassifierServicer(_Servicer, pb2_grpc.ClassifierServicer):
                 raise InvalidInput(
                     f"text {i} has {len(text)} characters, at most {self.max_text_chars}")
 
+    async def classify_texts(self, texts: Sequence[str], thresholds: Mapping[str, float],
+                             request_id: str, time_left: float | None) -> list[pb2.Answer]:
+        """Check, tokenise, run the tier loop: what Classify and the Open Inference Protocol share."""
+        loop = self.ready_loop()
+        if self.encoder is None:
+            raise InvalidInput(f"this model ({loop.manifest.family}) does not take texts"
+                               + ("; send images (ClassifyRequest.images)" if loop.manifest.family == "image" else ""))
+        self.check_texts(texts)
+        checked = check_thresholds(thresholds)
+        encoded = self.encoder.encode(texts)
+        prefix = request_id or uuid.uuid4().hex[:16]
+        ids = [f"{prefix}/{i}" for i in range(len(texts))]
+        answers = await loop.process(encoded.tensors, ids, checked, time_left)
+        for answer, truncated in zip(answers, encoded.truncated, strict=True):
+            answer.truncated = bool(truncated)
+        return answers
+
+    async def classify_images(self, images: np.ndarray, thresholds: Mapping[str, float],
+                              request_id: str, time_left: float | None) -> list[pb2.Answer]:
+        """Check the images against the model's input shape (shared.images), run the tier loop."""
+        loop = self.ready_loop()
+        manifest = loop.manifest
+        if manifest.family != "image" or manifest.input_shape is None:
+            raise InvalidInput(f"this model ({manifest.family}) does not take images; send texts")
+        c, h, w = manifest.input_shape
+        tensors = ImageInput((c, h, w)).tensors(images)
+        if len(images) > self.max_batch:
+            raise InvalidInput(f"too many images: {len(images)}, at most {self.max_batch} per request")
+        checked = check_thresholds(thresholds)
+        prefix = request_id or uuid.uuid4().hex[:16]
+        ids = [f"{prefix}/{i}" for i in range(len(images))]
+        return await loop.process(tensors, ids, checked, time_left)
+
     async def Classify(self, request: pb2.ClassifyRequest,
                        context: grpc.aio.ServicerContext) -> pb2.ClassifyResponse:
         async def handle() -> pb2.ClassifyResponse:
-            loop = self.ready_loop()
-            if self.encoder is None:
-                raise InvalidInput(f"this model ({loop.manifest.family}) does not take texts")
-            texts = list(request.texts)
-            self.check_texts(texts)
-            thresholds = check_thresholds(request.thresholds)
-            encoded = self.encoder.encode(texts)
-            prefix = request.request_id or uuid.uuid4().hex[:16]
-            ids = [f"{prefix}/{i}" for i in range(len(texts))]
-            answers = await loop.process(encoded.tensors, ids, thresholds, context.time_remaining())
-            for answer, truncated in zip(answers, encoded.truncated, strict=True):
-                answer.truncated = bool(truncated)
+            if request.HasField("images"):
+                if request.texts:
+                    raise InvalidInput("the request holds both texts and images: send one kind")
+                answers = await self.classify_images(from_tensor(request.images, "images"), request.thresholds,
+                                                     request.request_id, context.time_remaining())
+            else:
+                answers = await self.classify_texts(list(request.texts), request.thresholds,
+                                                    request.request_id, context.time_remaining())
             return pb2.ClassifyResponse(answers=answers)
 
-        return await answer_rpc(context, self.metrics, self.tier, handle)
+        return await answer_rpc(context, self.metrics, self.tier, handle, self.admission)

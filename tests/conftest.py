@@ -29,3 +29,21 @@ def tiny_artifacts(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Pa
     config = BuildConfig(backbone=str(tiny_checkpoint), data=str(tiny_data), profile="tiny",
                          split_points=(1, 2, 3), label_names=TINY_LABELS, max_length=32, p_tar=(0.8, 0.8))
     return build(config, tmp_path_factory.mktemp("tiny_build") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_image_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Generated 12x12 images of 3 classes as gzipped IDX files (the Fashion-MNIST format)."""
+    from tests.tiny_images import make_idx_dataset
+
+    return make_idx_dataset(tmp_path_factory.mktemp("tiny_image_data"))
+
+
+@pytest.fixture(scope="session")
+def tiny_cnn_artifacts(tmp_path_factory: pytest.TempPathFactory, tiny_image_data: Path) -> Path:
+    """A small built early-exit CNN (image family): manifest.json, mobile/edge/cloud.onnx, report.json."""
+    from shared.builder.build import BuildConfig, build
+
+    config = BuildConfig(family="image", data=str(tiny_image_data), profile="tiny", split_points=(1, 2, 3),
+                         p_tar=(0.9, 0.9))
+    return build(config, tmp_path_factory.mktemp("tiny_cnn_build") / "model")

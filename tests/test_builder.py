@@ -133,3 +133,37 @@ def test_bad_data_says_what_to_fix(tmp_path: Path) -> None:
 def test_missing_backbone_is_reported(tmp_path: Path, tiny_data: Path) -> None:
     with pytest.raises(BuildInputError, match="not a Hugging Face checkpoint"):
         build(BuildConfig(backbone=str(tmp_path), data=str(tiny_data), profile="tiny"), tmp_path / "out")
+
+
+def test_calibration_hold_out_leaves_no_phrase_of_it_in_training() -> None:
+    from shared.data import TextDataset, hold_out_calibration
+
+    sentences = [f"s{i} has a rather good plot and w{i} cast" for i in range(50)]
+    phrases = [p for s in sentences for p in (s.split(" and ")[0], "a rather good plot", s.split()[-2])]
+    texts = sentences + phrases
+    data = TextDataset(texts, np.zeros(len(texts), dtype=np.int64), ["a"], "generated")
+    fit, calib = hold_out_calibration(data, 5, seed=0)
+    assert len(calib) == 5
+    assert set(calib.texts) <= set(sentences)  # whole examples only, never a phrase of another row
+    for held in calib.texts:
+        assert not any(f" {t} " in f" {held} " for t in fit.texts)
+    # each held sentence takes its two own phrases along, and the 50 rows of the phrase all share
+    assert len(fit) == len(texts) - 5 - 5 * 2 - 50
+
+
+def test_retune_switches_policy_without_retraining(tiny_artifacts: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from shared.cli import main
+
+    copy = tmp_path / "retuned"
+    shutil.copytree(tiny_artifacts, copy)
+    assert main(["retune", "--artifacts", str(copy), "--policy", "cost", "--max-drop", "0.5"]) == 0
+    manifest = load_manifest(copy)
+    assert manifest.policy.kind == "cost" and manifest.policy.max_drop_points == 0.5
+    for spec in manifest.slices:
+        verified_slice_path(copy, spec)  # slices untouched
+    assert main(["retune", "--artifacts", str(copy), "--policy", "p_tar", "--p-tar", "0.99", "0.99"]) == 0
+    strict = load_manifest(copy)
+    assert strict.policy.kind == "p_tar"
+    assert strict.exits[0].threshold >= manifest.exits[0].threshold or strict.exits[0].threshold > 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -13,8 +14,11 @@ from shared.manifest import TIERS
 
 
 def _tier_processes() -> list[str]:
-    listing = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
-    return [line for line in listing.splitlines() if any(f"-m {t}_node" in line for t in TIERS)]
+    """Tier processes started by this test process (other sessions' tiers on the machine don't count)."""
+    listing = subprocess.run(["ps", "-eo", "pid,ppid,args"], capture_output=True, text=True).stdout
+    me = str(os.getpid())
+    return [line for line in listing.splitlines()
+            if line.split()[1:2] == [me] and any(f"-m {t}_node" in line for t in TIERS)]
 
 
 def test_demo_matches_the_builder_report_and_leaves_no_process(

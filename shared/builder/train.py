@@ -1,5 +1,7 @@
 """Joint training of the encoder and its exits (weighted sum of exit losses), or heads only.
 
+`train_loop` is family-agnostic (it takes an epoch of batches); `train` feeds it text.
+
 Batches are bucketed by length and padded per batch, which matters on CPU: SST-2 train
 averages 13 tokens, so padding to a fixed length would waste most of the compute.
 """
@@ -8,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,17 +48,38 @@ def length_bucketed_batches(lengths: np.ndarray, batch_size: int, rng: np.random
     return batches
 
 
+Batch = tuple[tuple[torch.Tensor, ...], torch.Tensor]  # (model inputs, target labels)
+
+
 def train(
     model: EarlyExitBert, ids: list[list[int]], labels: np.ndarray, settings: TrainSettings
 ) -> dict[str, float]:
-    """Train in place; returns a summary (final loss, samples/s, seconds)."""
+    """Train a text model in place on length-bucketed, per-batch padded batches; returns a summary."""
+    lengths = np.array([len(x) for x in ids])
+
+    def epoch(rng: np.random.Generator) -> Iterator[Batch]:
+        for batch in length_bucketed_batches(lengths, settings.batch_size, rng):
+            input_ids, mask = pad([ids[i] for i in batch])
+            yield (torch.from_numpy(input_ids), torch.from_numpy(mask)), torch.from_numpy(labels[batch])
+
+    return train_loop(model, epoch, len(ids), settings)
+
+
+def train_loop(
+    model: nn.Module, epoch: Callable[[np.random.Generator], Iterable[Batch]], samples_per_epoch: int,
+    settings: TrainSettings,
+) -> dict[str, float]:
+    """Joint training of every exit (weighted sum of exit losses), any family, in place.
+
+    epoch(rng) yields one epoch's batches; the model returns a list of exit logits and has `heads`
+    (and `freeze_encoder()` when settings.freeze_encoder). Returns final loss, samples/s, seconds.
+    """
     torch.manual_seed(settings.seed)
     rng = np.random.default_rng(settings.seed)
     if settings.freeze_encoder:
         model.freeze_encoder()
-    lengths = np.array([len(x) for x in ids])
     n_epochs = math.ceil(settings.epochs)
-    per_epoch = math.ceil(len(ids) / settings.batch_size)
+    per_epoch = math.ceil(samples_per_epoch / settings.batch_size)
     total_steps = max(1, int(per_epoch * settings.epochs))
     optimizer = _optimizer(model, settings)
     warmup = max(1, int(total_steps * settings.warmup_fraction))
@@ -68,19 +92,17 @@ def train(
     step, seen, started, running = 0, 0, time.perf_counter(), float("nan")
     with tqdm(total=total_steps, desc="train", unit="batch", dynamic_ncols=True, mininterval=2.0) as bar:
         for _ in range(n_epochs):
-            for batch in length_bucketed_batches(lengths, settings.batch_size, rng):
+            for inputs, target in epoch(rng):
                 if step >= total_steps:
                     break
-                input_ids, mask = pad([ids[i] for i in batch])
-                target = torch.from_numpy(labels[batch])
-                logits = model(torch.from_numpy(input_ids), torch.from_numpy(mask))
+                logits = model(*inputs)
                 loss = sum(w * loss_fn(x, target) for w, x in zip(weights, logits, strict=True)) / sum(weights)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                 optimizer.step()
                 schedule.step()
-                step, seen = step + 1, seen + len(batch)
+                step, seen = step + 1, seen + len(target)
                 running = loss.item() if math.isnan(running) else 0.95 * running + 0.05 * loss.item()
                 bar.update(1)
                 bar.set_postfix(loss=f"{running:.3f}", samples_s=f"{seen / (time.perf_counter() - started):.0f}")
@@ -89,7 +111,7 @@ def train(
     return {"loss": running, "samples_per_second": seen / seconds, "seconds": seconds, "steps": step}
 
 
-def _optimizer(model: EarlyExitBert, settings: TrainSettings) -> torch.optim.Optimizer:
+def _optimizer(model: nn.Module, settings: TrainSettings) -> torch.optim.Optimizer:
     head_params = [p for p in model.heads.parameters() if p.requires_grad]
     head_ids = {id(p) for p in head_params}
     encoder_params = [p for p in model.parameters() if p.requires_grad and id(p) not in head_ids]

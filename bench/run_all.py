@@ -1,0 +1,81 @@
+"""`make bench`: every benchmark against real tiers on 127.0.0.1, then bench/results/summary.json.
+
+`python -m bench.run_all --artifacts artifacts/default [--quick]`; each script also runs alone
+(`python -m bench.overhead --help`, ...). --quick shrinks every run (fewer samples, shorter loads).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Any
+
+from bench import calibration, codec, overhead, throughput, tradeoff
+from bench.common import base_parser, machine, write_result
+
+TARGETS = {  # the issue's goals: (key, comparison, bound)
+    "overhead_ratio": ("<=", 1.3), "throughput_ratio_c32": (">=", 1.5), "cost_reduction": (">=", 0.43),
+    "accuracy_drop_points": ("<=", 0.3), "calibration_max_miss": ("<=", 0.02), "int8_bytes_ratio": ("<=", 0.27),
+    "int8_accuracy_change_points": ("abs<=", 0.2),
+}
+
+
+def met(value: float | None, comparison: str, bound: float) -> bool | None:
+    if value is None:
+        return None
+    if comparison == "<=":
+        return value <= bound
+    if comparison == ">=":
+        return value >= bound
+    return abs(value) <= bound
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smaller runs: 300 dev samples, 3 s per load level")
+    args = parser.parse_args(argv)
+    limit = args.limit or (300 if args.quick else None)
+    started = time.perf_counter()
+    parts: dict[str, Any] = {}
+    steps = [
+        ("overhead", lambda: overhead.run(args.artifacts, args.data, min(limit or 300, 300), args.out)),
+        ("throughput", lambda: throughput.run(args.artifacts, args.data, limit, args.out,
+                                              seconds=3.0 if args.quick else 6.0, batching_sweep=not args.quick)),
+        ("tradeoff", lambda: tradeoff.run(args.artifacts, args.data, limit, args.out)),
+        ("calibration", lambda: calibration.run(args.artifacts, args.data, limit, args.out)),
+        ("codec", lambda: codec.run(args.artifacts, args.data, limit, args.out)),
+    ]
+    for name, step in steps:
+        print(f"\n== {name} ==", flush=True)
+        parts[name] = step()
+    o, t, tr, c, k = (parts[n] for n in ("overhead", "throughput", "tradeoff", "calibration", "codec"))
+    summary: dict[str, Any] = {
+        "overhead_ratio": o["overhead_ratio"], "per_hop_overhead_ms": o["per_hop_overhead_ms"],
+        "throughput_ratio_c32": t["throughput_ratio_c32"], "throughput_ratio_by_concurrency": t["ratio_by_concurrency"],
+        "cost_reduction": tr["cost_reduction"], "accuracy_drop_points": tr["accuracy_drop_points"],
+        "headline_thresholds": tr["thresholds"]["calibrated"], "cloud_only_accuracy": tr["cloud_only_accuracy"],
+        "uncalibrated_cost_reduction": tr["uncalibrated_cost_reduction"],
+        "uncalibrated_accuracy_drop_points": tr["uncalibrated_accuracy_drop_points"],
+        "calibration_max_miss": c["calibration_max_miss"], "uncalibrated_max_miss": c["uncalibrated_max_miss"],
+        "calibration_max_miss_direct": c["calibration_max_miss_direct"],
+        "uncalibrated_max_miss_direct": c["uncalibrated_max_miss_direct"],
+        "int8_bytes_ratio": k["int8_bytes_ratio"], "int8_accuracy_change_points": k["int8_accuracy_change_points"],
+        "int8_system_accuracy_change_points": k["int8_system_accuracy_change_points"],
+        "machine": machine(), "artifacts": str(args.artifacts), "samples_limit": limit, "quick": args.quick,
+        "command": " ".join(["python -m bench.run_all", *(argv if argv is not None else sys.argv[1:])]),
+        "seconds": time.perf_counter() - started,
+    }
+    summary["targets"] = {key: {"value": summary[key], "goal": f"{cmp} {bound}", "met": met(summary[key], cmp, bound)}
+                          for key, (cmp, bound) in TARGETS.items()}
+    path = write_result(args.out, "summary", summary)
+    print("\n== summary ==")
+    print(json.dumps({k: v for k, v in summary.items() if k != "targets"}, indent=2, default=str))
+    for key, target in summary["targets"].items():
+        print(f"{key:<30} {target['value']!s:<24} goal {target['goal']:<10} met: {target['met']}")
+    print(f"wrote {path} in {summary['seconds']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

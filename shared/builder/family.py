@@ -1,0 +1,39 @@
+"""What a model family (text, image) hands to the shared part of a build.
+
+A family loads its data, builds and trains its early-exit model and computes the raw logits of
+every exit on the calibration and test splits. build() then does what all families share:
+calibration, thresholds, manifest, report and the atomic folder replace, calling `export` to write
+the slices (and any preprocessing files) into the staging folder and check the ONNX chain.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from shared.manifest import SliceSpec
+
+# export(staging folder) -> (slice specs, max |logit difference| of the chain check,
+#                            the manifest's family-specific fields: family, max_length, input_shape, ...)
+Exporter = Callable[[Path], tuple[list[SliceSpec], float, dict[str, Any]]]
+
+
+@dataclass
+class TrainedModel:
+    label_names: list[str]
+    split_points: tuple[int, int, int]
+    hidden_size: int  # text: hidden size; image: channels of the tensor the mobile slice forwards
+    backbone: str  # provenance: the checkpoint, or a description of the CNN
+    data_source: str
+    test_source: str
+    calib_logits: list[np.ndarray]  # raw logits per exit, [N, K] each
+    calib_labels: np.ndarray
+    test_logits: list[np.ndarray]
+    test_labels: np.ndarray
+    train_samples: int
+    training: dict[str, float]
+    export: Exporter

@@ -1,0 +1,215 @@
+"""The Open Inference Protocol (KServe v2, `inference.GRPCInferenceService`) at the entry tier.
+
+Transport only: the texts come out of the request's one BYTES input and go down the same path as
+Classify (ClassifierServicer.classify_texts: checks, tokeniser, tier loop); the answers go back as
+raw output contents, which is all tritonclient reads. Failures become statuses in
+shared.tier.answer_rpc. Only the specification's six RPCs have handlers: Triton's others
+(RepositoryIndex, ModelStatistics, shared memory, trace, log settings) answer UNIMPLEMENTED.
+
+Model "tierserve" (MobileSettings.model_name), version "1":
+  input   texts          BYTES  [-1] (or [-1, 1])   UTF-8 texts
+  outputs label_index    INT64  [-1]
+          label          BYTES  [-1]                the label's name
+          probabilities  FP32   [-1, classes]       calibrated, of the exit that answered
+          confidence     FP32   [-1]                max(probabilities)
+          exit_tier      BYTES  [-1]                mobile, edge or cloud
+Request parameters `threshold_mobile` / `threshold_edge` (a number, or a string holding one)
+override that tier's exit threshold for this request; other parameters are ignored.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health, health_pb2
+
+import shared
+from shared.errors import InvalidInput, NotFound
+from shared.rpc import inference_stubs, pb2
+from shared.tier import ClassifierServicer, answer_rpc
+
+oip_pb2, oip_pb2_grpc = inference_stubs()
+SERVICE_NAME: str = oip_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+MODEL_VERSION = "1"
+PLATFORM = "tierserve"
+INPUT = "texts"
+BYTES = "BYTES"
+THRESHOLD_PARAMETER = "threshold_"  # + tier name
+_LENGTH = struct.Struct("<I")
+
+
+def join_bytes_tensor(values: Sequence[str]) -> bytes:
+    """A raw BYTES tensor of UTF-8 texts (the inverse of split_bytes_tensor)."""
+    return b"".join(_LENGTH.pack(len(v)) + v for v in (s.encode() for s in values))
+
+
+class Output(NamedTuple):
+    datatype: str
+    shape: Callable[[int, int], list[int]]  # (batch, classes) -> shape
+    contents: Callable[[Sequence[pb2.Answer]], bytes]  # the answers -> raw output contents
+
+
+OUTPUTS: dict[str, Output] = {
+    "label_index": Output("INT64", lambda n, c: [n],
+                          lambda answers: np.array([a.label_index for a in answers], "<i8").tobytes()),
+    "label": Output(BYTES, lambda n, c: [n], lambda answers: join_bytes_tensor([a.label for a in answers])),
+    "probabilities": Output("FP32", lambda n, c: [n, c],
+                            lambda answers: np.array([list(a.probabilities) for a in answers], "<f4").tobytes()),
+    "confidence": Output("FP32", lambda n, c: [n],
+                         lambda answers: np.array([a.confidence for a in answers], "<f4").tobytes()),
+    "exit_tier": Output(BYTES, lambda n, c: [n], lambda answers: join_bytes_tensor([a.tier for a in answers])),
+}
+
+
+def split_bytes_tensor(raw: bytes, count: int) -> list[bytes]:
+    """The elements of a raw BYTES tensor, at most `count`: each a 4-byte little-endian length, then the bytes."""
+    elements, offset = [], 0
+    while offset < len(raw):
+        if len(elements) == count:
+            raise InvalidInput(f"input '{INPUT}': raw contents hold more than the {count} elements of its shape")
+        if offset + _LENGTH.size > len(raw):
+            raise InvalidInput(f"input '{INPUT}': raw contents end inside an element's length")
+        (length,) = _LENGTH.unpack_from(raw, offset)
+        offset += _LENGTH.size
+        if offset + length > len(raw):
+            raise InvalidInput(f"input '{INPUT}': an element's length {length} runs past the raw contents")
+        elements.append(raw[offset:offset + length])
+        offset += length
+    return elements
+
+
+def request_texts(request: Any) -> list[str]:
+    """The texts of a ModelInferRequest: its one BYTES input, shape [N] or [N, 1]."""
+    names = [tensor.name for tensor in request.inputs]
+    if names != [INPUT]:
+        raise InvalidInput(f"the model takes one input '{INPUT}' (BYTES, shape [N] or [N, 1]); got {names}")
+    tensor = request.inputs[0]
+    if tensor.datatype != BYTES:
+        raise InvalidInput(f"input '{INPUT}' must be {BYTES} (UTF-8 texts), not {tensor.datatype}")
+    shape = list(tensor.shape)
+    if len(shape) not in (1, 2) or shape[0] < 0 or shape[1:] not in ([], [1]):
+        raise InvalidInput(f"input '{INPUT}' must have shape [N] or [N, 1], not {shape}")
+    if request.raw_input_contents:
+        if len(request.raw_input_contents) != 1 or tensor.HasField("contents"):
+            raise InvalidInput("give the input's data once: in raw_input_contents or in contents")
+        elements = split_bytes_tensor(request.raw_input_contents[0], shape[0])
+    else:
+        elements = list(tensor.contents.bytes_contents)
+    if len(elements) != shape[0]:
+        raise InvalidInput(f"input '{INPUT}' has shape {shape} but {len(elements)} elements")
+    try:
+        return [element.decode() for element in elements]
+    except UnicodeDecodeError as exc:
+        raise InvalidInput(f"input '{INPUT}': texts must be UTF-8 ({exc})") from exc
+
+
+def request_thresholds(parameters: Mapping[str, Any]) -> dict[str, float]:
+    """Per-request exit thresholds from `threshold_<tier>` parameters (validated by the tier loop)."""
+    thresholds = {}
+    for key, parameter in parameters.items():
+        if not key.startswith(THRESHOLD_PARAMETER):
+            continue
+        kind = parameter.WhichOneof("parameter_choice")
+        value = getattr(parameter, kind) if kind else None
+        try:
+            if kind == "bool_param" or value is None:
+                raise ValueError
+            thresholds[key.removeprefix(THRESHOLD_PARAMETER)] = float(value)
+        except ValueError:
+            raise InvalidInput(f"parameter '{key}' must be a number, not {value!r}") from None
+    return thresholds
+
+
+def requested_outputs(request: Any) -> list[str]:
+    """The outputs asked for, in their order; all of them when none is named."""
+    names = [output.name for output in request.outputs] or list(OUTPUTS)
+    unknown = [name for name in names if name not in OUTPUTS]
+    if unknown:
+        raise InvalidInput(f"unknown outputs {unknown}; the model has {list(OUTPUTS)}")
+    return names
+
+
+def infer_response(request: Any, names: Sequence[str], answers: Sequence[pb2.Answer],
+                   classes: int) -> Any:
+    response = oip_pb2.ModelInferResponse(
+        model_name=request.model_name, model_version=MODEL_VERSION, id=request.id)
+    for name in names:
+        output = OUTPUTS[name]
+        response.outputs.add(name=name, datatype=output.datatype, shape=output.shape(len(answers), classes))
+        response.raw_output_contents.append(output.contents(answers))
+    return response
+
+
+class InferenceServicer(oip_pb2_grpc.GRPCInferenceServiceServicer):
+    """The protocol over the entry tier's ClassifierServicer (one model, one version)."""
+
+    def __init__(self, classifier: ClassifierServicer, model_name: str,
+                 health_servicer: health.aio.HealthServicer) -> None:
+        self.classifier = classifier
+        self.model_name = model_name
+        self.health = health_servicer
+
+    async def _ready(self, context: grpc.aio.ServicerContext) -> bool:
+        if self.classifier.loop is None or self.classifier.encoder is None:
+            return False
+        status = await self.health.Check(health_pb2.HealthCheckRequest(service=""), context)
+        return status.status == health_pb2.HealthCheckResponse.SERVING
+
+    def _check_model(self, name: str, version: str) -> None:
+        if name != self.model_name:
+            raise NotFound(f"unknown model '{name}': this server serves '{self.model_name}'")
+        if version not in ("", MODEL_VERSION):
+            raise NotFound(f"model '{name}' has no version '{version}', only '{MODEL_VERSION}'")
+
+    async def ServerLive(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return oip_pb2.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return oip_pb2.ServerReadyResponse(ready=await self._ready(context))
+
+    async def ModelReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        served = request.name == self.model_name and request.version in ("", MODEL_VERSION)
+        return oip_pb2.ModelReadyResponse(ready=served and await self._ready(context))
+
+    async def ServerMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return oip_pb2.ServerMetadataResponse(name="tierserve", version=shared.__version__)
+
+    async def ModelMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def handle() -> Any:
+            self._check_model(request.name, request.version)
+            classes = len(self.classifier.ready_loop().manifest.labels)
+            tensor = oip_pb2.ModelMetadataResponse.TensorMetadata
+            return oip_pb2.ModelMetadataResponse(
+                name=self.model_name, versions=[MODEL_VERSION], platform=PLATFORM,
+                inputs=[tensor(name=INPUT, datatype=BYTES, shape=[-1])],
+                outputs=[tensor(name=name, datatype=output.datatype, shape=output.shape(-1, classes))
+                         for name, output in OUTPUTS.items()])
+
+        return await answer_rpc(context, self.classifier.metrics, self.classifier.tier, handle)
+
+    async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def handle() -> Any:
+            self._check_model(request.model_name, request.model_version)
+            texts = request_texts(request)
+            thresholds = request_thresholds(request.parameters)
+            names = requested_outputs(request)
+            answers = await self.classifier.classify_texts(
+                texts, thresholds, request.id, context.time_remaining())
+            classes = len(self.classifier.ready_loop().manifest.labels)
+            return infer_response(request, names, answers, classes)
+
+        # the same in-flight limit as Classify: both run the same tier loop
+        return await answer_rpc(context, self.classifier.metrics, self.classifier.tier, handle,
+                                self.classifier.admission)
+
+
+def add_inference_service(server: grpc.aio.Server, classifier: ClassifierServicer, model_name: str,
+                          health_servicer: health.aio.HealthServicer) -> str:
+    """Serve the protocol on `server` beside Classify; the service's name (for health, reflection)."""
+    oip_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+        InferenceServicer(classifier, model_name, health_servicer), server)
+    return SERVICE_NAME

@@ -1,0 +1,125 @@
+"""Compact forwarded tensors (issue 6): fp16 / int8 round-trip error bounds, masks as lengths,
+the byte count the metrics record, and bad encodings as InvalidInput."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from shared.codec import FLOAT_ENCODINGS, decode_tensors, encode_tensors, from_tensor, payload_bytes
+from shared.errors import InvalidInput
+from shared.rpc import pb2
+
+RNG = np.random.default_rng(0)
+
+
+def hidden_and_mask(batch: int = 3, seq: int = 9, width: int = 16) -> dict[str, np.ndarray]:
+    lengths = np.array([seq, 4, 1][:batch])
+    mask = (np.arange(seq) < lengths[:, None]).astype(np.int64)
+    hidden = (RNG.standard_normal((batch, seq, width)) * RNG.uniform(0.1, 20, (batch, seq, 1)))
+    return {"hidden": hidden.astype(np.float32), "attention_mask": mask}
+
+
+def round_trip(arrays: dict[str, np.ndarray], encoding: str) -> dict[str, np.ndarray]:
+    return decode_tensors(encode_tensors(arrays, encoding))
+
+
+@pytest.mark.parametrize("encoding", list(FLOAT_ENCODINGS))
+def test_round_trip_error_bounds(encoding: str) -> None:
+    arrays = hidden_and_mask()
+    back = round_trip(arrays, encoding)
+    hidden, got = arrays["hidden"], back["hidden"]
+    assert got.dtype == np.float32 and got.shape == hidden.shape
+    np.testing.assert_array_equal(back["attention_mask"], arrays["attention_mask"])
+    assert back["attention_mask"].dtype == np.int64
+    error = np.abs(got - hidden)
+    if encoding == "fp32":
+        assert error.max() == 0
+    elif encoding == "fp16":  # round to nearest: half an fp16 ulp, relative
+        assert (error <= np.abs(hidden) * 2.0**-11 + 1e-7).all()
+    elif encoding == "int8":  # half a step of each token's own scale
+        step = np.abs(hidden).max(axis=-1, keepdims=True) / 127
+        assert (error <= step / 2 * (1 + 1e-5)).all()
+    else:
+        assert error.max() <= np.abs(hidden).max() / 127 / 2 * (1 + 1e-5)
+
+
+def test_per_token_scale_beats_per_tensor_on_uneven_tokens() -> None:
+    arrays = hidden_and_mask()
+    per_token = np.abs(round_trip(arrays, "int8")["hidden"] - arrays["hidden"]).mean()
+    per_tensor = np.abs(round_trip(arrays, "int8_tensor")["hidden"] - arrays["hidden"]).mean()
+    assert per_token < per_tensor
+
+
+@pytest.mark.parametrize("encoding", list(FLOAT_ENCODINGS))
+def test_payload_bytes_is_what_goes_on_the_wire(encoding: str) -> None:
+    arrays = hidden_and_mask()
+    tensors = encode_tensors(arrays, encoding)
+    assert payload_bytes(arrays, encoding) == sum(len(t.data) + len(t.scales) for t in tensors.values())
+    assert tensors["attention_mask"].encoding == pb2.TENSOR_ENCODING_LENGTHS
+    assert len(tensors["attention_mask"].data) == 4 * 3
+
+
+def test_int8_sends_about_a_quarter_of_fp32() -> None:
+    arrays = hidden_and_mask(batch=1, seq=13, width=384)
+    assert payload_bytes(arrays, "int8") / payload_bytes(arrays, "fp32") < 0.27
+
+
+@pytest.mark.parametrize("mask", [
+    np.array([[1, 0, 1, 0]], np.int64),  # not right-padded: uint8
+    np.array([[True, True, False]]),
+    np.ones((2, 1), np.int32),
+    np.zeros((0, 4), np.int64),
+])
+def test_masks_round_trip_exactly(mask: np.ndarray) -> None:
+    back = round_trip({"attention_mask": mask}, "int8")["attention_mask"]
+    assert back.dtype == mask.dtype and back.shape == mask.shape
+    np.testing.assert_array_equal(back, mask)
+
+
+def test_a_mask_that_is_not_0_1_goes_raw_so_the_receiver_can_explain() -> None:
+    mask = np.full((1, 3), 3, np.int64)
+    assert encode_tensors({"attention_mask": mask})["attention_mask"].encoding == pb2.TENSOR_ENCODING_RAW
+
+
+def test_integer_tensors_and_extremes() -> None:
+    ids = np.arange(6, dtype=np.int64).reshape(2, 3)
+    assert encode_tensors({"input_ids": ids}, "int8")["input_ids"].encoding == pb2.TENSOR_ENCODING_RAW
+    zeros = np.zeros((2, 3, 4), np.float32)
+    np.testing.assert_array_equal(round_trip({"h": zeros}, "int8")["h"], zeros)
+    big = np.array([[1e6, -1e6]], np.float32)  # beyond fp16: saturates, stays finite
+    assert np.isfinite(round_trip({"h": big}, "fp16")["h"]).all()
+    with pytest.raises(ValueError, match="unknown tensor encoding"):
+        encode_tensors({"h": zeros}, "int4")
+
+
+def _int8(shape: list[int], scales: bytes, dtype: str = "float32") -> pb2.Tensor:
+    n = int(np.prod(shape))
+    return pb2.Tensor(dtype=dtype, shape=shape, data=b"\1" * n, scales=scales,
+                      encoding=pb2.TENSOR_ENCODING_INT8_TOKEN)
+
+
+@pytest.mark.parametrize(("tensor", "message"), [
+    (pb2.Tensor(dtype="float32", shape=[1], data=b"\0" * 4, encoding=99), "unsupported encoding 99"),
+    (_int8([2, 3], b""), "0 of scales"),
+    (_int8([2, 3], np.ones(3, "<f4").tobytes()), "needs 6 and 8"),
+    (_int8([1, 2], np.array([np.nan], "<f4").tobytes()), "NaN or infinite scales"),
+    (_int8([1, 2], np.array([-1.0], "<f4").tobytes()), "negative"),
+    (_int8([1, 2], np.ones(1, "<f4").tobytes(), dtype="int64"), "does not apply to dtype int64"),
+    (pb2.Tensor(dtype="float32", shape=[2], data=b"\0" * 3, encoding=pb2.TENSOR_ENCODING_FP16), "3 bytes"),
+    (pb2.Tensor(dtype="float16", shape=[1], data=np.array([np.inf], "<f2").tobytes(),
+                encoding=pb2.TENSOR_ENCODING_FP16), "NaN or infinite"),
+    (pb2.Tensor(dtype="int64", shape=[1, 4], data=np.array([5], "<i4").tobytes(),
+                encoding=pb2.TENSOR_ENCODING_LENGTHS), "row lengths outside 0..4"),
+    (pb2.Tensor(dtype="int64", shape=[4], data=b"\0" * 4, encoding=pb2.TENSOR_ENCODING_LENGTHS),
+     "needs shape [batch, sequence]"),
+    (pb2.Tensor(dtype="float32", shape=[1, 2], data=b"\0" * 4, encoding=pb2.TENSOR_ENCODING_LENGTHS),
+     "does not apply"),
+    (pb2.Tensor(dtype="complex64", shape=[1], data=b"\0" * 2, encoding=pb2.TENSOR_ENCODING_FP16),
+     "unknown dtype"),
+    (pb2.Tensor(dtype="float32", shape=[-1], data=b"", encoding=pb2.TENSOR_ENCODING_FP16), "invalid shape"),
+])
+def test_bad_encoded_tensors_are_invalid_input(tensor: pb2.Tensor, message: str) -> None:
+    with pytest.raises(InvalidInput, match="tensor 'hidden'") as caught:
+        from_tensor(tensor, "hidden")
+    assert message in str(caught.value)
