@@ -11,7 +11,7 @@ import sys
 import time
 from typing import Any
 
-from bench import calibration, codec, overhead, throughput, tradeoff
+from bench import calibration, codec, overhead, policy, throughput, tradeoff
 from bench.common import base_parser, machine, write_result
 
 TARGETS = {  # the goals: (key, comparison, bound)
@@ -45,11 +45,12 @@ def main(argv: list[str] | None = None) -> int:
         ("tradeoff", lambda: tradeoff.run(args.artifacts, args.data, limit, args.out)),
         ("calibration", lambda: calibration.run(args.artifacts, args.data, limit, args.out)),
         ("codec", lambda: codec.run(args.artifacts, args.data, limit, args.out)),
+        ("policy", lambda: policy.run(args.artifacts, args.data, limit, args.out)),
     ]
     for name, step in steps:
         print(f"\n== {name} ==", flush=True)
         parts[name] = step()
-    o, t, tr, c, k = (parts[n] for n in ("overhead", "throughput", "tradeoff", "calibration", "codec"))
+    o, t, tr, c, k, p = (parts[n] for n in ("overhead", "throughput", "tradeoff", "calibration", "codec", "policy"))
     summary: dict[str, Any] = {
         "overhead_ratio": o["overhead_ratio"], "per_hop_overhead_ms": o["per_hop_overhead_ms"],
         "throughput_ratio_c32": t["throughput_ratio_c32"], "throughput_ratio_by_concurrency": t["ratio_by_concurrency"],
@@ -62,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
         "uncalibrated_max_miss_direct": c["uncalibrated_max_miss_direct"],
         "int8_bytes_ratio": k["int8_bytes_ratio"], "int8_accuracy_change_points": k["int8_accuracy_change_points"],
         "int8_system_accuracy_change_points": k["int8_system_accuracy_change_points"],
+        "cost_policy_vs_p_tar": {name: p[name]["dev"] | {"calibration": p[name]["calibration"]}
+                                 for name in ("cost_aware", "p_tar")},
+        "cost_policy_no_more_expensive": p["cost_aware_no_more_expensive"],
         "machine": machine(), "artifacts": str(args.artifacts), "samples_limit": limit, "quick": args.quick,
         "command": " ".join(["python -m bench.run_all", *(argv if argv is not None else sys.argv[1:])]),
         "seconds": time.perf_counter() - started,
