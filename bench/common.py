@@ -155,21 +155,26 @@ def load(artifacts: Path) -> Manifest:
     return load_manifest(artifacts)
 
 
-def uncalibrated_artifact(artifacts: Path, out: Path) -> Path:
-    """A copy of the build (slices hard-linked) whose exits all have temperature 1: the uncalibrated
-    model. Thresholds stay the manifest's; benches pass their own per request."""
+def link_model_files(artifacts: Path, out: Path, manifest: Manifest) -> None:
+    """Hard-link (or copy, across file systems) a build's slices and tokenizer into a variant folder."""
     import shutil
 
-    from shared.manifest import save_manifest
-
     out.mkdir(parents=True, exist_ok=True)
-    manifest = load_manifest(artifacts)
     for name in [s.file for s in manifest.slices] + [manifest.tokenizer_file]:
         if name and not (out / name).exists():
             try:
                 os.link(artifacts / name, out / name)
             except OSError:
                 shutil.copy2(artifacts / name, out / name)
+
+
+def uncalibrated_artifact(artifacts: Path, out: Path) -> Path:
+    """A copy of the build (slices hard-linked) whose exits all have temperature 1: the uncalibrated
+    model. Thresholds stay the manifest's; benches pass their own per request."""
+    from shared.manifest import save_manifest
+
+    manifest = load_manifest(artifacts)
+    link_model_files(artifacts, out, manifest)
     for spec in manifest.exits:
         spec.temperature = 1.0
     save_manifest(manifest, out)

@@ -12,10 +12,9 @@ the first slice's hidden state so the unchanged wiring validates; it is never se
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 from pathlib import Path
 
+from bench.common import link_model_files
 from shared.manifest import TIERS, ExitSpec, SliceSpec, load_manifest, save_manifest, sha256_file
 
 WHOLE_FILE = "whole.onnx"
@@ -64,15 +63,9 @@ def assemble(artifacts: Path, out: Path) -> Path:
     source_manifest = artifacts / "manifest.json"
     if (out / "manifest.json").is_file() and (out / "manifest.json").stat().st_mtime > source_manifest.stat().st_mtime:
         return out
-    out.mkdir(parents=True, exist_ok=True)
     manifest = load_manifest(artifacts)
+    link_model_files(artifacts, out, manifest)
     onnx.save(compose_slices(artifacts), str(out / WHOLE_FILE))
-    for name in [s.file for s in manifest.slices] + [manifest.tokenizer_file]:
-        if name and not (out / name).exists():
-            try:
-                os.link(artifacts / name, out / name)
-            except OSError:
-                shutil.copy2(artifacts / name, out / name)
     mobile, final = manifest.slice("mobile"), manifest.exit("cloud")
     manifest.slices[0] = SliceSpec(
         tier="mobile", file=WHOLE_FILE, sha256=sha256_file(out / WHOLE_FILE), inputs=mobile.inputs,
