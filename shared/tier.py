@@ -61,6 +61,12 @@ def check_thresholds(thresholds: Mapping[str, float]) -> dict[str, float]:
     return dict(thresholds)
 
 
+def sample_ids(request_id: str, count: int) -> list[str]:
+    """One id per sample of a request, `<request id>/<index>` (a random request id when none is given)."""
+    prefix = request_id or uuid.uuid4().hex[:16]
+    return [f"{prefix}/{i}" for i in range(count)]
+
+
 def forwarded_tensors(inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray],
                       forwards: Mapping[str, str], rows: np.ndarray) -> dict[str, np.ndarray]:
     """The next slice's inputs for the samples in `rows`.
@@ -310,9 +316,7 @@ class ClassifierServicer(_Servicer, pb2_grpc.ClassifierServicer):
         self.check_texts(texts)
         checked = check_thresholds(thresholds)
         encoded = self.encoder.encode(texts)
-        prefix = request_id or uuid.uuid4().hex[:16]
-        ids = [f"{prefix}/{i}" for i in range(len(texts))]
-        answers = await loop.process(encoded.tensors, ids, checked, time_left)
+        answers = await loop.process(encoded.tensors, sample_ids(request_id, len(texts)), checked, time_left)
         for answer, truncated in zip(answers, encoded.truncated, strict=True):
             answer.truncated = bool(truncated)
         return answers
@@ -329,9 +333,7 @@ class ClassifierServicer(_Servicer, pb2_grpc.ClassifierServicer):
         if len(images) > self.max_batch:
             raise InvalidInput(f"too many images: {len(images)}, at most {self.max_batch} per request")
         checked = check_thresholds(thresholds)
-        prefix = request_id or uuid.uuid4().hex[:16]
-        ids = [f"{prefix}/{i}" for i in range(len(images))]
-        return await loop.process(tensors, ids, checked, time_left)
+        return await loop.process(tensors, sample_ids(request_id, len(images)), checked, time_left)
 
     async def Classify(self, request: pb2.ClassifyRequest,
                        context: grpc.aio.ServicerContext) -> pb2.ClassifyResponse:
