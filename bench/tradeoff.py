@@ -6,8 +6,10 @@ rule (shared.policy.route, the rule shared.tier applies online). The sweep cover
 threshold pairs for hop costs o in 0.1..0.6 and draws the frontier against cloud-only,
 mobile-only, edge-only and the uncalibrated model (temperatures 1, its thresholds chosen its own
 way). The headline: thresholds from shared.policy.cost_aware_thresholds on the calibration split
-(never dev) for an accuracy drop <= 0.3 points at o = 0.3, then the dev set through the running
-tiers with those thresholds, cost and accuracy counted from the answers' exit tiers.
+(never dev) for an accuracy drop <= 0.3 points at o = 0.3, held with the policy's default confidence
+(shared.policy.DROP_CONFIDENCE), then the dev set through the running tiers with those thresholds,
+cost and accuracy counted from the answers' exit tiers. "best on dev" picks thresholds on dev
+itself with no margin: an upper bound on what any choice could reach, not a result.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from bench.common import (
     write_result,
 )
 from shared.manifest import NEVER_EXIT, TIERS, CostModel, Manifest
-from shared.policy import candidate_thresholds, cost_aware_thresholds, relative_cost, route
+from shared.policy import DROP_CONFIDENCE, candidate_thresholds, cost_aware_thresholds, relative_cost, route
 
 HOP_COSTS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
 HEADLINE_O = 0.3
@@ -106,7 +108,7 @@ def run(artifacts: Path, data: str | None = None, limit: int | None = None, out:
         cost = cost_model(manifest, o)
         grid_cost = np.array([relative_cost(f, points, cost) for f in fractions])
         cal = cost_aware_thresholds(*calib["calibrated"], points, cost, MAX_DROP_POINTS).thresholds
-        oracle = cost_aware_thresholds(probs, labels, points, cost, MAX_DROP_POINTS)  # chosen on dev itself
+        oracle = cost_aware_thresholds(probs, labels, points, cost, MAX_DROP_POINTS, confidence=0.5)  # on dev
         r = route(probs, cal)
         front_cost, front_accuracy = frontier(grid_cost, grid_accuracy)
         sweep.append({
@@ -127,6 +129,7 @@ def run(artifacts: Path, data: str | None = None, limit: int | None = None, out:
         "samples": len(texts), "split_points": points, "accuracy_by_exit": dict(zip(TIERS, accuracy_by_exit,
                                                                                       strict=True)),
         "cloud_only_accuracy": cloud_accuracy, "headline_o": HEADLINE_O, "max_drop_points": MAX_DROP_POINTS,
+        "drop_confidence": DROP_CONFIDENCE,
         "thresholds": {k: [t if t < NEVER_EXIT else None for t in v] for k, v in chosen.items()},
         "live": live,
         "cost_reduction": 1 - headline["relative_cost"],

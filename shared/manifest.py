@@ -60,6 +60,7 @@ class PolicySpec(BaseModel):
     kind: Literal["p_tar", "cost"] = "p_tar"
     p_tar: dict[Tier, float] = {}
     max_drop_points: float | None = None
+    drop_confidence: float | None = Field(None, description="cost policy: the drop holds with this confidence")
     expected_cost: float | None = Field(None, description="relative to cloud-only, calibration split")
     expected_accuracy: float | None = None
 

@@ -161,6 +161,12 @@ def test_retune_switches_policy_without_retraining(tiny_artifacts: Path, tmp_pat
     assert main(["retune", "--artifacts", str(copy), "--policy", "cost", "--max-drop", "0.5"]) == 0
     manifest = load_manifest(copy)
     assert manifest.policy.kind == "cost" and manifest.policy.max_drop_points == 0.5
+    assert manifest.policy.drop_confidence == 0.9  # the default margin, recorded
+    assert main(["retune", "--artifacts", str(copy), "--policy", "cost", "--max-drop", "0.5",
+                 "--confidence", "0.5"]) == 0
+    assert load_manifest(copy).policy.drop_confidence == 0.5
+    with pytest.raises(SystemExit):  # argparse: "confidence 1.0 must be in [0.5, 1)"
+        main(["retune", "--artifacts", str(copy), "--policy", "cost", "--confidence", "1"])
     for spec in manifest.slices:
         verified_slice_path(copy, spec)  # slices untouched
     assert main(["retune", "--artifacts", str(copy), "--policy", "p_tar", "--p-tar", "0.99", "0.99"]) == 0

@@ -94,7 +94,7 @@ def test_cost_aware_choice_respects_accuracy_floor_and_beats_p_tar() -> None:
 
     probs, labels = synthetic_exits()
     points, cost = (2, 4, 6), CostModel()
-    choice = cost_aware_thresholds(probs, labels, points, cost, max_drop_points=1.0)
+    choice = cost_aware_thresholds(probs, labels, points, cost, max_drop_points=1.0, confidence=0.5)
     r = route(probs, choice.thresholds)
     assert np.mean(r.prediction == labels) == pytest.approx(choice.accuracy)
     assert choice.accuracy >= choice.final_accuracy - 0.01
@@ -105,6 +105,34 @@ def test_cost_aware_choice_respects_accuracy_floor_and_beats_p_tar() -> None:
         rp = route(probs, p_tar_thresholds(probs, labels, [p_tar, p_tar]))
         if np.mean(rp.prediction == labels) >= choice.final_accuracy - 0.01:
             assert relative_cost(rp.fractions(), points, cost) >= choice.relative_cost - 1e-9
+
+
+def test_drop_upper_bound_adds_the_paired_standard_error() -> None:
+    from shared.policy import drop_upper_bound
+
+    final = np.array([1, 1, 1, 1, 0, 1, 1, 1], dtype=bool)
+    system = np.array([1, 0, 1, 1, 1, 0, 1, 1], dtype=bool)  # differences 0,1,0,0,-1,1,0,0: mean 1/8
+    diff = final.astype(float) - system
+    assert drop_upper_bound(final, system, 0.5) == pytest.approx(0.125)
+    z90 = 1.2815515655446004
+    assert drop_upper_bound(final, system, 0.9) == pytest.approx(0.125 + z90 * diff.std(ddof=1) / np.sqrt(8))
+    assert drop_upper_bound(final, final, 0.99) == 0.0  # identical answers: no drop, no doubt
+
+
+def test_cost_aware_confidence_keeps_a_margin_on_the_drop() -> None:
+    from shared.policy import cost_aware_thresholds, drop_upper_bound
+
+    probs, labels = synthetic_exits(seed=2)
+    points, cost = (2, 4, 6), CostModel()
+    final_correct = probs[-1].argmax(-1) == labels
+    plain = cost_aware_thresholds(probs, labels, points, cost, max_drop_points=1.0, confidence=0.5)
+    careful = cost_aware_thresholds(probs, labels, points, cost, max_drop_points=1.0, confidence=0.95)
+    bound = {name: drop_upper_bound(final_correct, route(probs, c.thresholds).prediction == labels, 0.95)
+             for name, c in (("plain", plain), ("careful", careful))}
+    assert bound["careful"] <= 0.01 < bound["plain"]  # the margin changed the choice, and holds
+    assert careful.relative_cost > plain.relative_cost
+    with pytest.raises(ValueError, match="confidence"):
+        cost_aware_thresholds(probs, labels, points, cost, confidence=1.0)
 
 
 def test_cost_aware_with_zero_budget_keeps_final_accuracy() -> None:

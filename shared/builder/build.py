@@ -42,7 +42,7 @@ from shared.manifest import (
     save_manifest,
     sha256_file,
 )
-from shared.policy import choose_policy, relative_cost, route
+from shared.policy import DROP_CONFIDENCE, choose_policy, relative_cost, route
 from shared.text import TextEncoder
 
 Profile = Literal["quick", "full", "tiny"]
@@ -83,6 +83,8 @@ class BuildConfig(BaseModel):
     policy: Literal["p_tar", "cost"] = "p_tar"
     p_tar: tuple[float, float] = (0.9, 0.9)
     max_drop_points: float = Field(0.3, ge=0, description="cost policy: accuracy drop allowed vs final exit")
+    drop_confidence: float = Field(DROP_CONFIDENCE, ge=0.5, lt=1, description="cost policy: confidence that the "
+                                   "drop stays within max_drop_points on new data")
     max_length: int = Field(128, ge=8)
     freeze_encoder: bool = False
     label_names: list[str] | None = None
@@ -144,7 +146,7 @@ def build(config: BuildConfig, out: str | Path, force: bool = False) -> Path:
     temperatures = [f.temperature for f in fits]
     calib_probs = [softmax(z, t) for z, t in zip(calib_logits, temperatures, strict=True)]
     thresholds, policy = choose_policy(config.policy, calib_probs, calib_labels, points, config.cost_model,
-                                       config.p_tar, config.max_drop_points)
+                                       config.p_tar, config.max_drop_points, config.drop_confidence)
     global_t = fit_temperature(np.concatenate(calib_logits), np.tile(calib_labels, len(calib_logits)))
 
     with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None) as tmp:
