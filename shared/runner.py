@@ -61,10 +61,12 @@ class SliceRunner:
     """An InferenceSession for one slice; `run` executes on a private thread pool."""
 
     def __init__(self, path: str | Path, spec: SliceSpec, intra_op_threads: int = 1,
-                 workers: int = 1) -> None:
+                 workers: int = 1, spinning: bool = False) -> None:
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads
         options.inter_op_num_threads = 1
+        # onnxruntime's default: idle pool threads spin, taking cores the other tiers need
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         try:
             self.session = ort.InferenceSession(
                 str(path), sess_options=options, providers=["CPUExecutionProvider"])

@@ -47,15 +47,17 @@ def guarded_next_tier(settings: ForwardingSettings) -> GuardedNextTier:
     return GuardedNextTier(client, next_name, retry, breaker)
 
 
-def _load(settings: TierSettings, metrics: TierMetrics,
-          next_tier: GuardedNextTier | None) -> tuple[TierLoop, TextEncoder | None]:
+def _load(settings: TierSettings, metrics: TierMetrics, next_tier: GuardedNextTier | None,
+          admission: InflightLimit) -> tuple[TierLoop, TextEncoder | None]:
     """Read the manifest, verify and open this tier's slice (blocking: run it in a thread)."""
     manifest = load_manifest(settings.artifacts)
     spec = manifest.slice(settings.tier)
-    runner = SliceRunner(verified_slice_path(settings.artifacts, spec), spec, settings.onnx_threads)
+    runner = SliceRunner(verified_slice_path(settings.artifacts, spec), spec, settings.onnx_threads,
+                         spinning=settings.onnx_spinning)
     batcher = None
     if settings.max_batch_size > 1:
-        batcher = Batcher(runner, settings.max_batch_size, settings.max_queue_delay_ms / 1000, metrics)
+        batcher = Batcher(runner, settings.max_batch_size, settings.max_queue_delay_ms / 1000, metrics,
+                          inline_max_samples=settings.inline_max_samples, alone=lambda: admission.current <= 1)
     loop = TierLoop(
         manifest, settings.tier, runner, metrics, next_tier,
         batcher=batcher, forward_encoding=getattr(settings, "forward_encoding", "fp32"),
@@ -115,7 +117,7 @@ async def serve(settings: TierSettings, stop: asyncio.Event) -> None:
     if isinstance(settings, ForwardingSettings):
         next_tier = guarded_next_tier(settings)
     try:
-        servicer.loop, encoder = await asyncio.to_thread(_load, settings, metrics, next_tier)
+        servicer.loop, encoder = await asyncio.to_thread(_load, settings, metrics, next_tier, servicer.admission)
         if isinstance(servicer, ClassifierServicer):
             servicer.encoder = encoder
         for name in ("", service, *extra_services):

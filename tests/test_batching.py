@@ -119,6 +119,60 @@ def test_requests_join_a_batch_only_within_the_padding_budget(slices: dict[str, 
     assert [r.outputs["hidden_out"].shape[1] for r in results] == widths
 
 
+class ThreadRecordingRunner(CountingRunner):
+    """Records, per slice call, whether it ran on the event loop's thread or the worker thread."""
+
+    def __init__(self, runner: SliceRunner) -> None:
+        super().__init__(runner)
+        self.threads: list[str] = []
+
+    def run_sync(self, arrays: Mapping[str, np.ndarray]) -> SliceResult:
+        self.calls.append(dict(arrays))
+        self.threads.append("loop")
+        return self.runner.run_sync(arrays)
+
+    async def run(self, arrays: Mapping[str, np.ndarray]) -> SliceResult:
+        self.threads.append("worker")
+        return await super().run(arrays)
+
+
+def test_a_lone_small_request_runs_inline_and_concurrent_ones_still_batch(slices: dict[str, SliceRunner]) -> None:
+    recording = ThreadRecordingRunner(slices["mobile"])
+    busy = {"alone": True}
+    batcher = Batcher(recording, 8, 0.0, max_padding=10, inline_max_samples=2, alone=lambda: busy["alone"])
+    lone = text_batch([5])
+
+    async def scenario() -> list[SliceResult]:
+        first = await batcher.run(lone)  # idle, alone, small: on the loop's thread
+        await asyncio.sleep(first.compute_seconds + 0.01)  # idle again for longer than it ran
+        big = await batcher.run(text_batch([5, 6, 7]))  # 3 samples > inline_max_samples
+        await asyncio.sleep(0.05)
+        busy["alone"] = False  # other requests in flight at the tier: take the worker thread, batch
+        together = await _concurrently(batcher, [text_batch([4]), text_batch([6])])
+        batcher.close()
+        return [first, big, *together]
+
+    results = asyncio.run(scenario())
+    assert recording.threads == ["loop", "worker", "worker"]
+    assert [len(c["input_ids"]) for c in recording.calls] == [1, 3, 2]  # the last two merged
+    alone = slices["mobile"].run_sync(lone).outputs
+    np.testing.assert_array_equal(results[0].outputs["logits"], alone["logits"])  # same call, same result
+
+
+def test_inline_waits_for_the_slice_to_have_been_idle(slices: dict[str, SliceRunner]) -> None:
+    """Back-to-back requests (a loaded tier whose loop starts one request at a time) take the worker."""
+    recording = ThreadRecordingRunner(slices["mobile"])
+    batcher = Batcher(recording, 8, 0.0, inline_max_samples=4)
+
+    async def back_to_back() -> None:
+        for _ in range(3):
+            await batcher.run(text_batch([5]))
+        batcher.close()
+
+    asyncio.run(back_to_back())
+    assert recording.threads[0] == "loop" and "worker" in recording.threads[1:]
+
+
 def test_a_failed_slice_call_fails_every_request_of_its_batch() -> None:
     class Broken:
         tier = "edge"
