@@ -4,10 +4,19 @@ End-to-end latency at the client (real SST-2 dev sentences, one per request, thr
 every sample crosses both hops) versus the same three slices chained in one process with
 onnxruntime, with the tiers' thread settings (shared.runner.SliceRunner, 1 intra-op thread) and the
 same tokeniser and calibration. Per-hop overhead from the answers' per-tier timings.
+
+For scale, the bare cost of a hop in this stack: the p50 round trip of a grpc.aio echo server in
+another process, sent the bytes of a median forwarded hidden state and answering them back
+(no tier code at all); `ratio_if_hops_were_bare` is what the ratio would be if each of the three
+hops cost only that.
 """
 
 from __future__ import annotations
 
+import argparse
+import asyncio
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -64,6 +73,51 @@ def tier_latencies(address: str, texts: list[str]) -> tuple[list[float], dict[st
     return seconds, hops
 
 
+def _echo_server(port: int) -> None:
+    import grpc
+
+    async def serve() -> None:
+        async def echo(request: bytes, context: object) -> bytes:
+            return request
+
+        server = grpc.aio.server()
+        handler = grpc.unary_unary_rpc_method_handler(echo)  # no (de)serialisers: raw bytes both ways
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("echo.Echo", {"Echo": handler}),))
+        server.add_insecure_port(f"127.0.0.1:{port}")
+        await server.start()
+        await server.wait_for_termination()
+
+    asyncio.run(serve())
+
+
+def bare_round_trip_ms(payload_bytes: int, calls: int = 2000) -> float:
+    """p50 ms of a grpc.aio round trip to an echo server in another process (the floor of a hop)."""
+    import grpc
+
+    from shared.processes import free_port
+
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "bench.overhead", "--echo-server", str(port)])
+
+    async def client() -> list[float]:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            await asyncio.wait_for(channel.channel_ready(), 30)
+            echo = channel.unary_unary("/echo.Echo/Echo")
+            payload, seconds = b"\0" * payload_bytes, []
+            for i in range(calls + 200):
+                started = time.perf_counter()
+                await echo(payload)
+                if i >= 200:
+                    seconds.append(time.perf_counter() - started)
+            return seconds
+
+    try:
+        return float(np.median(asyncio.run(client())) * 1e3)
+    finally:
+        server.terminate()
+        server.wait()
+
+
 def run(artifacts: Path, data: str | None = None, limit: int | None = 300, out: Path | None = None) -> dict[str, Any]:
     manifest = load(artifacts)
     texts, _ = dev_set(manifest, data, limit)
@@ -72,10 +126,15 @@ def run(artifacts: Path, data: str | None = None, limit: int | None = 300, out: 
         seconds, hops = tier_latencies(cluster.entry_address, texts)
     three = percentiles_ms(seconds)
     hop_p50 = {name: float(np.median(values) * 1e3) for name, values in hops.items()}
+    encoder = TextEncoder.for_manifest(manifest, artifacts)
+    tokens = int(np.median([encoder.encode([t]).tensors["attention_mask"].shape[1] for t in texts]))
+    bare = bare_round_trip_ms(tokens * manifest.hidden_size * 4)
     result = {
         "samples": len(texts), "chain_ms": chain, "three_tier_ms": three,
         "overhead_ratio": three["p50"] / chain["p50"], "overhead_ratio_p99": three["p99"] / chain["p99"],
         "per_hop_overhead_ms": (three["p50"] - chain["p50"]) / 3, "hop_p50_ms": hop_p50,
+        "bare_grpc_round_trip_ms": bare, "bare_payload_tokens": tokens,
+        "ratio_if_hops_were_bare": (chain["p50"] + 3 * bare) / chain["p50"],
     }
     print(table(["system", "p50 ms", "p99 ms", "mean ms"],
                 [["in-process chain", chain["p50"], chain["p99"], chain["mean"]],
@@ -83,6 +142,8 @@ def run(artifacts: Path, data: str | None = None, limit: int | None = 300, out: 
     print(f"overhead ratio p50 {result['overhead_ratio']:.3f} (p99 {result['overhead_ratio_p99']:.3f}); "
           f"per hop {result['per_hop_overhead_ms']:.3f} ms; hop p50 (RPC time outside the callee): "
           + ", ".join(f"{k} {v:.3f} ms" for k, v in hop_p50.items()))
+    print(f"bare grpc.aio round trip ({tokens} tokens of hidden state): {bare:.3f} ms; with three such hops and "
+          f"no tier code the ratio would be {result['ratio_if_hops_were_bare']:.3f}")
     if out is not None:
         write_result(out, "overhead", result)
     return result
@@ -91,7 +152,11 @@ def run(artifacts: Path, data: str | None = None, limit: int | None = 300, out: 
 def main(argv: list[str] | None = None) -> None:
     parser = base_parser(__doc__.splitlines()[0])
     parser.set_defaults(limit=300)
+    parser.add_argument("--echo-server", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.echo_server:
+        _echo_server(args.echo_server)
+        return
     run(args.artifacts, args.data, args.limit, args.out)
 
 

@@ -5,9 +5,10 @@ Each request is one SST-2 dev sentence; `concurrency` asyncio clients send back 
 `--seconds` after a warm-up. The cloud-only tier is the entry-tier server (`python -m mobile_node`)
 on a whole-model artifact (bench.whole_model: the three slices joined into one ONNX graph, the
 final exit, threshold 0). Both sides get the same tuning, and the ratio at each level is the best
-three-tier run over the best cloud-only run: 1 intra-op thread per tier (the defaults) or all
-cores for the tier that does most of the work (the mobile tier, which answers most requests; the
-cloud-only tier, which answers all). The sweep adds batching off and a 2 ms queue delay.
+three-tier run over the best cloud-only run: the defaults (1 intra-op thread, 1 slice worker per
+tier), or, at the tier that does most of the work (the mobile tier, which answers most requests;
+the cloud-only tier, which answers all), as many intra-op threads or as many slice workers
+(batches side by side) as there are cores. The sweep adds batching off and a 2 ms queue delay.
 """
 
 from __future__ import annotations
@@ -85,15 +86,17 @@ def run(artifacts: Path, data: str | None = None, limit: int | None = None, out:
     whole = assemble(artifacts, artifacts.with_name(artifacts.name + "-whole"))
     cores = machine()["cores"] or 1
     systems: dict[str, tuple[str, Mapping[str, Any]]] = {"three-tier": ("tiers", {})}
+    tuned = {f"{cores} threads": {"onnx_threads": cores}, f"{cores} workers": {"slice_workers": cores}}
     if cores > 1:
-        systems[f"three-tier, mobile {cores} threads"] = ("tiers", {"mobile": {"onnx_threads": cores}})
+        systems |= {f"three-tier, mobile {name}": ("tiers", {"mobile": f}) for name, f in tuned.items()}
     if batching_sweep:
         no_batching = {t: {"max_batch_size": 1} for t in ("mobile", "edge", "cloud")}
         delay = {t: {"max_queue_delay_ms": 2} for t in ("mobile", "edge", "cloud")}
         systems |= {"three-tier, batching off": ("tiers", no_batching),
                     "three-tier, queue delay 2 ms": ("tiers", delay)}
-    systems |= {f"cloud-only, {n} thread{'s' if n > 1 else ''}": ("whole", {"onnx_threads": n})
-                for n in sorted({1, cores})}
+    systems["cloud-only, 1 thread"] = ("whole", {"onnx_threads": 1})
+    if cores > 1:
+        systems |= {f"cloud-only, {name}": ("whole", f) for name, f in tuned.items()}
     if batching_sweep:
         systems["cloud-only, 1 thread, batching off"] = ("whole", {"onnx_threads": 1, "max_batch_size": 1})
     measured: dict[str, dict[int, dict[str, Any]]] = {}
@@ -120,8 +123,9 @@ def run(artifacts: Path, data: str | None = None, limit: int | None = None, out:
     result = {"seconds_per_level": seconds, "levels": list(levels), "systems": measured,
               "ratio_by_concurrency": ratios, "throughput_ratio_c32": ratios.get(32), "best": best,
               "cloud_only_artifact": str(whole),
-              "ratio": "at each level, the best three-tier run over the best cloud-only run (each: 1 intra-op "
-                       "thread, or all cores at the tier answering most requests; batching on / off)"}
+              "ratio": "at each level, the best three-tier run over the best cloud-only run (each: defaults, or "
+                       "all cores as threads or as slice workers at the tier answering most requests; batching "
+                       "on / off)"}
     if out is not None:
         write_result(out, "throughput", result)
     return result

@@ -91,11 +91,13 @@ class Batcher:
 
     def __init__(self, runner: SliceRunner, max_batch_size: int, max_queue_delay: float,
                  metrics: TierMetrics | None = None, max_padding: float = MAX_PADDING,
-                 inline_max_samples: int = 0, alone: Callable[[], bool] = lambda: True) -> None:
+                 inline_max_samples: int = 0, alone: Callable[[], bool] = lambda: True,
+                 concurrency: int = 1) -> None:
         self.runner = runner
+        self.concurrency = concurrency  # batches running at once (the runner needs as many workers)
         self.inline_max_samples = inline_max_samples
         self.alone = alone
-        self._busy = False  # a batch is running (on the worker thread, or inline)
+        self._running = 0  # batches running on the worker threads
         self._idle_since = -math.inf  # loop time the last run ended
         self._last_seconds = 0.0  # how long it took
         self.max_batch_size = max_batch_size
@@ -111,11 +113,13 @@ class Batcher:
         self._waiting: list[_Waiting] = []
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
+        self._batches: set[asyncio.Task] = set()
+        self._slots: asyncio.Semaphore | None = None
 
     async def run(self, arrays: Mapping[str, np.ndarray]) -> SliceResult:
         size = len(next(iter(arrays.values())))
         loop = asyncio.get_running_loop()
-        if (size <= self.inline_max_samples and not self._busy and not self._waiting
+        if (size <= self.inline_max_samples and not self._running and not self._waiting
                 and loop.time() - self._idle_since >= self._last_seconds and self.alone()):
             return self._run_inline(arrays, size)
         if self._task is None or self._task.done():
@@ -151,6 +155,7 @@ class Batcher:
 
     async def _consume(self) -> None:
         loop = asyncio.get_running_loop()
+        self._slots = self._slots or asyncio.Semaphore(self.concurrency)
         while True:
             self._waiting = [w for w in self._waiting if not w.future.done()]  # cancelled callers
             if not self._waiting:
@@ -165,14 +170,24 @@ class Batcher:
                 self._wakeup.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wakeup.wait(), left)
-            await self._run_batch(self._take())
+            await self._slots.acquire()  # requests arriving meanwhile join the batch taken next
+            self._waiting = [w for w in self._waiting if not w.future.done()]
+            if not self._waiting:
+                self._slots.release()
+                continue
+            self._running += 1  # from now: a request arriving meanwhile must not run inline beside it
+            task = loop.create_task(self._run_batch(self._take()))
+            self._batches.add(task)
+            task.add_done_callback(self._batch_done)
+
+    def _batch_done(self, task: asyncio.Task) -> None:
+        self._running -= 1
+        self._batches.discard(task)
+        if self._slots is not None:
+            self._slots.release()
 
     def _run_inline(self, arrays: Mapping[str, np.ndarray], size: int) -> SliceResult:
-        self._busy = True
-        try:
-            result = self.runner.run_sync(arrays)
-        finally:
-            self._busy = False
+        result = self.runner.run_sync(arrays)
         self._observe(size, result)
         return result
 
@@ -184,7 +199,6 @@ class Batcher:
             self.metrics.compute_duration.labels(tier).observe(result.compute_seconds)
 
     async def _run_batch(self, batch: list[_Waiting]) -> None:
-        self._busy = True
         try:
             merged = batch[0].arrays if len(batch) == 1 else merge([w.arrays for w in batch], self.padded)
             result = await self.runner.run(merged)
@@ -205,8 +219,6 @@ class Batcher:
                 if not w.future.done():
                     w.future.set_exception(exc)
             return
-        finally:
-            self._busy = False
         for w, outputs in zip(batch, parts, strict=True):
             if not w.future.done():
                 w.future.set_result(SliceResult(outputs, result.compute_seconds))
@@ -214,6 +226,8 @@ class Batcher:
     def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
+        for task in list(self._batches):
+            task.cancel()
         for w in self._waiting:
             if not w.future.done():
                 w.future.cancel()

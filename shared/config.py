@@ -32,6 +32,9 @@ class TierSettings(BaseSettings):
     max_batch: int = Field(256, ge=1, description="samples per request at most")
     max_message_bytes: int = Field(64 * MiB, ge=1024, description="gRPC message size limit")
     onnx_threads: int = Field(1, ge=1, description="onnxruntime intra-op threads")
+    slice_workers: int = Field(
+        1, ge=1, description="slice runs at once, each on its own worker thread with onnx_threads threads "
+        "(batches of concurrent requests run side by side)")
     onnx_spinning: bool = Field(
         False, description="let idle onnxruntime threads spin: lower latency on a dedicated machine, wasted "
         "cores where tiers share one (with onnx_threads > 1)")

@@ -53,11 +53,12 @@ def _load(settings: TierSettings, metrics: TierMetrics, next_tier: GuardedNextTi
     manifest = load_manifest(settings.artifacts)
     spec = manifest.slice(settings.tier)
     runner = SliceRunner(verified_slice_path(settings.artifacts, spec), spec, settings.onnx_threads,
-                         spinning=settings.onnx_spinning)
+                         workers=settings.slice_workers, spinning=settings.onnx_spinning)
     batcher = None
     if settings.max_batch_size > 1:
         batcher = Batcher(runner, settings.max_batch_size, settings.max_queue_delay_ms / 1000, metrics,
-                          inline_max_samples=settings.inline_max_samples, alone=lambda: admission.current <= 1)
+                          inline_max_samples=settings.inline_max_samples, alone=lambda: admission.current <= 1,
+                          concurrency=settings.slice_workers)
     loop = TierLoop(
         manifest, settings.tier, runner, metrics, next_tier,
         batcher=batcher, forward_encoding=getattr(settings, "forward_encoding", "fp32"),

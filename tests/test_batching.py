@@ -173,6 +173,55 @@ def test_inline_waits_for_the_slice_to_have_been_idle(slices: dict[str, SliceRun
     assert recording.threads[0] == "loop" and "worker" in recording.threads[1:]
 
 
+def test_with_two_workers_two_batches_run_at_once(slices: dict[str, SliceRunner]) -> None:
+    """concurrency 2: a second batch starts while the first still runs, and each request gets its rows."""
+    import threading
+
+    class SlowRunner(CountingRunner):
+        def __init__(self, runner: SliceRunner) -> None:
+            super().__init__(runner)
+            self.running, self.most = 0, 0
+            self.lock = threading.Lock()
+
+        def run_sync(self, arrays: Mapping[str, np.ndarray]) -> SliceResult:
+            with self.lock:
+                self.running += 1
+                self.most = max(self.most, self.running)
+            try:
+                threading.Event().wait(0.05)  # long enough for the next batch to start beside it
+                return self.runner.run_sync(arrays)
+            finally:
+                with self.lock:
+                    self.running -= 1
+
+        async def run(self, arrays: Mapping[str, np.ndarray]) -> SliceResult:
+            self.calls.append(dict(arrays))
+            return await asyncio.get_running_loop().run_in_executor(pool, self.run_sync, arrays)
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(2)
+    slow = SlowRunner(slices["mobile"])
+    requests = [text_batch([n], seed) for seed, n in enumerate([5, 6, 7, 8])]
+
+    async def staggered() -> list[SliceResult]:
+        batcher = Batcher(slow, 2, 0.0, max_padding=10, concurrency=2)
+        try:
+            first = asyncio.ensure_future(batcher.run(requests[0]))
+            await asyncio.sleep(0.01)  # the first batch is running: the rest queue, then split over 2 runs
+            return [await first, *await asyncio.gather(*(batcher.run(r) for r in requests[1:]))]
+        finally:
+            batcher.close()
+
+    results = asyncio.run(staggered())
+    pool.shutdown()
+    assert slow.most == 2  # two slice runs overlapped
+    assert sorted(len(c["input_ids"]) for c in slow.calls) == [1, 1, 2]
+    for request, result in zip(requests, results, strict=True):
+        expected = slices["mobile"].run_sync(request).outputs["logits"]
+        assert np.abs(result.outputs["logits"] - expected).max() <= TOLERANCE
+
+
 def test_a_failed_slice_call_fails_every_request_of_its_batch() -> None:
     class Broken:
         tier = "edge"
