@@ -97,7 +97,6 @@ class Batcher:
         self.concurrency = concurrency  # batches running at once (the runner needs as many workers)
         self.inline_max_samples = inline_max_samples
         self.alone = alone
-        self._running = 0  # batches running on the worker threads
         self._idle_since = -math.inf  # loop time the last run ended
         self._last_seconds = 0.0  # how long it took
         self.max_batch_size = max_batch_size
@@ -113,13 +112,13 @@ class Batcher:
         self._waiting: list[_Waiting] = []
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
-        self._batches: set[asyncio.Task] = set()
+        self._batches: set[asyncio.Task] = set()  # running on the worker threads, or about to
         self._slots: asyncio.Semaphore | None = None
 
     async def run(self, arrays: Mapping[str, np.ndarray]) -> SliceResult:
         size = len(next(iter(arrays.values())))
         loop = asyncio.get_running_loop()
-        if (size <= self.inline_max_samples and not self._running and not self._waiting
+        if (size <= self.inline_max_samples and not self._batches and not self._waiting
                 and loop.time() - self._idle_since >= self._last_seconds and self.alone()):
             return self._run_inline(arrays, size)
         if self._task is None or self._task.done():
@@ -175,13 +174,11 @@ class Batcher:
             if not self._waiting:
                 self._slots.release()
                 continue
-            self._running += 1  # from now: a request arriving meanwhile must not run inline beside it
             task = loop.create_task(self._run_batch(self._take()))
             self._batches.add(task)
             task.add_done_callback(self._batch_done)
 
     def _batch_done(self, task: asyncio.Task) -> None:
-        self._running -= 1
         self._batches.discard(task)
         if self._slots is not None:
             self._slots.release()
