@@ -1,0 +1,76 @@
+"""The bench scripts on the tiny model: they run against real tiers and report what they claim.
+
+No timing is asserted (timing goals live in bench/results); these check that each script's figures
+are the ones its answers imply, so that `make bench` cannot rot unnoticed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from shared.manifest import load_manifest
+from shared.policy import relative_cost
+
+
+def test_tradeoff_headline_is_what_the_tiers_answered(tiny_artifacts: Path, tiny_data: Path,
+                                                      tmp_path: Path) -> None:
+    from bench import tradeoff
+
+    result = tradeoff.run(tiny_artifacts, str(tiny_data), limit=80, out=tmp_path)
+    live = result["live"]["calibrated"]
+    assert live["route_agrees"]  # the running tiers route exactly like shared.policy.route
+    points = tuple(result["split_points"])
+    cost = tradeoff.cost_model(load_manifest(tiny_artifacts), result["headline_o"])
+    fractions = np.array([live["exit_fractions"][t] for t in ("mobile", "edge", "cloud")])
+    assert fractions.sum() == pytest.approx(1.0)
+    assert live["relative_cost"] == pytest.approx(relative_cost(fractions, points, cost))
+    assert result["cost_reduction"] == pytest.approx(1 - live["relative_cost"])
+    assert result["accuracy_drop_points"] == pytest.approx((result["cloud_only_accuracy"] - live["accuracy"]) * 100)
+    assert [s["o"] for s in result["sweep"]] == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
+    saved = json.loads((tmp_path / "tradeoff.json").read_text())
+    assert saved["cost_reduction"] == pytest.approx(result["cost_reduction"])
+    assert (tmp_path / "tradeoff.png").stat().st_size > 0
+
+
+def test_calibration_rows_cover_every_target_and_rule(tiny_artifacts: Path, tiny_data: Path, tmp_path: Path) -> None:
+    from bench import calibration
+
+    result = calibration.run(tiny_artifacts, str(tiny_data), limit=80, out=tmp_path, p_tars=(0.8, 0.95))
+    rows = result["rows"]
+    assert {(r["kind"], r["rule"], r["p_tar"], r["tier"]) for r in rows} == {
+        (k, rule, p, t) for k in ("calibrated", "uncalibrated") for rule in calibration.RULES
+        for p in (0.8, 0.95) for t in ("mobile", "edge")}
+    for r in rows:
+        if r["rule"] == "threshold = p_tar":
+            assert r["threshold"] == r["p_tar"]
+        if r["accuracy"] is not None:
+            assert r["miss"] == pytest.approx(r["p_tar"] - r["accuracy"])
+    misses = [r["miss"] for r in rows if r["kind"] == "calibrated" and r["rule"] == calibration.RULES[0]
+              and r["miss"] is not None]
+    assert result["calibration_max_miss"] == (max(misses) if misses else None)
+
+
+def test_codec_counts_fewer_bytes_for_compact_encodings(tiny_artifacts: Path, tiny_data: Path,
+                                                        tmp_path: Path) -> None:
+    from bench import codec
+
+    result = codec.run(tiny_artifacts, str(tiny_data), limit=40, out=tmp_path)
+    per_sample = {name: r["bytes_per_forwarded_sample"] for name, r in result["encodings"].items()}
+    assert per_sample["fp16"] < per_sample["fp32"] and per_sample["int8"] < per_sample["fp16"]
+    assert result["int8_bytes_ratio"] == pytest.approx(per_sample["int8"] / per_sample["fp32"])
+
+
+def test_overhead_forces_every_request_through_both_hops(tiny_artifacts: Path, tiny_data: Path,
+                                                         tmp_path: Path) -> None:
+    from bench import overhead
+
+    result = overhead.run(tiny_artifacts, str(tiny_data), limit=30, out=tmp_path)  # asserts tier == cloud
+    assert result["three_tier_ms"]["n"] == result["chain_ms"]["n"] == 30
+    assert set(result["hop_p50_ms"]) == {"client_mobile", "mobile_edge", "edge_cloud"}
+    assert result["overhead_ratio"] == pytest.approx(result["three_tier_ms"]["p50"] / result["chain_ms"]["p50"])
+    assert result["bare_grpc_round_trip_ms"] > 0
+    assert result["ratio_if_hops_were_bare"] > 1
