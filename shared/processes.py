@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -29,8 +30,38 @@ _PR_SET_PDEATHSIG = 1
 PARENT_PID_ENV = "TIERSERVE_PARENT_PID"
 
 
+_PORTS_BELOW_EPHEMERAL = 12000  # how many ports under the ephemeral range free_port picks from
+_handed_out: set[int] = set()
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+    """A port that is free now and that no outgoing connection will take before a tier binds it.
+
+    The kernel's "any free port" comes from the ephemeral range, which outgoing connections also
+    draw their source ports from: with many gRPC channels opening, one took such a port between
+    this check and the tier's bind. So pick below that range, never the same port twice.
+    """
+    low = _ephemeral_low()
+    rng = random.Random()
+    for _ in range(500):
+        port = rng.randrange(max(1024, low - _PORTS_BELOW_EPHEMERAL), low)
+        if port in _handed_out:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:  # that range is full: any free port
         sock.bind((host, 0))
         return sock.getsockname()[1]
 

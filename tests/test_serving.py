@@ -303,3 +303,13 @@ def test_classify_command_reads_args_files_and_stdin(
     assert all(line.split()[2] == "mobile" for line in lines)
     assert main(["classify", "--address", cluster.entry_address, ""]) == 1
     assert "text 0 is empty" in capsys.readouterr().err
+
+
+def test_free_ports_avoid_the_ephemeral_range_and_never_repeat() -> None:
+    """Outgoing connections take their source ports from the ephemeral range: a tier's port picked
+    there could be taken before the tier binds it (seen in CI as 'Failed to bind')."""
+    from shared.processes import _ephemeral_low, free_port
+
+    ports = [free_port() for _ in range(200)]
+    assert len(set(ports)) == len(ports)
+    assert all(1024 <= port < _ephemeral_low() for port in ports)
