@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from shared.client import TierClient
+from shared.processes import TierCluster, running_tiers
 from tests.tiny_model import make_checkpoint, make_dataset
 
 TINY_LABELS = ["negative", "positive"]
@@ -47,3 +50,17 @@ def tiny_cnn_artifacts(tmp_path_factory: pytest.TempPathFactory, tiny_image_data
     config = BuildConfig(family="image", data=str(tiny_image_data), profile="tiny", split_points=(1, 2, 3),
                          p_tar=(0.9, 0.9))
     return build(config, tmp_path_factory.mktemp("tiny_cnn_build") / "model")
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_artifacts: Path) -> Iterator[TierCluster]:
+    """The three tiers on the tiny model, one set per test module (modules override it as needed)."""
+    with running_tiers(tiny_artifacts) as started:
+        yield started
+
+
+@pytest.fixture(scope="module")
+def client(cluster: TierCluster) -> Iterator[TierClient]:
+    """A blocking client of the module's cluster."""
+    with TierClient(cluster.entry_address, timeout=30) as started:
+        yield started

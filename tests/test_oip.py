@@ -27,7 +27,7 @@ from tritonclient.utils import InferenceServerException
 
 from shared.client import TierClient
 from shared.manifest import TIERS
-from shared.processes import TierCluster, running_tiers
+from shared.processes import TierCluster
 from shared.rpc import pb2
 from tests.tiny_model import sentence
 
@@ -35,12 +35,6 @@ MODEL = "tierserve"
 SERVICE = "inference.GRPCInferenceService"
 _rng = np.random.default_rng(11)
 TEXTS = [sentence(_rng, i % 2, 2) for i in range(12)]
-
-
-@pytest.fixture(scope="module")
-def cluster(tiny_artifacts: Path) -> Iterator[TierCluster]:
-    with running_tiers(tiny_artifacts) as started:
-        yield started
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from shared.client import TierClient, health_status
 from shared.codec import encode_tensors, to_tensor
 from shared.manifest import TIERS, Manifest, load_manifest
 from shared.policy import route
-from shared.processes import TierCluster, running_tiers, start_tier, wait_until_serving
+from shared.processes import TierCluster, start_tier, wait_until_serving
 from shared.rpc import pb2, pb2_grpc
 from shared.text import TextEncoder
 from tests.tiny_model import sentence
@@ -70,18 +70,6 @@ def manifest(tiny_artifacts: Path) -> Manifest:
 @pytest.fixture(scope="module")
 def reference(tiny_artifacts: Path, manifest: Manifest) -> list[np.ndarray]:
     return reference_probs(tiny_artifacts, manifest, TEXTS)
-
-
-@pytest.fixture(scope="module")
-def cluster(tiny_artifacts: Path) -> Iterator[TierCluster]:
-    with running_tiers(tiny_artifacts) as started:
-        yield started
-
-
-@pytest.fixture(scope="module")
-def client(cluster: TierCluster) -> Iterator[TierClient]:
-    with TierClient(cluster.entry_address, timeout=30) as started:
-        yield started
 
 
 @pytest.fixture(scope="module")

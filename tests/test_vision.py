@@ -65,12 +65,6 @@ def cluster(tiny_cnn_artifacts: Path) -> Iterator[TierCluster]:
 
 
 @pytest.fixture(scope="module")
-def client(cluster: TierCluster) -> Iterator[TierClient]:
-    with TierClient(cluster.entry_address, timeout=30) as started:
-        yield started
-
-
-@pytest.fixture(scope="module")
 def mobile_stub(cluster: TierCluster) -> Iterator[pb2_grpc.ClassifierStub]:
     with grpc.insecure_channel(cluster.entry_address) as channel:
         yield pb2_grpc.ClassifierStub(channel)
