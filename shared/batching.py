@@ -156,7 +156,7 @@ class Batcher:
         loop = asyncio.get_running_loop()
         self._slots = self._slots or asyncio.Semaphore(self.concurrency)
         while True:
-            self._waiting = [w for w in self._waiting if not w.future.done()]  # cancelled callers
+            self._drop_cancelled()
             if not self._waiting:
                 self._wakeup.clear()
                 await self._wakeup.wait()
@@ -170,13 +170,16 @@ class Batcher:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wakeup.wait(), left)
             await self._slots.acquire()  # requests arriving meanwhile join the batch taken next
-            self._waiting = [w for w in self._waiting if not w.future.done()]
+            self._drop_cancelled()  # callers may have gone while it waited for a slot
             if not self._waiting:
                 self._slots.release()
                 continue
             task = loop.create_task(self._run_batch(self._take()))
             self._batches.add(task)
             task.add_done_callback(self._batch_done)
+
+    def _drop_cancelled(self) -> None:
+        self._waiting = [w for w in self._waiting if not w.future.done()]
 
     def _batch_done(self, task: asyncio.Task) -> None:
         self._batches.discard(task)
