@@ -14,22 +14,9 @@ from typing import Any
 
 import grpc
 
-from shared.errors import InvalidInput
+from shared.errors import InvalidInput, Undecodable
 from shared.metrics import TierMetrics
 from shared.tier import answer_rpc
-
-
-class Undecodable:
-    """What the lenient parser hands the servicer when the request's bytes do not parse."""
-
-    def __init__(self, message_type: str, size: int, error: Exception) -> None:
-        self.message_type = message_type
-        self.size = size
-        self.error = error
-
-    def explain(self) -> str:
-        return (f"the request ({self.size} bytes) is not a valid {self.message_type}: {self.error} "
-                "(e.g. a string field holding invalid UTF-8)")
 
 
 def lenient(deserializer: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
@@ -46,8 +33,13 @@ def lenient(deserializer: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
     return parse
 
 
+# Streaming methods whose servicer takes an Undecodable message in its stream and answers for it
+STREAMS_TAKING_UNDECODABLE = frozenset({"/tierserve.v1.Continuation/ContinueStream"})
+
+
 class UndecodableRequests(grpc.aio.ServerInterceptor):
-    """Wraps every unary-unary method of the server (ours, and any added beside them)."""
+    """Wraps every unary-unary method of the server (ours, and any added beside them), and the
+    streaming methods of STREAMS_TAKING_UNDECODABLE."""
 
     def __init__(self, metrics: TierMetrics, tier: str) -> None:
         self.metrics = metrics
@@ -61,7 +53,15 @@ class UndecodableRequests(grpc.aio.ServerInterceptor):
         if method in self._wrapped:
             return self._wrapped[method]
         handler = await continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None or handler.request_deserializer is None:
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        if handler.stream_stream is not None and method in STREAMS_TAKING_UNDECODABLE:
+            wrapped = grpc.stream_stream_rpc_method_handler(
+                handler.stream_stream, request_deserializer=lenient(handler.request_deserializer),
+                response_serializer=handler.response_serializer)
+            self._wrapped[method] = wrapped
+            return wrapped
+        if handler.unary_unary is None:
             return handler
         behavior = handler.unary_unary
 

@@ -25,6 +25,10 @@ class NotReady(TierServeError):
     code = "UNAVAILABLE"
 
 
+class DeadlineExceeded(TierServeError):
+    code = "DEADLINE_EXCEEDED"
+
+
 class NotFound(TierServeError):
     """Something asked for by name (a model of the Open Inference Protocol) is not served here."""
 
@@ -35,6 +39,19 @@ class ArtifactError(TierServeError):
     """A build artifact is missing, malformed or does not match its recorded hash."""
 
     code = "FAILED_PRECONDITION"
+
+
+class Undecodable:
+    """What the lenient parser hands the servicer when the request's bytes do not parse."""
+
+    def __init__(self, message_type: str, size: int, error: Exception) -> None:
+        self.message_type = message_type
+        self.size = size
+        self.error = error
+
+    def explain(self) -> str:
+        return (f"the request ({self.size} bytes) is not a valid {self.message_type}: {self.error} "
+                "(e.g. a string field holding invalid UTF-8)")
 
 
 class BuildInputError(ValueError):

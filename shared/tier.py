@@ -13,7 +13,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
@@ -25,7 +25,7 @@ from shared.batching import Batcher
 from shared.calibration import softmax
 from shared.client import NextTierError
 from shared.codec import decode_tensors, from_tensor, payload_bytes
-from shared.errors import ArtifactError, InvalidInput, NotReady, TierServeError
+from shared.errors import ArtifactError, DeadlineExceeded, InvalidInput, NotReady, TierServeError, Undecodable
 from shared.images import ImageInput
 from shared.manifest import TIERS, Manifest, Tier
 from shared.metrics import TierMetrics
@@ -213,9 +213,17 @@ class TierLoop:
             exit_layer=self.exit.layer, degraded=bool(degraded_reason), degraded_reason=degraded_reason)
 
 
-async def answer_rpc(context: grpc.aio.ServicerContext, metrics: TierMetrics, tier: str,
-                     handle: Callable[[], Awaitable[T]], admission: InflightLimit | None = None) -> T:
-    """Run one RPC's handler; the one place where failures become gRPC statuses.
+@dataclass(frozen=True)
+class Failure:
+    """How a call failed, as the gRPC status it answers with."""
+
+    code: grpc.StatusCode
+    message: str
+
+
+async def run_call(metrics: TierMetrics, tier: str, handle: Callable[[], Awaitable[T]],
+                   admission: InflightLimit | None = None) -> T | Failure:
+    """Run one call's handler; the one place where failures become gRPC statuses.
 
     TierServeError subclasses carry their status code; anything unexpected is INTERNAL, logged,
     and the server keeps serving. admission: the tier's in-flight limit (RESOURCE_EXHAUSTED beyond it).
@@ -228,22 +236,29 @@ async def answer_rpc(context: grpc.aio.ServicerContext, metrics: TierMetrics, ti
             return await handle()
     except TierServeError as exc:
         outcome = exc.code.lower()
-        code = grpc.StatusCode[exc.code]
-        message = str(exc)
+        failure = Failure(grpc.StatusCode[exc.code], str(exc))
     except asyncio.CancelledError:
         outcome = "cancelled"
         raise
     except Exception as exc:
         log.exception("unexpected failure at the %s tier", tier)
         outcome = "internal"
-        code = grpc.StatusCode.INTERNAL
-        message = f"internal error at the {tier} tier: {type(exc).__name__}: {exc}"
+        failure = Failure(grpc.StatusCode.INTERNAL, f"internal error at the {tier} tier: {type(exc).__name__}: {exc}")
     finally:
         metrics.inflight.labels(tier).dec()
         metrics.request_duration.labels(tier, outcome).observe(time.perf_counter() - started)
-    metrics.errors.labels(tier, code.name).inc()
-    await context.abort(code, message)
-    raise AssertionError("unreachable: context.abort raises")
+    metrics.errors.labels(tier, failure.code.name).inc()
+    return failure
+
+
+async def answer_rpc(context: grpc.aio.ServicerContext, metrics: TierMetrics, tier: str,
+                     handle: Callable[[], Awaitable[T]], admission: InflightLimit | None = None) -> T:
+    """run_call for a unary RPC: a failure ends the RPC with its status."""
+    result = await run_call(metrics, tier, handle, admission)
+    if isinstance(result, Failure):
+        await context.abort(result.code, result.message)
+        raise AssertionError("unreachable: context.abort raises")
+    return result
 
 
 class _Servicer:
@@ -264,24 +279,91 @@ class _Servicer:
 
 
 class ContinuationServicer(_Servicer, pb2_grpc.ContinuationServicer):
-    """Continue at the edge and cloud tiers."""
+    """Continue and ContinueStream at the edge and cloud tiers."""
+
+    def __init__(self, tier: Tier, metrics: TierMetrics, max_batch: int) -> None:
+        super().__init__(tier, metrics, max_batch)
+        self._stream_readers: set[asyncio.Task[None]] = set()
+        self._draining = False
+
+    async def _continue(self, request: pb2.ContinueRequest, time_left: float | None) -> pb2.ContinueResponse:
+        loop = self.ready_loop()
+        if self.inject_delay:
+            await asyncio.sleep(self.inject_delay)
+        if len(request.request_ids) > self.max_batch:
+            raise InvalidInput(
+                f"too many samples: {len(request.request_ids)}, at most {self.max_batch}")
+        thresholds = check_thresholds(request.thresholds)
+        inputs = decode_tensors(request.tensors)
+        answers = await loop.process(inputs, list(request.request_ids), thresholds, time_left)
+        return pb2.ContinueResponse(answers=answers)
 
     async def Continue(self, request: pb2.ContinueRequest,
                        context: grpc.aio.ServicerContext) -> pb2.ContinueResponse:
-        async def handle() -> pb2.ContinueResponse:
-            loop = self.ready_loop()
-            if self.inject_delay:
-                await asyncio.sleep(self.inject_delay)
-            if len(request.request_ids) > self.max_batch:
-                raise InvalidInput(
-                    f"too many samples: {len(request.request_ids)}, at most {self.max_batch}")
-            thresholds = check_thresholds(request.thresholds)
-            inputs = decode_tensors(request.tensors)
-            answers = await loop.process(inputs, list(request.request_ids), thresholds,
-                                         context.time_remaining())
-            return pb2.ContinueResponse(answers=answers)
+        return await answer_rpc(context, self.metrics, self.tier,
+                                lambda: self._continue(request, context.time_remaining()), self.admission)
 
-        return await answer_rpc(context, self.metrics, self.tier, handle, self.admission)
+    async def _stream_call(self, request: pb2.ContinueRequest) -> pb2.ContinueResponse:
+        """One call of a ContinueStream: its answers, or its status, under its call_id."""
+        time_left = request.timeout_seconds if request.timeout_seconds > 0 else None
+
+        async def handle() -> pb2.ContinueResponse:
+            try:
+                async with asyncio.timeout(time_left):
+                    return await self._continue(request, time_left)
+            except TimeoutError:
+                raise DeadlineExceeded(f"the {self.tier} tier did not answer within the call's "
+                                       f"{time_left * 1000:.0f} ms") from None
+
+        result = await run_call(self.metrics, self.tier, handle, self.admission)
+        if isinstance(result, Failure):
+            result = pb2.ContinueResponse(status_code=result.code.value[0], status_message=result.message)
+        result.call_id = request.call_id
+        return result
+
+    async def ContinueStream(self, request_iterator: AsyncIterator[pb2.ContinueRequest],
+                             context: grpc.aio.ServicerContext) -> None:
+        """Answer each call on the stream as it completes, until the caller stops or this tier drains."""
+        if self._draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"the {self.tier} tier is shutting down")
+        calls: set[asyncio.Task[None]] = set()
+        writing = asyncio.Lock()  # one write at a time on a stream
+        undecodable: list[str] = []
+
+        async def answer(request: pb2.ContinueRequest) -> None:
+            response = await self._stream_call(request)
+            async with writing:
+                await context.write(response)
+
+        async def read() -> None:
+            while (request := await context.read()) is not grpc.aio.EOF:
+                if isinstance(request, Undecodable):  # no call_id to answer it under: end the stream
+                    undecodable.append(request.explain())
+                    return
+                call = asyncio.create_task(answer(request))
+                calls.add(call)
+                call.add_done_callback(calls.discard)
+
+        reader = asyncio.create_task(read())
+        self._stream_readers.add(reader)
+        try:
+            await asyncio.wait([reader])  # ends at the caller's EOF, or when drain_streams() cancels it
+            while calls:
+                await asyncio.wait(list(calls))
+        finally:
+            self._stream_readers.discard(reader)
+            reader.cancel()
+            for call in calls:
+                call.cancel()
+        if undecodable:
+            self.metrics.errors.labels(self.tier, "INVALID_ARGUMENT").inc()
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, undecodable[0])
+
+    def drain_streams(self) -> None:
+        """Stop reading new calls on every open stream; each ends once its read calls are answered."""
+        self._draining = True
+        for reader in self._stream_readers:
+            reader.cancel()
 
 
 class ClassifierServicer(_Servicer, pb2_grpc.ClassifierServicer):

@@ -1,0 +1,152 @@
+"""Tier-to-tier calls on one long-lived ContinueStream (the default) and on unary Continue.
+
+All against real servers on 127.0.0.1: tier processes, or an in-process grpc.aio server standing
+in for an older next tier that has no ContinueStream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from shared.client import ContinuationClient, NextTierError, TierClient
+from shared.manifest import load_manifest
+from shared.processes import TierCluster, TierProcess, free_port, running_tiers, start_tier, wait_until_serving
+from shared.rpc import pb2, pb2_grpc
+from tests.tiny_model import sentence
+
+TO_THE_CLOUD = {"mobile": 1.01, "edge": 1.01}
+_rng = np.random.default_rng(11)
+TEXTS = [sentence(_rng, i % 2, 3) for i in range(24)]
+UNARY = {"forward_transport": "unary"}
+
+
+def _hidden(artifacts: Path, tokens: int = 5) -> dict[str, np.ndarray]:
+    """A valid input of the cloud slice: one sample's hidden state and its mask."""
+    size = load_manifest(artifacts).hidden_size
+    return {"hidden": np.random.default_rng(0).normal(size=(1, tokens, size)).astype(np.float32),
+            "attention_mask": np.ones((1, tokens), dtype=np.int64)}
+
+
+@pytest.fixture(scope="module")
+def slow_cloud(tiny_artifacts: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TierProcess]:
+    """A cloud tier that takes 300 ms per call."""
+    cloud = start_tier("cloud", tiny_artifacts, tmp_path_factory.mktemp("slow_cloud"),
+                       flags={"inject_delay_ms": 300})
+    try:
+        wait_until_serving([cloud], timeout=60)
+        yield cloud
+    finally:
+        cloud.stop()
+
+
+def test_stream_and_unary_forwarding_give_the_same_answers(
+        cluster: TierCluster, client: TierClient, tiny_artifacts: Path) -> None:
+    streamed = client.classify(TEXTS, TO_THE_CLOUD)
+    with (running_tiers(tiny_artifacts, flags={"mobile": UNARY, "edge": UNARY}) as unary_cluster,
+          TierClient(unary_cluster.entry_address) as unary_client):
+        unary = unary_client.classify(TEXTS, TO_THE_CLOUD)
+    assert [a.tier for a in streamed] == ["cloud"] * len(TEXTS)
+    assert [(a.label, a.tier, a.degraded) for a in streamed] == [(a.label, a.tier, a.degraded) for a in unary]
+    assert np.allclose([list(a.probabilities) for a in streamed], [list(a.probabilities) for a in unary])
+
+
+def test_concurrent_calls_share_one_stream_and_a_cancelled_caller_leaves_the_others_alone(
+        slow_cloud: TierProcess, tiny_artifacts: Path) -> None:
+    tensors = _hidden(tiny_artifacts)
+
+    async def scenario() -> tuple[list[list[str]], list[str]]:
+        next_tier = ContinuationClient(slow_cloud.address)
+        try:
+            calls = [asyncio.create_task(next_tier.continue_batch(tensors, [f"call{i}/0"], {}, 10.0))
+                     for i in range(6)]
+            await asyncio.sleep(0.1)
+            calls[0].cancel()
+            answered = [[a.request_id for a in await call] for call in calls[1:]]
+            after = await next_tier.continue_batch(tensors, ["after/0"], {}, 10.0)
+            return answered, [a.request_id for a in after]
+        finally:
+            await next_tier.close()
+
+    answered, after = asyncio.run(scenario())
+    assert answered == [[f"call{i}/0"] for i in range(1, 6)]
+    assert after == ["after/0"]
+
+
+def test_a_call_past_its_deadline_fails_alone(slow_cloud: TierProcess, tiny_artifacts: Path) -> None:
+    tensors = _hidden(tiny_artifacts)
+
+    async def scenario() -> tuple[BaseException | list[pb2.Answer], ...]:
+        next_tier = ContinuationClient(slow_cloud.address)
+        try:
+            return tuple(await asyncio.gather(next_tier.continue_batch(tensors, ["short/0"], {}, 0.05),
+                                              next_tier.continue_batch(tensors, ["long/0"], {}, 10.0),
+                                              return_exceptions=True))
+        finally:
+            await next_tier.close()
+
+    short, long = asyncio.run(scenario())
+    assert isinstance(short, NextTierError) and short.code == "DEADLINE_EXCEEDED", short
+    assert isinstance(long, list) and [a.request_id for a in long] == ["long/0"]
+
+
+class OnlyUnaryContinue(pb2_grpc.ContinuationServicer):
+    """A next tier from before ContinueStream: the generated base answers it UNIMPLEMENTED."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def Continue(self, request: pb2.ContinueRequest, context: grpc.aio.ServicerContext) -> pb2.ContinueResponse:
+        self.calls += 1
+        return pb2.ContinueResponse(answers=[pb2.Answer(request_id=i, tier="cloud") for i in request.request_ids])
+
+
+def test_a_next_tier_without_streams_is_called_with_continue(tiny_artifacts: Path) -> None:
+    tensors = _hidden(tiny_artifacts)
+
+    async def scenario() -> tuple[list[str], list[str], int]:
+        servicer = OnlyUnaryContinue()
+        server = grpc.aio.server()
+        pb2_grpc.add_ContinuationServicer_to_server(servicer, server)
+        port = server.add_insecure_port(f"127.0.0.1:{free_port()}")
+        await server.start()
+        next_tier = ContinuationClient(f"127.0.0.1:{port}")
+        try:
+            first = await next_tier.continue_batch(tensors, ["a/0"], {}, 10.0)
+            second = await next_tier.continue_batch(tensors, ["b/0"], {}, 10.0)
+            return [a.request_id for a in first], [a.request_id for a in second], servicer.calls
+        finally:
+            await next_tier.close()
+            await server.stop(0)
+
+    first, second, calls = asyncio.run(scenario())
+    assert (first, second, calls) == (["a/0"], ["b/0"], 2)
+
+
+def test_an_undecodable_message_on_the_stream_is_invalid_argument(cluster: TierCluster) -> None:
+    with grpc.insecure_channel(cluster.tiers["edge"].address) as channel:
+        stream = channel.stream_stream("/tierserve.v1.Continuation/ContinueStream")
+        responses = stream(iter([b"\x12\x02\xff\xfe"]), timeout=10)  # request_ids[0]: invalid UTF-8
+        with pytest.raises(grpc.RpcError) as caught:
+            list(responses)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "not a valid tierserve.v1.ContinueRequest" in caught.value.details()
+
+
+def test_a_stopping_tier_ends_its_streams_without_waiting_out_the_grace(
+        tiny_artifacts: Path, tmp_path: Path) -> None:
+    """An open stream from the mobile tier must not hold the edge's shutdown for its whole grace
+    period; requests sent meanwhile are answered (degraded, by the mobile exit), none lost."""
+    flags = {"edge": {"grace_seconds": 60}}
+    with (running_tiers(tiny_artifacts, flags=flags, log_dir=tmp_path) as started,
+          TierClient(started.entry_address) as tier_client):
+        assert tier_client.classify(TEXTS[:4], TO_THE_CLOUD)[0].tier == "cloud"  # the stream is open
+        # stop() sends SIGKILL (exit status -9) if the tier has not exited 30 s after SIGTERM
+        assert started.tiers["edge"].stop(timeout=30) == 0, "the edge waited on the open stream"
+        answers = tier_client.classify(TEXTS[:4], TO_THE_CLOUD)
+    assert [a.tier for a in answers] == ["mobile"] * 4 and all(a.degraded for a in answers)
