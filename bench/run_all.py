@@ -53,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     o, t, tr, c, k, p = (parts[n] for n in ("overhead", "throughput", "tradeoff", "calibration", "codec", "policy"))
     summary: dict[str, Any] = {
         "overhead_ratio": o["overhead_ratio"], "per_hop_overhead_ms": o["per_hop_overhead_ms"],
-        "bare_grpc_round_trip_ms": o["bare_grpc_round_trip_ms"], "overhead_ratio_if_hops_were_bare":
+        "bare_grpc_round_trip_ms": o["bare_grpc_round_trip_ms"],
+        "bare_grpc_stream_round_trip_ms": o["bare_grpc_stream_round_trip_ms"], "overhead_ratio_if_hops_were_bare":
             o["ratio_if_hops_were_bare"],
         "throughput_ratio_c32": t["throughput_ratio_c32"], "throughput_ratio_by_concurrency": t["ratio_by_concurrency"],
         "cost_reduction": tr["cost_reduction"], "accuracy_drop_points": tr["accuracy_drop_points"],
