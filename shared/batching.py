@@ -194,9 +194,8 @@ class Batcher:
     def _observe(self, size: int, result: SliceResult) -> None:
         self._idle_since, self._last_seconds = asyncio.get_running_loop().time(), result.compute_seconds
         if self.metrics is not None:
-            tier = self.runner.tier
-            self.metrics.batch_size.labels(tier).observe(size)
-            self.metrics.compute_duration.labels(tier).observe(result.compute_seconds)
+            self.metrics.series.batch_size.observe(size)
+            self.metrics.series.compute_duration.observe(result.compute_seconds)
 
     async def _run_batch(self, batch: list[_Waiting]) -> None:
         try:

@@ -101,8 +101,27 @@ def _make(spec: MetricSpec, registry: CollectorRegistry) -> Counter | Gauge | Hi
     return cls(spec.name, spec.doc, spec.labels, registry=registry)
 
 
+@dataclass(frozen=True)
+class TierSeries:
+    """One tier's own labelled series, bound once: labels() costs microseconds a call, and the tier
+    loop records about ten series per request."""
+
+    request_ok: Histogram
+    own_duration: Histogram
+    compute_duration: Histogram
+    downstream_wait: Histogram
+    exits: Counter
+    samples: Counter
+    confidence: Histogram
+    inflight: Gauge
+    batch_size: Histogram
+    forwarded_samples: Counter | None  # None at the last tier
+    forwarded_bytes: Counter | None
+
+
 class TierMetrics:
-    """All metrics of one tier, labelled with the tier name where a label is needed."""
+    """All metrics of one tier, labelled with the tier name where a label is needed; `series`
+    holds this tier's own series, bound."""
 
     request_duration: Histogram
     own_duration: Histogram
@@ -136,6 +155,14 @@ class TierMetrics:
                 for code in ERROR_CODES:
                     metric.labels(tier=tier, code=code)
             setattr(self, spec.attr, metric)
+        hop = {"hop": self.hop} if self.hop else None
+        self.series = TierSeries(
+            self.request_duration.labels(tier=tier, outcome=OK_OUTCOME),
+            *(getattr(self, attr).labels(tier=tier) for attr in (
+                "own_duration", "compute_duration", "downstream_wait", "exits", "samples", "confidence",
+                "inflight", "batch_size")),
+            forwarded_samples=self.forwarded_samples.labels(**hop) if hop else None,
+            forwarded_bytes=self.forwarded_bytes.labels(**hop) if hop else None)
 
     def serve(self, port: int, addr: str = "0.0.0.0") -> WSGIServer:
         """Expose /metrics over HTTP on `port` (a daemon thread); `.shutdown()` stops it."""

@@ -158,8 +158,8 @@ def _check_attention_mask(arrays: Mapping[str, np.ndarray]) -> None:
             raise InvalidInput(
                 f"tensor '{name}' has shape {list(array.shape)}, its first two dimensions must "
                 f"match '{ATTENTION_MASK}' {list(mask.shape)}")
-    if not ((mask == 0) | (mask == 1)).all():
+    if mask.size and (mask.min() < 0 or mask.max() > 1):
         raise InvalidInput(f"tensor '{ATTENTION_MASK}' may only hold 0 and 1")
-    empty = np.flatnonzero(mask.sum(axis=1) == 0) if mask.shape[1] else np.arange(len(mask))
-    if len(empty):
-        raise InvalidInput(f"tensor '{ATTENTION_MASK}' row {int(empty[0])} has no tokens")
+    if len(mask) and not (mask.shape[1] and mask.any(axis=1).all()):
+        empty = int(np.flatnonzero(~mask.any(axis=1))[0]) if mask.shape[1] else 0
+        raise InvalidInput(f"tensor '{ATTENTION_MASK}' row {empty} has no tokens")

@@ -28,7 +28,7 @@ from shared.codec import decode_tensors, from_tensor, payload_bytes
 from shared.errors import ArtifactError, DeadlineExceeded, InvalidInput, NotReady, TierServeError, Undecodable
 from shared.images import ImageInput
 from shared.manifest import TIERS, Manifest, Tier
-from shared.metrics import TierMetrics
+from shared.metrics import OK_OUTCOME, TierMetrics
 from shared.resilience import InflightLimit
 from shared.rpc import pb2, pb2_grpc
 from shared.runner import ATTENTION_MASK, SliceRunner
@@ -136,36 +136,38 @@ class TierLoop:
             raise InvalidInput("the batch is empty")
         if len(request_ids) != batch:
             raise InvalidInput(f"{len(request_ids)} request ids for a batch of {batch} samples")
-        self.metrics.samples.labels(self.tier).inc(batch)
+        series = self.metrics.series
+        series.samples.inc(batch)
         if self.batcher is not None:  # it observes batch size and compute time per merged run
             result = await self.batcher.run(inputs)
         else:
-            self.metrics.batch_size.labels(self.tier).observe(batch)
+            series.batch_size.observe(batch)
             result = await self.runner.run(inputs)
-            self.metrics.compute_duration.labels(self.tier).observe(result.compute_seconds)
+            series.compute_duration.observe(result.compute_seconds)
         probs = softmax(result.outputs[LOGITS], self.exit.temperature)
         confidence = probs.max(axis=-1)
         for value in confidence:
-            self.metrics.confidence.labels(self.tier).observe(value)
+            series.confidence.observe(value)
         leaves = np.ones(batch, dtype=bool) if self.next_tier is None else confidence >= self.threshold(thresholds)
 
         answers: list[pb2.Answer] = [
             self._answer(probs[i], request_ids[i]) if leaves[i] else pb2.Answer()
             for i in range(batch)
         ]
-        self.metrics.exits.labels(self.tier).inc(int(leaves.sum()))
+        series.exits.inc(int(leaves.sum()))
         waited = 0.0
         rows = np.flatnonzero(~leaves)
         if len(rows):
             assert self.next_tier is not None
             tensors = forwarded_tensors(inputs, result.outputs, self.forwards, rows)
-            self.metrics.forwarded_samples.labels(self.hop).inc(len(rows))
-            self.metrics.forwarded_bytes.labels(self.hop).inc(payload_bytes(tensors, self.forward_encoding))
+            assert series.forwarded_samples is not None and series.forwarded_bytes is not None
+            series.forwarded_samples.inc(len(rows))
+            series.forwarded_bytes.inc(payload_bytes(tensors, self.forward_encoding))
             wait_started = time.perf_counter()
             downstream = await self._forward(tensors, [request_ids[i] for i in rows], thresholds,
                                              time_left, wait_started - started)
             waited = time.perf_counter() - wait_started
-            self.metrics.downstream_wait.labels(self.tier).observe(waited)
+            series.downstream_wait.observe(waited)
             if isinstance(downstream, NextTierError):  # no request is lost: answer with our own exit
                 self.metrics.degraded.labels(self.tier, downstream.kind).inc(len(rows))
                 log.debug("answering %d samples degraded: %s", len(rows), downstream)
@@ -176,7 +178,7 @@ class TierLoop:
                     answers[row] = answer
 
         total = time.perf_counter() - started
-        self.metrics.own_duration.labels(self.tier).observe(total - waited)
+        series.own_duration.observe(total - waited)
         timing = pb2.TierTiming(tier=self.tier, server_seconds=total, own_seconds=total - waited,
                                 compute_seconds=result.compute_seconds)
         for index, answer in enumerate(answers):
@@ -229,8 +231,9 @@ async def run_call(metrics: TierMetrics, tier: str, handle: Callable[[], Awaitab
     and the server keeps serving. admission: the tier's in-flight limit (RESOURCE_EXHAUSTED beyond it).
     """
     started = time.perf_counter()
-    outcome = "ok"
-    metrics.inflight.labels(tier).inc()
+    outcome = OK_OUTCOME
+    series = metrics.series
+    series.inflight.inc()
     try:
         with admission.admit() if admission is not None else nullcontext():
             return await handle()
@@ -245,8 +248,9 @@ async def run_call(metrics: TierMetrics, tier: str, handle: Callable[[], Awaitab
         outcome = "internal"
         failure = Failure(grpc.StatusCode.INTERNAL, f"internal error at the {tier} tier: {type(exc).__name__}: {exc}")
     finally:
-        metrics.inflight.labels(tier).dec()
-        metrics.request_duration.labels(tier, outcome).observe(time.perf_counter() - started)
+        series.inflight.dec()
+        duration = series.request_ok if outcome == OK_OUTCOME else metrics.request_duration.labels(tier, outcome)
+        duration.observe(time.perf_counter() - started)
     metrics.errors.labels(tier, failure.code.name).inc()
     return failure
 
