@@ -287,7 +287,7 @@ class ContinuationServicer(_Servicer, pb2_grpc.ContinuationServicer):
 
     def __init__(self, tier: Tier, metrics: TierMetrics, max_batch: int) -> None:
         super().__init__(tier, metrics, max_batch)
-        self._stream_readers: set[asyncio.Task[None]] = set()
+        self._streams: set[_CallStream] = set()
         self._draining = False
 
     async def _continue(self, request: pb2.ContinueRequest, time_left: float | None) -> pb2.ContinueResponse:
@@ -330,44 +330,71 @@ class ContinuationServicer(_Servicer, pb2_grpc.ContinuationServicer):
         """Answer each call on the stream as it completes, until the caller stops or this tier drains."""
         if self._draining:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"the {self.tier} tier is shutting down")
-        calls: set[asyncio.Task[None]] = set()
-        writing = asyncio.Lock()  # one write at a time on a stream
-        undecodable: list[str] = []
-
-        async def answer(request: pb2.ContinueRequest) -> None:
-            response = await self._stream_call(request)
-            async with writing:
-                await context.write(response)
-
-        async def read() -> None:
-            while (request := await context.read()) is not grpc.aio.EOF:
-                if isinstance(request, Undecodable):  # no call_id to answer it under: end the stream
-                    undecodable.append(request.explain())
-                    return
-                call = asyncio.create_task(answer(request))
-                calls.add(call)
-                call.add_done_callback(calls.discard)
-
-        reader = asyncio.create_task(read())
-        self._stream_readers.add(reader)
+        stream = _CallStream(context, self._stream_call)
+        self._streams.add(stream)
         try:
-            await asyncio.wait([reader])  # ends at the caller's EOF, or when drain_streams() cancels it
-            while calls:
-                await asyncio.wait(list(calls))
+            await stream.answer_all()
         finally:
-            self._stream_readers.discard(reader)
-            reader.cancel()
-            for call in calls:
-                call.cancel()
-        if undecodable:
+            self._streams.discard(stream)
+        if stream.undecodable:
             self.metrics.errors.labels(self.tier, "INVALID_ARGUMENT").inc()
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, undecodable[0])
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, stream.undecodable)
 
     def drain_streams(self) -> None:
         """Stop reading new calls on every open stream; each ends once its read calls are answered."""
         self._draining = True
-        for reader in self._stream_readers:
-            reader.cancel()
+        for stream in self._streams:
+            stream.stop_reading()
+
+
+class _CallStream:
+    """The calls of one ContinueStream. Each task reads one message, starts the task that reads the
+    next, then answers its own: a call starts at once, not one event-loop turn later."""
+
+    def __init__(self, context: grpc.aio.ServicerContext,
+                 answer: Callable[[pb2.ContinueRequest], Awaitable[pb2.ContinueResponse]]) -> None:
+        self.context = context
+        self.answer = answer
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.reading: asyncio.Task[None] | None = None  # the task waiting for the next message
+        self.writing = asyncio.Lock()  # one write at a time on a stream
+        self.undecodable = ""  # why a message did not parse (then the stream ends)
+
+    async def answer_all(self) -> None:
+        """Until the caller's EOF (or stop_reading()), and every call read is answered."""
+        self._read_next()
+        try:
+            while self.tasks:
+                await asyncio.wait(list(self.tasks))
+        finally:
+            for task in self.tasks:
+                task.cancel()
+
+    def stop_reading(self) -> None:
+        if self.reading is not None:
+            self.reading.cancel()
+
+    def _read_next(self) -> None:
+        task = asyncio.create_task(self._read_and_answer())
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        self.reading = task
+
+    async def _read_and_answer(self) -> None:
+        try:
+            request = await self.context.read()
+        except Exception as exc:  # the stream broke under the read: the call's end says why
+            log.debug("reading a ContinueStream failed: %r", exc)
+            return
+        if request is grpc.aio.EOF:
+            return
+        if isinstance(request, Undecodable):  # no call_id to answer it under: end the stream
+            self.undecodable = request.explain()
+            return
+        self._read_next()
+        response = await self.answer(request)
+        async with self.writing:
+            await self.context.write(response)
 
 
 class ClassifierServicer(_Servicer, pb2_grpc.ClassifierServicer):
