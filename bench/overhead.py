@@ -3,7 +3,9 @@
 End-to-end latency at the client (real SST-2 dev sentences, one per request, thresholds > 1 so
 every sample crosses both hops) versus the same three slices chained in one process with
 onnxruntime, with the tiers' thread settings (shared.runner.SliceRunner, 1 intra-op thread) and the
-same tokeniser and calibration. Per-hop overhead from the answers' per-tier timings.
+same tokeniser and calibration. Per-hop overhead from the answers' per-tier timings. The two are
+measured in alternating blocks of texts: this shared machine's speed drifts by up to 10% between
+minutes, which measured one after the other moved the ratio by as much.
 
 For scale, the bare cost of a hop in this stack: the p50 round trip of a grpc.aio echo server in
 another process, sent the bytes of a median forwarded hidden state and answering them back
@@ -19,7 +21,7 @@ import asyncio
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,52 +29,79 @@ import numpy as np
 
 from bench.common import FORCE_CLOUD, base_parser, dev_set, load, percentiles_ms, table, tiers, write_result
 from shared.calibration import softmax
+from shared.client import TierClient
 from shared.manifest import Manifest, verified_slice_path
 from shared.runner import SliceRunner
 from shared.text import TextEncoder
 
 WARMUP = 20
+ROUNDS = 5  # alternating blocks of chain and three-tier measurements
 
 
-def chain_latencies(artifacts: Path, manifest: Manifest, texts: list[str], threads: int = 1) -> list[float]:
-    """Seconds per text through tokeniser + the three slices in this process (the floor)."""
-    runners = [SliceRunner(verified_slice_path(artifacts, s), s, threads) for s in manifest.slices]
-    encoder = TextEncoder.for_manifest(manifest, artifacts)
-    seconds = []
-    for i, text in enumerate(texts[:WARMUP] + texts):
-        started = time.perf_counter()
-        feed = encoder.encode([text]).tensors
-        for spec, runner, exit_spec in zip(manifest.slices, runners, manifest.exits, strict=True):
-            outputs = runner.run_sync(feed).outputs
-            softmax(outputs["logits"], exit_spec.temperature).max(-1)
-            feed = {name: outputs.get(source, feed.get(source)) for name, source in spec.forwards.items()}
-        if i >= WARMUP:
+class Chain:
+    """The floor: tokeniser + the three slices in this process, with the tiers' thread settings."""
+
+    def __init__(self, artifacts: Path, manifest: Manifest, threads: int = 1) -> None:
+        self.manifest = manifest
+        self.runners = [SliceRunner(verified_slice_path(artifacts, s), s, threads) for s in manifest.slices]
+        self.encoder = TextEncoder.for_manifest(manifest, artifacts)
+
+    def latencies(self, texts: Sequence[str]) -> list[float]:
+        """Seconds per text."""
+        seconds = []
+        for text in texts:
+            started = time.perf_counter()
+            feed = self.encoder.encode([text]).tensors
+            for spec, runner, exit_spec in zip(self.manifest.slices, self.runners, self.manifest.exits, strict=True):
+                outputs = runner.run_sync(feed).outputs
+                softmax(outputs["logits"], exit_spec.temperature).max(-1)
+                feed = {name: outputs.get(source, feed.get(source)) for name, source in spec.forwards.items()}
             seconds.append(time.perf_counter() - started)
-    for runner in runners:
-        runner.close()
-    return seconds
+        return seconds
+
+    def close(self) -> None:
+        for runner in self.runners:
+            runner.close()
 
 
-def tier_latencies(address: str, texts: list[str]) -> tuple[list[float], dict[str, list[float]]]:
+def tier_latencies(client: TierClient, texts: Sequence[str]) -> tuple[list[float], dict[str, list[float]]]:
     """Seconds per text at the client, and per hop: the RPC time not spent inside the callee."""
-    from shared.client import TierClient
-
     seconds: list[float] = []
     hops: dict[str, list[float]] = {"client_mobile": [], "mobile_edge": [], "edge_cloud": []}
-    with TierClient(address) as client:
-        for i, text in enumerate(texts[:WARMUP] + texts):
-            started = time.perf_counter()
-            [answer] = client.classify([text], FORCE_CLOUD)
-            elapsed = time.perf_counter() - started
-            if i < WARMUP:
-                continue
-            assert answer.tier == "cloud"
-            mobile, edge, cloud = answer.timings
-            seconds.append(elapsed)
-            hops["client_mobile"].append(elapsed - mobile.server_seconds)
-            hops["mobile_edge"].append(mobile.server_seconds - mobile.own_seconds - edge.server_seconds)
-            hops["edge_cloud"].append(edge.server_seconds - edge.own_seconds - cloud.server_seconds)
+    for text in texts:
+        started = time.perf_counter()
+        [answer] = client.classify([text], FORCE_CLOUD)
+        elapsed = time.perf_counter() - started
+        assert answer.tier == "cloud"
+        mobile, edge, cloud = answer.timings
+        seconds.append(elapsed)
+        hops["client_mobile"].append(elapsed - mobile.server_seconds)
+        hops["mobile_edge"].append(mobile.server_seconds - mobile.own_seconds - edge.server_seconds)
+        hops["edge_cloud"].append(edge.server_seconds - edge.own_seconds - cloud.server_seconds)
     return seconds, hops
+
+
+def measure(artifacts: Path, manifest: Manifest, texts: list[str]
+            ) -> tuple[list[float], list[float], dict[str, list[float]]]:
+    """Chain seconds, three-tier seconds and per-hop seconds per text, measured in alternating blocks
+    of texts (ROUNDS of each), so that drift in the machine's speed hits both sides alike."""
+    chain = Chain(artifacts, manifest)
+    chain_seconds: list[float] = []
+    seconds: list[float] = []
+    hops: dict[str, list[float]] = {}
+    try:
+        with tiers(artifacts) as cluster, TierClient(cluster.entry_address) as client:
+            chain.latencies(texts[:WARMUP])
+            tier_latencies(client, texts[:WARMUP])
+            for block in np.array_split(np.array(texts, dtype=object), ROUNDS):
+                chain_seconds += chain.latencies(list(block))
+                block_seconds, block_hops = tier_latencies(client, list(block))
+                seconds += block_seconds
+                for name, values in block_hops.items():
+                    hops.setdefault(name, []).extend(values)
+    finally:
+        chain.close()
+    return chain_seconds, seconds, hops
 
 
 def _echo_server(port: int) -> None:
@@ -138,10 +167,8 @@ def bare_round_trips_ms(payload_bytes: int, calls: int = 2000) -> dict[str, floa
 def run(artifacts: Path, data: str | None = None, limit: int | None = 300, out: Path | None = None) -> dict[str, Any]:
     manifest = load(artifacts)
     texts, _ = dev_set(manifest, data, limit)
-    chain = percentiles_ms(chain_latencies(artifacts, manifest, texts))
-    with tiers(artifacts) as cluster:
-        seconds, hops = tier_latencies(cluster.entry_address, texts)
-    three = percentiles_ms(seconds)
+    chain_seconds, seconds, hops = measure(artifacts, manifest, texts)
+    chain, three = percentiles_ms(chain_seconds), percentiles_ms(seconds)
     hop_p50 = {name: float(np.median(values) * 1e3) for name, values in hops.items()}
     encoder = TextEncoder.for_manifest(manifest, artifacts)
     tokens = int(np.median([encoder.encode([t]).tensors["attention_mask"].shape[1] for t in texts]))
