@@ -394,7 +394,10 @@ class _CallStream:
         self._read_next()
         response = await self.answer(request)
         async with self.writing:
-            await self.context.write(response)
+            try:
+                await self.context.write(response)
+            except Exception as exc:  # the caller has gone: nobody is left to answer
+                log.debug("answering call %d on a ContinueStream failed: %r", request.call_id, exc)
 
 
 class ClassifierServicer(_Servicer, pb2_grpc.ClassifierServicer):
