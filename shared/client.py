@@ -239,8 +239,6 @@ class ContinuationClient:
         try:
             while True:
                 await stream.call.write(await stream.outbox.get())
-        except asyncio.CancelledError:
-            raise
         except grpc.aio.AioRpcError as exc:
             self._end(stream, self._stream_error(exc))
         except Exception as exc:  # the call ended under the write (InvalidStateError): the reader says why
