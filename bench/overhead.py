@@ -10,8 +10,8 @@ minutes, which measured one after the other moved the ratio by as much.
 For scale, the bare cost of a hop in this stack: the p50 round trip of a grpc.aio echo server in
 another process, sent the bytes of a median forwarded hidden state and answering them back
 (no tier code at all), as a new unary call and as a message on an open stream;
-`ratio_if_hops_were_bare` is what the ratio would be if each hop cost only that (the client's
-Classify is unary, the tiers call each other on streams).
+`ratio_if_hops_were_bare` is what the ratio would be if each of the three hops cost only a bare
+round trip on a stream (the client and the tiers all send their calls on streams).
 """
 
 from __future__ import annotations
@@ -173,8 +173,7 @@ def run(artifacts: Path, data: str | None = None, limit: int | None = 300, out: 
     encoder = TextEncoder.for_manifest(manifest, artifacts)
     tokens = int(np.median([encoder.encode([t]).tensors["attention_mask"].shape[1] for t in texts]))
     bare = bare_round_trips_ms(tokens * manifest.hidden_size * 4)
-    # the client calls the mobile tier with unary Classify; the tiers call each other on streams
-    bare_hops = bare["unary"] + 2 * bare["stream"]
+    bare_hops = 3 * bare["stream"]  # TierClient and the tiers all send their calls on streams
     result = {
         "samples": len(texts), "chain_ms": chain, "three_tier_ms": three,
         "overhead_ratio": three["p50"] / chain["p50"], "overhead_ratio_p99": three["p99"] / chain["p99"],
@@ -189,7 +188,7 @@ def run(artifacts: Path, data: str | None = None, limit: int | None = 300, out: 
           f"per hop {result['per_hop_overhead_ms']:.3f} ms; hop p50 (RPC time outside the callee): "
           + ", ".join(f"{k} {v:.3f} ms" for k, v in hop_p50.items()))
     print(f"bare grpc.aio round trip ({tokens} tokens of hidden state): {bare['unary']:.3f} ms as a unary call, "
-          f"{bare['stream']:.3f} ms on an open stream; with such hops (one unary, two on streams) and no tier "
+          f"{bare['stream']:.3f} ms on an open stream; with three such hops on streams and no tier "
           f"code the ratio would be {result['ratio_if_hops_were_bare']:.3f}")
     if out is not None:
         write_result(out, "overhead", result)

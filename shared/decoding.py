@@ -34,7 +34,8 @@ def lenient(deserializer: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
 
 
 # Streaming methods whose servicer takes an Undecodable message in its stream and answers for it
-STREAMS_TAKING_UNDECODABLE = frozenset({"/tierserve.v1.Continuation/ContinueStream"})
+STREAMS_TAKING_UNDECODABLE = frozenset({"/tierserve.v1.Continuation/ContinueStream",
+                                        "/tierserve.v1.Classifier/ClassifyStream"})
 
 
 class UndecodableRequests(grpc.aio.ServerInterceptor):

@@ -130,8 +130,7 @@ async def serve(settings: TierSettings, stop: asyncio.Event) -> None:
                  settings.grace_seconds)
     finally:
         await health_servicer.enter_graceful_shutdown()
-        if isinstance(servicer, ContinuationServicer):  # long-lived streams would hold stop() for the whole grace
-            servicer.drain_streams()
+        servicer.drain_streams()  # long-lived streams would hold stop() for the whole grace
         await server.stop(settings.grace_seconds)
         if next_tier is not None:
             await next_tier.close()

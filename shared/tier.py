@@ -16,7 +16,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import grpc
 import numpy as np
@@ -38,6 +38,8 @@ LOGITS = "logits"
 DEFAULT_MAX_INFLIGHT = 64
 log = logging.getLogger("tierserve.tier")
 T = TypeVar("T")
+# a request or response of a stream of calls (ContinueStream, ClassifyStream): it has call_id, etc.
+Streamed = Any
 
 
 class NextTier(Protocol):
@@ -275,20 +277,60 @@ class _Servicer:
         self.loop: TierLoop | None = None
         self.admission = InflightLimit(DEFAULT_MAX_INFLIGHT, tier)  # the server sets its configured limit
         self.inject_delay = 0.0  # test hook (settings.inject_delay_ms): seconds to sleep before Continue
+        self._streams: set[_CallStream] = set()
+        self._draining = False
 
     def ready_loop(self) -> TierLoop:
         if self.loop is None:
             raise NotReady(f"the {self.tier} tier is still loading its model")
         return self.loop
 
+    async def _serve_stream(self, context: grpc.aio.ServicerContext,
+                            call: Callable[[Streamed, float | None], Awaitable[Streamed]],
+                            failed: Callable[[], Streamed]) -> None:
+        """A stream of calls (ContinueStream, ClassifyStream): `call(request, time_left)` answers
+        each as it completes, until the caller stops or this tier drains; `failed()` makes the
+        empty response a failure's status is put in."""
+
+        async def answer(request: Streamed) -> Streamed:
+            time_left = request.timeout_seconds if request.timeout_seconds > 0 else None
+
+            async def handle() -> Streamed:
+                try:
+                    async with asyncio.timeout(time_left):
+                        return await call(request, time_left)
+                except TimeoutError:
+                    raise DeadlineExceeded(f"the {self.tier} tier did not answer within the call's "
+                                           f"{(time_left or 0) * 1000:.0f} ms") from None
+
+            result = await run_call(self.metrics, self.tier, handle, self.admission)
+            if isinstance(result, Failure):
+                failure, result = result, failed()
+                result.status_code, result.status_message = failure.code.value[0], failure.message
+            result.call_id = request.call_id
+            return result
+
+        if self._draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"the {self.tier} tier is shutting down")
+        stream = _CallStream(context, answer)
+        self._streams.add(stream)
+        try:
+            await stream.answer_all()
+        finally:
+            self._streams.discard(stream)
+        if stream.undecodable:
+            self.metrics.errors.labels(self.tier, "INVALID_ARGUMENT").inc()
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, stream.undecodable)
+
+    def drain_streams(self) -> None:
+        """Stop reading new calls on every open stream; each ends once its read calls are answered."""
+        self._draining = True
+        for stream in self._streams:
+            stream.stop_reading()
+
 
 class ContinuationServicer(_Servicer, pb2_grpc.ContinuationServicer):
     """Continue and ContinueStream at the edge and cloud tiers."""
-
-    def __init__(self, tier: Tier, metrics: TierMetrics, max_batch: int) -> None:
-        super().__init__(tier, metrics, max_batch)
-        self._streams: set[_CallStream] = set()
-        self._draining = False
 
     async def _continue(self, request: pb2.ContinueRequest, time_left: float | None) -> pb2.ContinueResponse:
         loop = self.ready_loop()
@@ -307,52 +349,16 @@ class ContinuationServicer(_Servicer, pb2_grpc.ContinuationServicer):
         return await answer_rpc(context, self.metrics, self.tier,
                                 lambda: self._continue(request, context.time_remaining()), self.admission)
 
-    async def _stream_call(self, request: pb2.ContinueRequest) -> pb2.ContinueResponse:
-        """One call of a ContinueStream: its answers, or its status, under its call_id."""
-        time_left = request.timeout_seconds if request.timeout_seconds > 0 else None
-
-        async def handle() -> pb2.ContinueResponse:
-            try:
-                async with asyncio.timeout(time_left):
-                    return await self._continue(request, time_left)
-            except TimeoutError:
-                raise DeadlineExceeded(f"the {self.tier} tier did not answer within the call's "
-                                       f"{time_left * 1000:.0f} ms") from None
-
-        result = await run_call(self.metrics, self.tier, handle, self.admission)
-        if isinstance(result, Failure):
-            result = pb2.ContinueResponse(status_code=result.code.value[0], status_message=result.message)
-        result.call_id = request.call_id
-        return result
-
     async def ContinueStream(self, request_iterator: AsyncIterator[pb2.ContinueRequest],
                              context: grpc.aio.ServicerContext) -> None:
-        """Answer each call on the stream as it completes, until the caller stops or this tier drains."""
-        if self._draining:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"the {self.tier} tier is shutting down")
-        stream = _CallStream(context, self._stream_call)
-        self._streams.add(stream)
-        try:
-            await stream.answer_all()
-        finally:
-            self._streams.discard(stream)
-        if stream.undecodable:
-            self.metrics.errors.labels(self.tier, "INVALID_ARGUMENT").inc()
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, stream.undecodable)
-
-    def drain_streams(self) -> None:
-        """Stop reading new calls on every open stream; each ends once its read calls are answered."""
-        self._draining = True
-        for stream in self._streams:
-            stream.stop_reading()
+        await self._serve_stream(context, self._continue, pb2.ContinueResponse)
 
 
 class _CallStream:
-    """The calls of one ContinueStream. Each task reads one message, starts the task that reads the
-    next, then answers its own: a call starts at once, not one event-loop turn later."""
+    """The calls of one stream. Each task reads one message, starts the task that reads the next,
+    then answers its own: a call starts at once, not one event-loop turn later."""
 
-    def __init__(self, context: grpc.aio.ServicerContext,
-                 answer: Callable[[pb2.ContinueRequest], Awaitable[pb2.ContinueResponse]]) -> None:
+    def __init__(self, context: grpc.aio.ServicerContext, answer: Callable[[Streamed], Awaitable[Streamed]]) -> None:
         self.context = context
         self.answer = answer
         self.tasks: set[asyncio.Task[None]] = set()
@@ -384,7 +390,7 @@ class _CallStream:
         try:
             request = await self.context.read()
         except Exception as exc:  # the stream broke under the read: the call's end says why
-            log.debug("reading a ContinueStream failed: %r", exc)
+            log.debug("reading a stream of calls failed: %r", exc)
             return
         if request is grpc.aio.EOF:
             return
@@ -397,7 +403,7 @@ class _CallStream:
             try:
                 await self.context.write(response)
             except Exception as exc:  # the caller has gone: nobody is left to answer
-                log.debug("answering call %d on a ContinueStream failed: %r", request.call_id, exc)
+                log.debug("answering call %d on a stream failed: %r", request.call_id, exc)
 
 
 class ClassifierServicer(_Servicer, pb2_grpc.ClassifierServicer):
@@ -451,17 +457,21 @@ class ClassifierServicer(_Servicer, pb2_grpc.ClassifierServicer):
         checked = check_thresholds(thresholds)
         return await loop.process(tensors, sample_ids(request_id, len(images)), checked, time_left)
 
+    async def _classify(self, request: pb2.ClassifyRequest, time_left: float | None) -> pb2.ClassifyResponse:
+        if request.HasField("images"):
+            if request.texts:
+                raise InvalidInput("the request holds both texts and images: send one kind")
+            answers = await self.classify_images(from_tensor(request.images, "images"), request.thresholds,
+                                                 request.request_id, time_left)
+        else:
+            answers = await self.classify_texts(list(request.texts), request.thresholds, request.request_id, time_left)
+        return pb2.ClassifyResponse(answers=answers)
+
     async def Classify(self, request: pb2.ClassifyRequest,
                        context: grpc.aio.ServicerContext) -> pb2.ClassifyResponse:
-        async def handle() -> pb2.ClassifyResponse:
-            if request.HasField("images"):
-                if request.texts:
-                    raise InvalidInput("the request holds both texts and images: send one kind")
-                answers = await self.classify_images(from_tensor(request.images, "images"), request.thresholds,
-                                                     request.request_id, context.time_remaining())
-            else:
-                answers = await self.classify_texts(list(request.texts), request.thresholds,
-                                                    request.request_id, context.time_remaining())
-            return pb2.ClassifyResponse(answers=answers)
+        return await answer_rpc(context, self.metrics, self.tier,
+                                lambda: self._classify(request, context.time_remaining()), self.admission)
 
-        return await answer_rpc(context, self.metrics, self.tier, handle, self.admission)
+    async def ClassifyStream(self, request_iterator: AsyncIterator[pb2.ClassifyRequest],
+                             context: grpc.aio.ServicerContext) -> None:
+        await self._serve_stream(context, self._classify, pb2.ClassifyResponse)

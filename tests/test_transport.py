@@ -1,13 +1,15 @@
-"""Tier-to-tier calls on one long-lived ContinueStream (the default) and on unary Continue.
+"""Calls on one long-lived stream (ContinueStream between tiers, ClassifyStream from the clients:
+the default) and as unary calls (Continue, Classify).
 
-All against real servers on 127.0.0.1: tier processes, or an in-process grpc.aio server standing
-in for an older next tier that has no ContinueStream.
+All against real servers on 127.0.0.1: tier processes, or an in-process gRPC server standing in
+for an older tier that has no streaming method.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from concurrent import futures
 from pathlib import Path
 
 import grpc
@@ -150,3 +152,48 @@ def test_a_stopping_tier_ends_its_streams_without_waiting_out_the_grace(
         assert started.tiers["edge"].stop(timeout=30) == 0, "the edge waited on the open stream"
         answers = tier_client.classify(TEXTS[:4], TO_THE_CLOUD)
     assert [a.tier for a in answers] == ["mobile"] * 4 and all(a.degraded for a in answers)
+
+
+def test_the_client_gives_the_same_answers_and_errors_on_a_stream_and_unary(
+        cluster: TierCluster, client: TierClient) -> None:
+    with TierClient(cluster.entry_address, transport="unary") as unary:
+        for thresholds in (TO_THE_CLOUD, {"mobile": 0.0}, None):
+            streamed, called = client.classify(TEXTS, thresholds), unary.classify(TEXTS, thresholds)
+            assert [(a.label, a.tier, a.index) for a in streamed] == [(a.label, a.tier, a.index) for a in called]
+        errors = []
+        for tier_client in (client, unary):
+            with pytest.raises(grpc.RpcError) as caught:
+                tier_client.classify(["fine", "  "])
+            errors.append((caught.value.code(), caught.value.details()))
+    assert errors[0] == errors[1] == (grpc.StatusCode.INVALID_ARGUMENT, "text 1 is empty")
+
+
+def test_threads_share_one_client(cluster: TierCluster, client: TierClient) -> None:
+    def classify(i: int) -> list[str]:
+        return [a.request_id for a in client.classify(TEXTS[i % 5:i % 5 + 3], TO_THE_CLOUD, request_id=f"t{i}")]
+
+    with futures.ThreadPoolExecutor(8) as pool:
+        ids = list(pool.map(classify, range(32)))
+    assert ids == [[f"t{i}/0", f"t{i}/1", f"t{i}/2"] for i in range(32)]
+
+
+class OnlyUnaryClassify(pb2_grpc.ClassifierServicer):
+    """An entry tier from before ClassifyStream (blocking server): the generated base answers it UNIMPLEMENTED."""
+
+    def Classify(self, request: pb2.ClassifyRequest, context: grpc.ServicerContext) -> pb2.ClassifyResponse:
+        return pb2.ClassifyResponse(answers=[pb2.Answer(request_id=f"{request.request_id}/{i}", label="old")
+                                             for i in range(len(request.texts))])
+
+
+def test_a_client_of_an_entry_tier_without_streams_calls_classify() -> None:
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    pb2_grpc.add_ClassifierServicer_to_server(OnlyUnaryClassify(), server)
+    port = server.add_insecure_port(f"127.0.0.1:{free_port()}")
+    server.start()
+    try:
+        with TierClient(f"127.0.0.1:{port}", timeout=10) as old_tier_client:
+            first = old_tier_client.classify(["a", "b"], request_id="r1")
+            second = old_tier_client.classify(["c"], request_id="r2")
+    finally:
+        server.stop(0)
+    assert [(a.request_id, a.label) for a in first + second] == [("r1/0", "old"), ("r1/1", "old"), ("r2/0", "old")]
