@@ -96,7 +96,7 @@ def inference_stubs() -> tuple[ModuleType, ModuleType]:
 
 # gRPC's EventEngine (on by default in grpcio 1.85) reads sockets on its own threads and hands each
 # event over to the thread polling the completion queue: one thread wake-up more per message than
-# the older polling engine: 0.04-0.09 ms per round trip on a 2-core VM (README, "Between tiers").
+# the older polling engine: 0.04-0.09 ms per round trip on a 2-core VM (README, "Streams of calls").
 LOW_LATENCY_EXPERIMENTS = "-event_engine_client,-event_engine_listener"
 
 
