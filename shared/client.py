@@ -11,7 +11,7 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from shared.codec import encode_tensors, to_tensor
+from shared.codec import to_tensor
 from shared.errors import TierServeError
 from shared.rpc import DEFAULT_MAX_MESSAGE_BYTES, message_size_options, pb2, pb2_grpc
 from shared.streaming import AsyncCalls, SyncCalls
@@ -143,21 +143,19 @@ class ContinuationClient:
 
     def __init__(self, address: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
                  tls: ClientTLS | None = None, max_reconnect_backoff_ms: int = 250,
-                 encoding: str = "fp32", transport: str = "stream") -> None:
+                 transport: str = "stream") -> None:
         self.address = address
-        self.encoding = encoding  # float tensors on the wire (shared.codec.FLOAT_ENCODINGS)
         self._channel = aio_channel(
             address, [*message_size_options(max_message_bytes),
                       *reconnect_options(max_reconnect_backoff_ms)], tls)
         stub = pb2_grpc.ContinuationStub(self._channel)
         self._calls = AsyncCalls(stub.ContinueStream, stub.Continue, f"next tier at {address}", transport)
 
-    async def continue_batch(self, tensors: Mapping[str, np.ndarray], request_ids: Sequence[str],
+    async def continue_batch(self, tensors: Mapping[str, pb2.Tensor], request_ids: Sequence[str],
                              thresholds: Mapping[str, float], timeout: float | None
                              ) -> list[pb2.Answer]:
-        request = pb2.ContinueRequest(
-            tensors=encode_tensors(tensors, self.encoding), request_ids=list(request_ids),
-            thresholds=dict(thresholds))
+        """The next tier's answers to `tensors` (encoded: shared.codec.encode_tensors)."""
+        request = pb2.ContinueRequest(tensors=tensors, request_ids=request_ids, thresholds=thresholds)
         try:
             response = await self._calls.call(request, timeout)
         except grpc.aio.AioRpcError as exc:

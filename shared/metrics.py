@@ -2,14 +2,19 @@
 
 The names below are the public contract (README lists them; tests check the Grafana dashboard
 against them). Each tier process owns one registry and serves it on its own HTTP port.
+The tiers record per request after the answer is on its way (TierMetrics.defer / flush_soon):
+each update costs microseconds, several times more with the caches cold that a tier finds after
+the other tiers' slices ran, and about ten of them per request lay on every hop's path.
 `SPECS` is the one definition: TierMetrics builds its collectors from it, and `metric_names()`
 derives every series name from it, so a labelled metric that has no sample yet is still known.
 """
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -163,6 +168,30 @@ class TierMetrics:
                 "inflight", "batch_size")),
             forwarded_samples=self.forwarded_samples.labels(**hop) if hop else None,
             forwarded_bytes=self.forwarded_bytes.labels(**hop) if hop else None)
+        self._deferred: list[tuple[Callable[..., Any], tuple[Any, ...]]] = []
+        self._flush_scheduled = False
+
+    def defer(self, update: Callable[..., Any], *args: Any) -> None:
+        """Queue `update(*args)` until flush_soon()'s flush (event-loop thread only)."""
+        self._deferred.append((update, args))
+
+    def flush_soon(self) -> None:
+        """Apply the queued updates in the event loop's next step. Called when an answer is about
+        to be sent: grpc.aio starts a send within the step that writes it, so the bookkeeping
+        runs while the answer travels, not before it."""
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        self._flush_scheduled = False
+        updates, self._deferred = self._deferred, []
+        for update, args in updates:
+            update(*args)
+
+    def record_call(self, outcome: str, seconds: float) -> None:
+        duration = self.series.request_ok if outcome == OK_OUTCOME else self.request_duration.labels(self.tier, outcome)
+        duration.observe(seconds)
 
     def serve(self, port: int, addr: str = "0.0.0.0") -> WSGIServer:
         """Expose /metrics over HTTP on `port` (a daemon thread); `.shutdown()` stops it."""

@@ -19,8 +19,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-import numpy as np
-
 from shared.client import NextTierError
 from shared.errors import Overloaded
 from shared.rpc import pb2
@@ -98,7 +96,7 @@ class CircuitBreaker:
 class NextTierClient(Protocol):
     """What GuardedNextTier wraps: shared.client.ContinuationClient."""
 
-    async def continue_batch(self, tensors: Mapping[str, np.ndarray], request_ids: Sequence[str],
+    async def continue_batch(self, tensors: Mapping[str, pb2.Tensor], request_ids: Sequence[str],
                              thresholds: Mapping[str, float], timeout: float | None
                              ) -> list[pb2.Answer]: ...
 
@@ -116,7 +114,7 @@ class GuardedNextTier:
         self.breaker = breaker or CircuitBreaker()
         self.min_attempt_seconds = min_attempt_seconds
 
-    async def continue_batch(self, tensors: Mapping[str, np.ndarray], request_ids: Sequence[str],
+    async def continue_batch(self, tensors: Mapping[str, pb2.Tensor], request_ids: Sequence[str],
                              thresholds: Mapping[str, float], timeout: float | None
                              ) -> list[pb2.Answer]:
         deadline = None if timeout is None else time.monotonic() + timeout

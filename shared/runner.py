@@ -158,6 +158,8 @@ def _check_attention_mask(arrays: Mapping[str, np.ndarray]) -> None:
             raise InvalidInput(
                 f"tensor '{name}' has shape {list(array.shape)}, its first two dimensions must "
                 f"match '{ATTENTION_MASK}' {list(mask.shape)}")
+    if mask.size and (mask == 1).all():  # no padding (always so for one sample): valid
+        return
     if mask.size and (mask.min() < 0 or mask.max() > 1):
         raise InvalidInput(f"tensor '{ATTENTION_MASK}' may only hold 0 and 1")
     if len(mask) and not (mask.shape[1] and mask.any(axis=1).all()):

@@ -40,8 +40,7 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 def guarded_next_tier(settings: ForwardingSettings) -> GuardedNextTier:
     """The client of the next tier behind retries and a circuit breaker, as configured."""
     client = ContinuationClient(settings.next, settings.max_message_bytes, settings.next_client_tls(),
-                                settings.reconnect_max_ms, encoding=settings.forward_encoding,
-                                transport=settings.forward_transport)
+                                settings.reconnect_max_ms, transport=settings.forward_transport)
     retry = RetryPolicy(settings.forward_attempts, settings.retry_base_ms / 1000, settings.retry_max_ms / 1000)
     breaker = CircuitBreaker(settings.breaker_failures, settings.breaker_cooldown_s)
     next_name = TIERS[TIERS.index(settings.tier) + 1]

@@ -24,7 +24,7 @@ import numpy as np
 from shared.batching import Batcher
 from shared.calibration import softmax
 from shared.client import NextTierError
-from shared.codec import decode_tensors, from_tensor, payload_bytes
+from shared.codec import decode_tensors, encode_tensors, from_tensor, wire_bytes
 from shared.errors import ArtifactError, DeadlineExceeded, InvalidInput, NotReady, TierServeError, Undecodable
 from shared.images import ImageInput
 from shared.manifest import TIERS, Manifest, Tier
@@ -43,9 +43,10 @@ Streamed = Any
 
 
 class NextTier(Protocol):
-    """Where a tier sends what it cannot answer (shared.client.ContinuationClient over gRPC)."""
+    """Where a tier sends what it cannot answer (shared.client.ContinuationClient over gRPC), the
+    tensors encoded already (shared.codec.encode_tensors)."""
 
-    async def continue_batch(self, tensors: Mapping[str, np.ndarray], request_ids: Sequence[str],
+    async def continue_batch(self, tensors: Mapping[str, pb2.Tensor], request_ids: Sequence[str],
                              thresholds: Mapping[str, float], timeout: float | None
                              ) -> list[pb2.Answer]: ...
 
@@ -75,16 +76,18 @@ def forwarded_tensors(inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np
 
     forwards: next input name -> the name of this slice's output (or input, passed through, like
     the attention mask) that feeds it. Columns that are padding in every kept row are dropped.
+    The arrays may be views: encode_tensors copies them.
     """
-    picked = {name: (outputs[source] if source in outputs else inputs[source])[rows]
-              for name, source in forwards.items()}
+    every_row = len(rows) == len(next(iter(inputs.values())))
+    picked = {name: outputs[source] if source in outputs else inputs[source] for name, source in forwards.items()}
+    if not every_row:
+        picked = {name: a[rows] for name, a in picked.items()}
     mask = picked.get(ATTENTION_MASK)
-    if mask is not None and mask.size:
+    if mask is not None and mask.size and not mask[:, -1].any():
         width = int(np.flatnonzero(mask.any(axis=0))[-1]) + 1
-        if width < mask.shape[1]:
-            picked = {name: a[:, :width] if a.ndim >= 2 and a.shape[1] == mask.shape[1] else a
-                      for name, a in picked.items()}
-    return {name: np.ascontiguousarray(a) for name, a in picked.items()}
+        picked = {name: a[:, :width] if a.ndim >= 2 and a.shape[1] == mask.shape[1] else a
+                  for name, a in picked.items()}
+    return picked
 
 
 @dataclass
@@ -101,7 +104,7 @@ class TierLoop:
     deadline_margin: float = 0.010  # seconds kept back from the caller's deadline for our own answer
     min_forward_seconds: float = 0.002  # less time than this left for the next tier: answer degraded
     batcher: Batcher | None = None  # dynamic batching of concurrent requests (shared.batching)
-    forward_encoding: str = "fp32"  # how forwarded float tensors travel (shared.codec), for the bytes metric
+    forward_encoding: str = "fp32"  # how forwarded float tensors travel (shared.codec.FLOAT_ENCODINGS)
 
     def __post_init__(self) -> None:
         self.exit = self.manifest.exit(self.tier)
@@ -138,40 +141,35 @@ class TierLoop:
             raise InvalidInput("the batch is empty")
         if len(request_ids) != batch:
             raise InvalidInput(f"{len(request_ids)} request ids for a batch of {batch} samples")
-        series = self.metrics.series
-        series.samples.inc(batch)
-        if self.batcher is not None:  # it observes batch size and compute time per merged run
+        metrics = self.metrics
+        metrics.defer(metrics.series.samples.inc, batch)
+        if self.batcher is not None:  # it records batch size and compute time per merged run
             result = await self.batcher.run(inputs)
         else:
-            series.batch_size.observe(batch)
             result = await self.runner.run(inputs)
-            series.compute_duration.observe(result.compute_seconds)
+            metrics.defer(_record_run, metrics, batch, result.compute_seconds)
         probs = softmax(result.outputs[LOGITS], self.exit.temperature)
         confidence = probs.max(axis=-1)
-        for value in confidence:
-            series.confidence.observe(value)
         leaves = np.ones(batch, dtype=bool) if self.next_tier is None else confidence >= self.threshold(thresholds)
-
         answers: list[pb2.Answer] = [
             self._answer(probs[i], request_ids[i]) if leaves[i] else pb2.Answer()
             for i in range(batch)
         ]
-        series.exits.inc(int(leaves.sum()))
         waited = 0.0
         rows = np.flatnonzero(~leaves)
+        metrics.defer(_record_exit, metrics, confidence, batch - len(rows))
         if len(rows):
             assert self.next_tier is not None
-            tensors = forwarded_tensors(inputs, result.outputs, self.forwards, rows)
-            assert series.forwarded_samples is not None and series.forwarded_bytes is not None
-            series.forwarded_samples.inc(len(rows))
-            series.forwarded_bytes.inc(payload_bytes(tensors, self.forward_encoding))
+            tensors = encode_tensors(forwarded_tensors(inputs, result.outputs, self.forwards, rows),
+                                     self.forward_encoding)
+            metrics.defer(_record_forward, metrics, len(rows), tensors)
             wait_started = time.perf_counter()
             downstream = await self._forward(tensors, [request_ids[i] for i in rows], thresholds,
                                              time_left, wait_started - started)
             waited = time.perf_counter() - wait_started
-            series.downstream_wait.observe(waited)
+            metrics.defer(metrics.series.downstream_wait.observe, waited)
             if isinstance(downstream, NextTierError):  # no request is lost: answer with our own exit
-                self.metrics.degraded.labels(self.tier, downstream.kind).inc(len(rows))
+                metrics.defer(metrics.degraded.labels(self.tier, downstream.kind).inc, len(rows))
                 log.debug("answering %d samples degraded: %s", len(rows), downstream)
                 for row in rows:
                     answers[row] = self._answer(probs[row], request_ids[row], degraded_reason=str(downstream))
@@ -180,7 +178,8 @@ class TierLoop:
                     answers[row] = answer
 
         total = time.perf_counter() - started
-        series.own_duration.observe(total - waited)
+        metrics.defer(metrics.series.own_duration.observe, total - waited)
+        metrics.flush_soon()
         timing = pb2.TierTiming(tier=self.tier, server_seconds=total, own_seconds=total - waited,
                                 compute_seconds=result.compute_seconds)
         for index, answer in enumerate(answers):
@@ -188,7 +187,7 @@ class TierLoop:
             answer.timings.insert(0, timing)
         return answers
 
-    async def _forward(self, tensors: Mapping[str, np.ndarray], request_ids: Sequence[str],
+    async def _forward(self, tensors: Mapping[str, pb2.Tensor], request_ids: Sequence[str],
                        thresholds: Mapping[str, float], time_left: float | None, spent: float
                        ) -> list[pb2.Answer] | NextTierError:
         """The next tier's answers, or why there are none (then the caller answers degraded).
@@ -217,6 +216,23 @@ class TierLoop:
             exit_layer=self.exit.layer, degraded=bool(degraded_reason), degraded_reason=degraded_reason)
 
 
+def _record_run(metrics: TierMetrics, batch: int, compute_seconds: float) -> None:
+    metrics.series.batch_size.observe(batch)
+    metrics.series.compute_duration.observe(compute_seconds)
+
+
+def _record_exit(metrics: TierMetrics, confidence: np.ndarray, exits: int) -> None:
+    for value in confidence:
+        metrics.series.confidence.observe(value)
+    metrics.series.exits.inc(exits)
+
+
+def _record_forward(metrics: TierMetrics, samples: int, tensors: Mapping[str, pb2.Tensor]) -> None:
+    assert metrics.series.forwarded_samples is not None and metrics.series.forwarded_bytes is not None
+    metrics.series.forwarded_samples.inc(samples)
+    metrics.series.forwarded_bytes.inc(wire_bytes(tensors))
+
+
 @dataclass(frozen=True)
 class Failure:
     """How a call failed, as the gRPC status it answers with."""
@@ -230,12 +246,11 @@ async def run_call(metrics: TierMetrics, tier: str, handle: Callable[[], Awaitab
     """Run one call's handler; the one place where failures become gRPC statuses.
 
     TierServeError subclasses carry their status code; anything unexpected is INTERNAL, logged,
-    and the server keeps serving. admission: the tier's in-flight limit (RESOURCE_EXHAUSTED beyond it).
+    and the server keeps serving. admission: the tier's in-flight limit (RESOURCE_EXHAUSTED beyond it;
+    the inflight gauge reads its count). Metrics are recorded once the answer is on its way.
     """
     started = time.perf_counter()
     outcome = OK_OUTCOME
-    series = metrics.series
-    series.inflight.inc()
     try:
         with admission.admit() if admission is not None else nullcontext():
             return await handle()
@@ -250,10 +265,9 @@ async def run_call(metrics: TierMetrics, tier: str, handle: Callable[[], Awaitab
         outcome = "internal"
         failure = Failure(grpc.StatusCode.INTERNAL, f"internal error at the {tier} tier: {type(exc).__name__}: {exc}")
     finally:
-        series.inflight.dec()
-        duration = series.request_ok if outcome == OK_OUTCOME else metrics.request_duration.labels(tier, outcome)
-        duration.observe(time.perf_counter() - started)
-    metrics.errors.labels(tier, failure.code.name).inc()
+        metrics.defer(metrics.record_call, outcome, time.perf_counter() - started)
+        metrics.flush_soon()
+    metrics.defer(metrics.errors.labels(tier, failure.code.name).inc)
     return failure
 
 
@@ -276,6 +290,7 @@ class _Servicer:
         self.max_batch = max_batch
         self.loop: TierLoop | None = None
         self.admission = InflightLimit(DEFAULT_MAX_INFLIGHT, tier)  # the server sets its configured limit
+        metrics.series.inflight.set_function(lambda: self.admission.current)
         self.inject_delay = 0.0  # test hook (settings.inject_delay_ms): seconds to sleep before Continue
         self._streams: set[_CallStream] = set()
         self._draining = False

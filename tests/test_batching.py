@@ -283,7 +283,7 @@ def test_tier_loop_answers_each_sample_of_concurrent_requests_on_its_own(
     forwarded: list[str] = []
 
     class Cloud:
-        async def continue_batch(self, tensors: Mapping[str, np.ndarray], request_ids: list[str],
+        async def continue_batch(self, tensors: Mapping[str, pb2.Tensor], request_ids: list[str],
                                  thresholds: Mapping[str, float], timeout: float | None) -> list[pb2.Answer]:
             forwarded.extend(request_ids)
             return [pb2.Answer(request_id=r, tier="cloud") for r in request_ids]

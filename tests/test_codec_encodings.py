@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from shared.codec import FLOAT_ENCODINGS, decode_tensors, encode_tensors, from_tensor, payload_bytes
+from shared.codec import FLOAT_ENCODINGS, decode_tensors, encode_tensors, from_tensor, wire_bytes
 from shared.errors import InvalidInput
 from shared.rpc import pb2
 
@@ -51,18 +51,19 @@ def test_per_token_scale_beats_per_tensor_on_uneven_tokens() -> None:
     assert per_token < per_tensor
 
 
-@pytest.mark.parametrize("encoding", list(FLOAT_ENCODINGS))
-def test_payload_bytes_is_what_goes_on_the_wire(encoding: str) -> None:
-    arrays = hidden_and_mask()
-    tensors = encode_tensors(arrays, encoding)
-    assert payload_bytes(arrays, encoding) == sum(len(t.data) + len(t.scales) for t in tensors.values())
+@pytest.mark.parametrize(("encoding", "hidden_bytes"), [
+    ("fp32", 4 * 3 * 9 * 16), ("fp16", 2 * 3 * 9 * 16),
+    ("int8", 3 * 9 * 16 + 4 * 3 * 9), ("int8_tensor", 3 * 9 * 16 + 4)])  # values, then scales
+def test_wire_bytes_counts_data_and_scales(encoding: str, hidden_bytes: int) -> None:
+    tensors = encode_tensors(hidden_and_mask(), encoding)
     assert tensors["attention_mask"].encoding == pb2.TENSOR_ENCODING_LENGTHS
     assert len(tensors["attention_mask"].data) == 4 * 3
+    assert wire_bytes(tensors) == hidden_bytes + 4 * 3
 
 
 def test_int8_sends_about_a_quarter_of_fp32() -> None:
     arrays = hidden_and_mask(batch=1, seq=13, width=384)
-    assert payload_bytes(arrays, "int8") / payload_bytes(arrays, "fp32") < 0.27
+    assert wire_bytes(encode_tensors(arrays, "int8")) / wire_bytes(encode_tensors(arrays, "fp32")) < 0.27
 
 
 @pytest.mark.parametrize("mask", [

@@ -87,7 +87,7 @@ class ScriptedNextTier:
         self.failures = list(failures)
         self.timeouts: list[float | None] = []
 
-    async def continue_batch(self, tensors: Mapping[str, np.ndarray], request_ids: Sequence[str],
+    async def continue_batch(self, tensors: Mapping[str, pb2.Tensor], request_ids: Sequence[str],
                              thresholds: Mapping[str, float], timeout: float | None) -> list[pb2.Answer]:
         self.timeouts.append(timeout)
         if self.failures:

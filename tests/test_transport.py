@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from shared.client import ContinuationClient, NextTierError, TierClient
+from shared.codec import encode_tensors
 from shared.manifest import load_manifest
 from shared.processes import TierCluster, TierProcess, free_port, running_tiers, start_tier, wait_until_serving
 from shared.rpc import pb2, pb2_grpc
@@ -28,11 +29,11 @@ TEXTS = [sentence(_rng, i % 2, 3) for i in range(24)]
 UNARY = {"forward_transport": "unary"}
 
 
-def _hidden(artifacts: Path, tokens: int = 5) -> dict[str, np.ndarray]:
-    """A valid input of the cloud slice: one sample's hidden state and its mask."""
+def _hidden(artifacts: Path, tokens: int = 5) -> dict[str, pb2.Tensor]:
+    """A valid input of the cloud slice, encoded: one sample's hidden state and its mask."""
     size = load_manifest(artifacts).hidden_size
-    return {"hidden": np.random.default_rng(0).normal(size=(1, tokens, size)).astype(np.float32),
-            "attention_mask": np.ones((1, tokens), dtype=np.int64)}
+    return encode_tensors({"hidden": np.random.default_rng(0).normal(size=(1, tokens, size)).astype(np.float32),
+                           "attention_mask": np.ones((1, tokens), dtype=np.int64)})
 
 
 @pytest.fixture(scope="module")
