@@ -21,6 +21,7 @@ from shared.codec import encode_tensors
 from shared.manifest import load_manifest
 from shared.processes import TierCluster, TierProcess, free_port, running_tiers, start_tier, wait_until_serving
 from shared.rpc import pb2, pb2_grpc
+from shared.streaming import start_eagerly
 from tests.tiny_model import sentence
 
 TO_THE_CLOUD = {"mobile": 1.01, "edge": 1.01}
@@ -198,3 +199,41 @@ def test_a_client_of_an_entry_tier_without_streams_calls_classify() -> None:
     finally:
         server.stop(0)
     assert [(a.request_id, a.label) for a in first + second] == [("r1/0", "old"), ("r1/1", "old"), ("r2/0", "old")]
+
+
+def test_start_eagerly_runs_the_first_step_at_once_then_behaves_as_a_task() -> None:
+    steps: list[str] = []
+
+    async def work(value: int, fail: bool = False) -> int:
+        steps.append(f"first {value}")
+        await asyncio.sleep(0)  # a bare yield
+        await asyncio.sleep(0.01)  # a future
+        if fail:
+            raise ValueError(value)
+        return value * 2
+
+    async def forever() -> None:
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            steps.append("cancelled inside")
+            raise
+
+    async def immediate() -> str:
+        return "at once"
+
+    async def scenario() -> tuple[int, str]:
+        doubled = start_eagerly(work(21))
+        steps.append("caller")
+        failing = start_eagerly(work(1, fail=True))
+        with pytest.raises(ValueError):
+            await failing
+        waiting = start_eagerly(forever())
+        await asyncio.sleep(0.01)
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        return await doubled, await start_eagerly(immediate())
+
+    assert asyncio.run(scenario()) == (42, "at once")
+    assert steps == ["first 21", "caller", "first 1", "cancelled inside"]
