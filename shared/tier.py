@@ -78,9 +78,8 @@ def forwarded_tensors(inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np
     the attention mask) that feeds it. Columns that are padding in every kept row are dropped.
     The arrays may be views: encode_tensors copies them.
     """
-    every_row = len(rows) == len(next(iter(inputs.values())))
     picked = {name: outputs[source] if source in outputs else inputs[source] for name, source in forwards.items()}
-    if not every_row:
+    if len(rows) != len(next(iter(picked.values()))):
         picked = {name: a[rows] for name, a in picked.items()}
     mask = picked.get(ATTENTION_MASK)
     if mask is not None and mask.size and not mask[:, -1].any():
