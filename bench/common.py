@@ -15,10 +15,6 @@ from typing import Any
 import numpy as np
 
 from shared.manifest import TIERS, Manifest, load_manifest
-from shared.rpc import prefer_low_latency_polling
-
-# the bench's clients are latency-sensitive gRPC clients: set up as the README advises for them
-prefer_low_latency_polling()
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS = REPO_ROOT / "bench" / "results"

@@ -13,7 +13,6 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from shared.config import SETTINGS_BY_TIER, add_settings_arguments, settings_from_args
-from shared.rpc import prefer_low_latency_polling
 
 DEFAULT_ENTRY = "127.0.0.1:50051"
 CLASSIFY_BATCH = 64
@@ -147,7 +146,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    prefer_low_latency_polling()
     return args.handler(args)
 
 

@@ -94,18 +94,6 @@ def inference_stubs() -> tuple[ModuleType, ModuleType]:
             importlib.import_module("shared.gen.inference.grpc_service_pb2_grpc"))
 
 
-# gRPC's EventEngine (on by default in grpcio 1.85) reads sockets on its own threads and hands each
-# event over to the thread polling the completion queue: one thread wake-up more per message than
-# the older polling engine: 0.04-0.09 ms per round trip on a 2-core VM (README, "Streams of calls").
-LOW_LATENCY_EXPERIMENTS = "-event_engine_client,-event_engine_listener"
-
-
-def prefer_low_latency_polling() -> None:
-    """Use gRPC's polling engine without the EventEngine's thread hop in this process, unless
-    GRPC_EXPERIMENTS is set already. Effective only before the process's first channel or server."""
-    os.environ.setdefault("GRPC_EXPERIMENTS", LOW_LATENCY_EXPERIMENTS)
-
-
 pb2, pb2_grpc = _load()
 SERVICE_NAMES = tuple(s.full_name for s in pb2.DESCRIPTOR.services_by_name.values())
 DEFAULT_MAX_MESSAGE_BYTES = 64 << 20

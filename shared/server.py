@@ -26,7 +26,7 @@ from shared.manifest import TIERS, load_manifest, verified_slice_path
 from shared.metrics import TierMetrics
 from shared.processes import exit_with_parent
 from shared.resilience import CircuitBreaker, GuardedNextTier, InflightLimit, RetryPolicy
-from shared.rpc import SERVICE_NAMES, message_size_options, pb2, pb2_grpc, prefer_low_latency_polling
+from shared.rpc import SERVICE_NAMES, message_size_options, pb2, pb2_grpc
 from shared.runner import SliceRunner
 from shared.text import TextEncoder
 from shared.tier import ClassifierServicer, ContinuationServicer, TierLoop
@@ -152,7 +152,6 @@ def run_tier(settings: TierSettings) -> int:
         level=logging.INFO, stream=sys.stderr,
         format=f"%(asctime)s {settings.tier} %(levelname)s %(name)s: %(message)s")
     exit_with_parent()
-    prefer_low_latency_polling()
     try:
         asyncio.run(_serve_until_signalled(settings))
     except TierServeError as exc:  # a broken or missing artifact: say what, exit non-zero

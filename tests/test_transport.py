@@ -8,6 +8,10 @@ for an older tier that has no streaming method.
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
+import textwrap
 from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
@@ -16,6 +20,7 @@ import grpc
 import numpy as np
 import pytest
 
+from shared import LOW_LATENCY_EXPERIMENTS
 from shared.client import ContinuationClient, NextTierError, TierClient
 from shared.codec import encode_tensors
 from shared.manifest import load_manifest
@@ -237,3 +242,30 @@ def test_start_eagerly_runs_the_first_step_at_once_then_behaves_as_a_task() -> N
 
     assert asyncio.run(scenario()) == (42, "at once")
     assert steps == ["first 21", "caller", "first 1", "cancelled inside"]
+
+
+# prints GRPC_EXPERIMENTS as it is when the grpc package is imported (by shared.client, here)
+_EXPERIMENTS_AT_GRPC_IMPORT = textwrap.dedent("""
+    import os, sys
+
+    class Watch:
+        def find_spec(self, name, path=None, target=None):
+            if name == "grpc":
+                print(repr(os.environ.get("GRPC_EXPERIMENTS")))
+                sys.meta_path.remove(self)
+
+    sys.meta_path.insert(0, Watch())
+    import shared.client
+""")
+
+
+@pytest.mark.parametrize(("preset", "expected"), [(None, LOW_LATENCY_EXPERIMENTS), ("", "")])
+def test_grpc_experiments_are_set_before_grpc_is_imported(preset: str | None, expected: str) -> None:
+    """gRPC reads GRPC_EXPERIMENTS once, at import: tierserve sets it before that, unless the process
+    set it itself (an empty value keeps gRPC's defaults)."""
+    env = {k: v for k, v in os.environ.items() if k != "GRPC_EXPERIMENTS"}
+    if preset is not None:
+        env["GRPC_EXPERIMENTS"] = preset
+    probe = subprocess.run([sys.executable, "-c", _EXPERIMENTS_AT_GRPC_IMPORT], env=env, capture_output=True,
+                           text=True, check=True, cwd=Path(__file__).resolve().parent.parent)
+    assert probe.stdout.strip() == repr(expected)
