@@ -13,6 +13,7 @@ the decoded array, so the receiving tier gets back what its slice takes.
 from __future__ import annotations
 
 import math
+import struct
 from collections.abc import Mapping
 
 import numpy as np
@@ -42,6 +43,7 @@ def wire_name(dtype: np.dtype) -> str | None:
     """The wire name of an array's dtype (either byte order), None if it cannot be sent."""
     return _WIRE_NAMES.get(dtype) or _WIRE_NAMES.get(dtype.newbyteorder("="))
 _ENCODING_NAMES: dict[int, str] = {value: name for name, value in pb2.TensorEncoding.items()}
+_UNPADDED_MASK = -1  # _encoding_of's answer for a mask of full rows: sent as LENGTHS
 
 
 def to_tensor(array: np.ndarray) -> pb2.Tensor:
@@ -69,14 +71,15 @@ def from_tensor(tensor: pb2.Tensor, name: str = "tensor") -> np.ndarray:
     if any(d < 0 for d in shape):
         raise InvalidInput(f"tensor '{name}' has a negative dimension in shape {list(shape)}")
     expected = math.prod(shape) * dtype.itemsize
-    if len(tensor.data) != expected:
+    data = tensor.data  # each read of a bytes field copies it
+    if len(data) != expected:
         raise InvalidInput(
-            f"tensor '{name}' has {len(tensor.data)} bytes of data; shape {list(shape)} "
+            f"tensor '{name}' has {len(data)} bytes of data; shape {list(shape)} "
             f"of {tensor.dtype} needs {expected}")
-    array = np.frombuffer(tensor.data, dtype=dtype).reshape(shape)
+    array = np.frombuffer(data, dtype=dtype).reshape(shape)
     # a finite sum means every value is finite: one pass instead of two; a sum that overflows
     # (or an array that holds NaN) gets the exact check
-    if dtype.kind == "f" and not np.isfinite(array.sum()) and not np.isfinite(array).all():
+    if dtype.kind == "f" and not math.isfinite(array.sum()) and not np.isfinite(array).all():
         bad = int(np.flatnonzero(~np.isfinite(array.reshape(-1)))[0])
         raise InvalidInput(
             f"tensor '{name}' holds NaN or infinite values (first at flat index {bad})")
@@ -105,7 +108,8 @@ def _float_encoding(encoding: str) -> int:
 
 
 def _encoding_of(name: str, array: np.ndarray, float_encoding: int) -> int:
-    """How one tensor travels: float tensors as asked; a 0/1 attention mask compactly."""
+    """How one tensor travels: float tensors as asked; a 0/1 attention mask compactly
+    (_UNPADDED_MASK: as lengths, every row full)."""
     kind = array.dtype.kind
     if not array.size or wire_name(array.dtype) is None:
         return pb2.TENSOR_ENCODING_RAW
@@ -114,13 +118,18 @@ def _encoding_of(name: str, array: np.ndarray, float_encoding: int) -> int:
             return pb2.TENSOR_ENCODING_INT8_TENSOR
         return float_encoding
     if name == ATTENTION_MASK and kind in "iub":
-        if array.ndim == 2 and ((array == 1).all()  # no padding: the common case, checked first
-                                or np.array_equal(array, _right_padded(array.sum(axis=1), array.shape[1]))):
+        if array.ndim == 2 and (array == 1).all():  # no padding: the common case, checked first
+            return _UNPADDED_MASK
+        if array.ndim == 2 and np.array_equal(array, _right_padded(array.sum(axis=1), array.shape[1])):
             return pb2.TENSOR_ENCODING_LENGTHS  # (which also means it holds only 0 and 1)
         if not ((array == 0) | (array == 1)).all():
             return pb2.TENSOR_ENCODING_RAW  # the receiver explains what is wrong with it
         return pb2.TENSOR_ENCODING_UINT8
     return pb2.TENSOR_ENCODING_RAW
+
+
+def _lengths_bytes(lengths: list[int]) -> bytes:
+    return struct.pack(f"<{len(lengths)}i", *lengths)
 
 
 def _right_padded(lengths: np.ndarray, width: int) -> np.ndarray:
@@ -134,7 +143,9 @@ def _encode(name: str, array: np.ndarray, float_encoding: int) -> pb2.Tensor:
     if kind == pb2.TENSOR_ENCODING_RAW:
         return to_tensor(array)
     scales = b""
-    if kind == pb2.TENSOR_ENCODING_LENGTHS:
+    if kind == _UNPADDED_MASK:  # every row's length is the width: no numpy call needed
+        kind, data = pb2.TENSOR_ENCODING_LENGTHS, _lengths_bytes([array.shape[1]] * array.shape[0])
+    elif kind == pb2.TENSOR_ENCODING_LENGTHS:
         data = array.sum(axis=1).astype("<i4").tobytes()
     elif kind == pb2.TENSOR_ENCODING_UINT8:
         data = np.ascontiguousarray(array, dtype=np.uint8).tobytes()
@@ -179,16 +190,16 @@ def _decode(tensor: pb2.Tensor, name: str) -> np.ndarray:
         raise InvalidInput(
             f"tensor '{name}' ({label}) has {len(tensor.data)} bytes of data and {len(tensor.scales)} of "
             f"scales; shape {list(shape)} needs {expected} and {4 * n_scales}")
-    if kind == pb2.TENSOR_ENCODING_LENGTHS:
-        lengths = np.frombuffer(tensor.data, "<i4")
-        if not lengths.size:
+    if kind == pb2.TENSOR_ENCODING_LENGTHS:  # one int per row: plain Python beats numpy's set-up
+        lengths = struct.unpack(f"<{shape[0]}i", tensor.data)
+        if not lengths:
             return np.zeros(shape, dtype.newbyteorder("="))
-        shortest, longest = lengths.min(), lengths.max()
+        shortest, longest = min(lengths), max(lengths)
         if shortest < 0 or longest > shape[1]:
             raise InvalidInput(f"tensor '{name}' has row lengths outside 0..{shape[1]}")
         if shortest == shape[1]:  # no padding (always so for one sample)
             return np.ones(shape, dtype.newbyteorder("="))
-        return _right_padded(lengths, shape[1]).astype(dtype.newbyteorder("="))
+        return _right_padded(np.array(lengths), shape[1]).astype(dtype.newbyteorder("="))
     if kind == pb2.TENSOR_ENCODING_UINT8:
         return np.frombuffer(tensor.data, np.uint8).reshape(shape).astype(dtype.newbyteorder("="))
     if kind == pb2.TENSOR_ENCODING_FP16:
