@@ -11,7 +11,10 @@ For scale, the bare cost of a hop in this stack: the p50 round trip of a grpc.ai
 another process, sent the bytes of a median forwarded hidden state and answering them back
 (no tier code at all), as a new unary call and as a message on an open stream;
 `ratio_if_hops_were_bare` is what the ratio would be if each of the three hops cost only a bare
-round trip on a stream (the client and the tiers all send their calls on streams).
+round trip on a stream (the client and the tiers all send their calls on streams). The same round
+trip after IDLE_SECONDS of idleness (`bare_grpc_stream_round_trip_after_idle_ms`) is what a hop
+meets in the chain of tiers, where each process waits while the others run their slices: on a
+shared VM, code that ran moments ago is out of the caches by then.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from shared.runner import SliceRunner
 from shared.text import TextEncoder
 
 WARMUP = 20
+IDLE_SECONDS = 0.003  # about one slice's run: how long a tier waits between its messages
 ROUNDS = 5  # alternating blocks of chain and three-tier measurements
 
 
@@ -128,7 +132,8 @@ def _echo_server(port: int) -> None:
 
 def bare_round_trips_ms(payload_bytes: int, calls: int = 2000) -> dict[str, float]:
     """p50 ms of grpc.aio round trips to an echo server in another process (the floor of a hop):
-    a new unary call each ("unary"), and a message on one open bidirectional stream ("stream")."""
+    a new unary call each ("unary"), a message on one open bidirectional stream ("stream"), and
+    such a message after IDLE_SECONDS of sleep ("stream_after_idle")."""
     import grpc
 
     from shared.processes import free_port
@@ -147,13 +152,18 @@ def bare_round_trips_ms(payload_bytes: int, calls: int = 2000) -> dict[str, floa
                 await stream.write(payload)
                 await stream.read()
 
-            seconds: dict[str, list[float]] = {"unary": [], "stream": []}
+            seconds: dict[str, list[float]] = {"unary": [], "stream": [], "stream_after_idle": []}
             for i in range(calls + 200):
                 for kind, round_trip in (("unary", lambda: echo(payload)), ("stream", over_stream)):
                     started = time.perf_counter()
                     await round_trip()
                     if i >= 200:
                         seconds[kind].append(time.perf_counter() - started)
+            for _ in range(calls // 4):
+                time.sleep(IDLE_SECONDS)  # the whole process idles, as a tier between its messages
+                started = time.perf_counter()
+                await over_stream()
+                seconds["stream_after_idle"].append(time.perf_counter() - started)
             await stream.done_writing()
             return {kind: float(np.median(values) * 1e3) for kind, values in seconds.items()}
 
@@ -179,7 +189,9 @@ def run(artifacts: Path, data: str | None = None, limit: int | None = 300, out: 
         "overhead_ratio": three["p50"] / chain["p50"], "overhead_ratio_p99": three["p99"] / chain["p99"],
         "per_hop_overhead_ms": (three["p50"] - chain["p50"]) / 3, "hop_p50_ms": hop_p50,
         "bare_grpc_round_trip_ms": bare["unary"], "bare_grpc_stream_round_trip_ms": bare["stream"],
+        "bare_grpc_stream_round_trip_after_idle_ms": bare["stream_after_idle"],
         "bare_payload_tokens": tokens, "ratio_if_hops_were_bare": (chain["p50"] + bare_hops) / chain["p50"],
+        "ratio_if_hops_were_bare_after_idle": (chain["p50"] + 3 * bare["stream_after_idle"]) / chain["p50"],
     }
     print(table(["system", "p50 ms", "p99 ms", "mean ms"],
                 [["in-process chain", chain["p50"], chain["p99"], chain["mean"]],
@@ -190,6 +202,8 @@ def run(artifacts: Path, data: str | None = None, limit: int | None = 300, out: 
     print(f"bare grpc.aio round trip ({tokens} tokens of hidden state): {bare['unary']:.3f} ms as a unary call, "
           f"{bare['stream']:.3f} ms on an open stream; with three such hops on streams and no tier "
           f"code the ratio would be {result['ratio_if_hops_were_bare']:.3f}")
+    print(f"the same on a stream after {IDLE_SECONDS * 1e3:.0f} ms idle: {bare['stream_after_idle']:.3f} ms; "
+          f"ratio with three such hops {result['ratio_if_hops_were_bare_after_idle']:.3f}")
     if out is not None:
         write_result(out, "overhead", result)
     return result

@@ -74,3 +74,5 @@ def test_overhead_forces_every_request_through_both_hops(tiny_artifacts: Path, t
     assert result["overhead_ratio"] == pytest.approx(result["three_tier_ms"]["p50"] / result["chain_ms"]["p50"])
     assert result["bare_grpc_round_trip_ms"] > 0 and result["bare_grpc_stream_round_trip_ms"] > 0
     assert result["ratio_if_hops_were_bare"] > 1
+    assert result["bare_grpc_stream_round_trip_after_idle_ms"] > 0
+    assert result["ratio_if_hops_were_bare_after_idle"] > 1
