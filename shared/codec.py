@@ -186,12 +186,13 @@ def _decode(tensor: pb2.Tensor, name: str) -> np.ndarray:
         pb2.TENSOR_ENCODING_INT8_TOKEN: (1, rows), pb2.TENSOR_ENCODING_UINT8: (1, 0),
     }.get(kind, (0, 0))
     expected = 4 * shape[0] if kind == pb2.TENSOR_ENCODING_LENGTHS else size * item
-    if len(tensor.data) != expected or len(tensor.scales) != 4 * n_scales:
+    data, scale_bytes = tensor.data, tensor.scales  # each read of a bytes field copies it
+    if len(data) != expected or len(scale_bytes) != 4 * n_scales:
         raise InvalidInput(
-            f"tensor '{name}' ({label}) has {len(tensor.data)} bytes of data and {len(tensor.scales)} of "
+            f"tensor '{name}' ({label}) has {len(data)} bytes of data and {len(scale_bytes)} of "
             f"scales; shape {list(shape)} needs {expected} and {4 * n_scales}")
     if kind == pb2.TENSOR_ENCODING_LENGTHS:  # one int per row: plain Python beats numpy's set-up
-        lengths = struct.unpack(f"<{shape[0]}i", tensor.data)
+        lengths = struct.unpack(f"<{shape[0]}i", data)
         if not lengths:
             return np.zeros(shape, dtype.newbyteorder("="))
         shortest, longest = min(lengths), max(lengths)
@@ -201,14 +202,14 @@ def _decode(tensor: pb2.Tensor, name: str) -> np.ndarray:
             return np.ones(shape, dtype.newbyteorder("="))
         return _right_padded(np.array(lengths), shape[1]).astype(dtype.newbyteorder("="))
     if kind == pb2.TENSOR_ENCODING_UINT8:
-        return np.frombuffer(tensor.data, np.uint8).reshape(shape).astype(dtype.newbyteorder("="))
+        return np.frombuffer(data, np.uint8).reshape(shape).astype(dtype.newbyteorder("="))
     if kind == pb2.TENSOR_ENCODING_FP16:
-        values = np.frombuffer(tensor.data, "<f2").reshape(shape).astype(dtype.newbyteorder("="))
+        values = np.frombuffer(data, "<f2").reshape(shape).astype(dtype.newbyteorder("="))
     else:
-        scales = np.frombuffer(tensor.scales, "<f4")
+        scales = np.frombuffer(scale_bytes, "<f4")
         if not (np.isfinite(scales) & (scales >= 0)).all():
             raise InvalidInput(f"tensor '{name}' has negative, NaN or infinite scales")
-        q = np.frombuffer(tensor.data, np.int8).reshape(shape)
+        q = np.frombuffer(data, np.int8).reshape(shape)
         scale = scales.reshape(*shape[:-1], 1) if kind == pb2.TENSOR_ENCODING_INT8_TOKEN else scales[0]
         values = (q * scale).astype(dtype.newbyteorder("="))
     if not np.isfinite(values).all():
