@@ -47,6 +47,9 @@ class TierSettings(BaseSettings):
     inline_max_samples: int = Field(
         4, ge=0, description="a request of at most this many samples runs on the event loop's thread when the "
         "tier is idle (saves ~0.3 ms of thread hand-off; 0: always the worker thread)")
+    event_loop: Literal["auto", "uvloop", "asyncio"] = Field(
+        "auto", description="the tier's event loop: uvloop (libuv, in C: each hop's hand-offs and task "
+        "switches cost less), asyncio (the standard library's), auto: uvloop where it is installed")
     grace_seconds: float = Field(5.0, ge=0, description="time to finish in-flight RPCs on SIGTERM")
     max_inflight: int = Field(
         64, ge=1, description="requests handled at once at most; beyond it RESOURCE_EXHAUSTED at once")

@@ -11,7 +11,8 @@ import asyncio
 import logging
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -146,6 +147,23 @@ async def _serve_until_signalled(settings: TierSettings) -> None:
     await serve(settings, stop)
 
 
+def run_event_loop(main: Coroutine[Any, Any, None], kind: str = "auto") -> None:
+    """Run `main` to its end on the event loop TierSettings.event_loop names: uvloop (auto: where
+    it is installed) or asyncio's own."""
+    if kind != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if kind == "uvloop":
+                main.close()
+                raise TierServeError("event_loop is uvloop but the uvloop package is not installed: "
+                                     "pip install uvloop, or set event_loop to asyncio") from None
+        else:
+            uvloop.run(main)
+            return
+    asyncio.run(main)
+
+
 def run_tier(settings: TierSettings) -> int:
     """Serve a tier in this process until SIGTERM/SIGINT; the exit status."""
     logging.basicConfig(
@@ -153,8 +171,8 @@ def run_tier(settings: TierSettings) -> int:
         format=f"%(asctime)s {settings.tier} %(levelname)s %(name)s: %(message)s")
     exit_with_parent()
     try:
-        asyncio.run(_serve_until_signalled(settings))
-    except TierServeError as exc:  # a broken or missing artifact: say what, exit non-zero
+        run_event_loop(_serve_until_signalled(settings), settings.event_loop)
+    except TierServeError as exc:  # a broken or missing artifact or setting: say what, exit non-zero
         log.error("%s", exc)
         return 2
     return 0

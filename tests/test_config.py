@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import sys
 from pathlib import Path
 
 import pytest
 
 from shared.config import CloudSettings, EdgeSettings, MobileSettings, parse_settings
+from shared.errors import TierServeError
+from shared.server import run_event_loop
 
 
 def test_local_defaults_chain_mobile_to_edge_to_cloud(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -37,3 +41,29 @@ def test_bad_values_exit_with_a_message(capsys: pytest.CaptureFixture[str]) -> N
     assert "onnx_threads" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         parse_settings("cloud", ["--next", "127.0.0.1:1"])  # the cloud has no next tier
+
+
+def _loop_kind(kind: str) -> str:
+    """The package of the event loop run_event_loop(kind) runs a coroutine on."""
+    seen = []
+
+    async def main() -> None:
+        seen.append(type(asyncio.get_running_loop()).__module__.split(".")[0])
+
+    run_event_loop(main(), kind)
+    return seen[0]
+
+
+def test_the_event_loop_setting_picks_the_loop() -> None:
+    assert parse_settings("edge", []).event_loop == "auto"
+    assert parse_settings("edge", ["--event-loop", "asyncio"]).event_loop == "asyncio"
+    assert (_loop_kind("auto"), _loop_kind("uvloop"), _loop_kind("asyncio")) == ("uvloop", "uvloop", "asyncio")
+    with pytest.raises(SystemExit):
+        parse_settings("edge", ["--event-loop", "trio"])
+
+
+def test_auto_falls_back_to_asyncio_and_uvloop_without_the_package_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # `import uvloop` raises ImportError
+    assert _loop_kind("auto") == "asyncio"
+    with pytest.raises(TierServeError, match="uvloop package is not installed"):
+        _loop_kind("uvloop")
