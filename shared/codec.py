@@ -46,6 +46,27 @@ _ENCODING_NAMES: dict[int, str] = {value: name for name, value in pb2.TensorEnco
 _UNPADDED_MASK = -1  # _encoding_of's answer for a mask of full rows: sent as LENGTHS
 
 
+_UNPADDED_MASKS: dict[tuple[tuple[int, ...], np.dtype], np.ndarray] = {}
+
+
+def unpadded_mask(shape: tuple[int, ...], dtype: np.dtype | type = np.int64) -> np.ndarray:
+    """A read-only all-ones attention mask, one per shape and dtype: is_unpadded_mask() knows it
+    without looking at its values (numpy calls are what a hop's code spends most on)."""
+    key = (tuple(shape), np.dtype(dtype))
+    mask = _UNPADDED_MASKS.get(key)
+    if mask is None:
+        if len(_UNPADDED_MASKS) >= 1024:
+            _UNPADDED_MASKS.clear()
+        mask = _UNPADDED_MASKS[key] = np.ones(key[0], key[1])
+        mask.flags.writeable = False
+    return mask
+
+
+def is_unpadded_mask(array: np.ndarray) -> bool:
+    """True if `array` is all ones; False if unknown without looking at its values (it may still be)."""
+    return _UNPADDED_MASKS.get((array.shape, array.dtype)) is array
+
+
 def to_tensor(array: np.ndarray) -> pb2.Tensor:
     array = np.asarray(array)
     name = wire_name(array.dtype)
@@ -118,7 +139,7 @@ def _encoding_of(name: str, array: np.ndarray, float_encoding: int) -> int:
             return pb2.TENSOR_ENCODING_INT8_TENSOR
         return float_encoding
     if name == ATTENTION_MASK and kind in "iub":
-        if array.ndim == 2 and (array == 1).all():  # no padding: the common case, checked first
+        if array.ndim == 2 and (is_unpadded_mask(array) or (array == 1).all()):  # no padding: checked first
             return _UNPADDED_MASK
         if array.ndim == 2 and np.array_equal(array, _right_padded(array.sum(axis=1), array.shape[1])):
             return pb2.TENSOR_ENCODING_LENGTHS  # (which also means it holds only 0 and 1)
@@ -199,7 +220,7 @@ def _decode(tensor: pb2.Tensor, name: str) -> np.ndarray:
         if shortest < 0 or longest > shape[1]:
             raise InvalidInput(f"tensor '{name}' has row lengths outside 0..{shape[1]}")
         if shortest == shape[1]:  # no padding (always so for one sample)
-            return np.ones(shape, dtype.newbyteorder("="))
+            return unpadded_mask(shape, dtype.newbyteorder("="))
         return _right_padded(np.array(lengths), shape[1]).astype(dtype.newbyteorder("="))
     if kind == pb2.TENSOR_ENCODING_UINT8:
         return np.frombuffer(data, np.uint8).reshape(shape).astype(dtype.newbyteorder("="))

@@ -14,8 +14,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -170,13 +169,12 @@ class InflightLimit:
         self.tier = tier
         self.current = 0
 
-    @contextmanager
-    def admit(self) -> Iterator[None]:
+    def enter(self) -> None:
+        """Count a request in, or raise Overloaded at the limit; every enter() needs its leave()."""
         if self.current >= self.limit:
             raise Overloaded(
                 f"the {self.tier} tier is at its limit of {self.limit} requests in flight; retry later")
         self.current += 1
-        try:
-            yield
-        finally:
-            self.current -= 1
+
+    def leave(self) -> None:
+        self.current -= 1

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from shared.codec import ATTENTION_MASK
+from shared.codec import ATTENTION_MASK, is_unpadded_mask
 from shared.errors import ArtifactError, InvalidInput
 from shared.manifest import SliceSpec
 
@@ -158,7 +158,7 @@ def _check_attention_mask(arrays: Mapping[str, np.ndarray]) -> None:
             raise InvalidInput(
                 f"tensor '{name}' has shape {list(array.shape)}, its first two dimensions must "
                 f"match '{ATTENTION_MASK}' {list(mask.shape)}")
-    if mask.size and (mask == 1).all():  # no padding (always so for one sample): valid
+    if mask.size and (is_unpadded_mask(mask) or (mask == 1).all()):  # no padding (always so for one sample): valid
         return
     if mask.size and (mask.min() < 0 or mask.max() > 1):
         raise InvalidInput(f"tensor '{ATTENTION_MASK}' may only hold 0 and 1")

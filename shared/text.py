@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
+from shared.codec import unpadded_mask
 from shared.errors import ArtifactError
 from shared.manifest import Manifest, sha256_file
 
@@ -22,7 +23,8 @@ PAD_ID = 0
 
 @dataclass(frozen=True)
 class EncodedTexts:
-    tensors: dict[str, np.ndarray]  # input_ids, attention_mask: int64 [B, longest]
+    # input_ids, attention_mask: int64 [B, longest]; an unpadded mask is shared and read-only (codec.unpadded_mask)
+    tensors: dict[str, np.ndarray]
     truncated: np.ndarray  # bool [B]: the text was cut to max_length tokens
     lengths: np.ndarray  # int [B]: tokens per text after truncation
 
@@ -66,9 +68,13 @@ class TextEncoder:
 
     def encode(self, texts: Sequence[str]) -> EncodedTexts:
         ids, truncated = self.token_ids(texts)
-        input_ids, attention_mask = pad(ids)
-        lengths = np.array([len(x) for x in ids], dtype=np.int64)
-        return EncodedTexts({"input_ids": input_ids, "attention_mask": attention_mask}, truncated, lengths)
+        lengths = [len(x) for x in ids]
+        if lengths and min(lengths) == max(lengths):  # no padding (always so for one text): the shared mask
+            input_ids, attention_mask = np.array(ids, dtype=np.int64), unpadded_mask((len(ids), lengths[0]))
+        else:
+            input_ids, attention_mask = pad(ids)
+        return EncodedTexts({"input_ids": input_ids, "attention_mask": attention_mask}, truncated,
+                            np.array(lengths, dtype=np.int64))
 
 
 def pad(ids: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:

@@ -14,7 +14,6 @@ import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -24,7 +23,7 @@ import numpy as np
 from shared.batching import Batcher
 from shared.calibration import softmax
 from shared.client import NextTierError
-from shared.codec import decode_tensors, encode_tensors, from_tensor, wire_bytes
+from shared.codec import decode_tensors, encode_tensors, from_tensor, is_unpadded_mask, wire_bytes
 from shared.errors import ArtifactError, DeadlineExceeded, InvalidInput, NotReady, TierServeError, Undecodable
 from shared.images import ImageInput
 from shared.manifest import TIERS, Manifest, Tier
@@ -82,7 +81,7 @@ def forwarded_tensors(inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np
     if len(rows) != len(next(iter(picked.values()))):
         picked = {name: a[rows] for name, a in picked.items()}
     mask = picked.get(ATTENTION_MASK)
-    if mask is not None and mask.size and not mask[:, -1].any():
+    if mask is not None and mask.size and not is_unpadded_mask(mask) and not mask[:, -1].any():
         width = int(np.flatnonzero(mask.any(axis=0))[-1]) + 1
         picked = {name: a[:, :width] if a.ndim >= 2 and a.shape[1] == mask.shape[1] else a
                   for name, a in picked.items()}
@@ -253,8 +252,13 @@ async def run_call(metrics: TierMetrics, tier: str, handle: Callable[[], Awaitab
     started = time.perf_counter()
     outcome = OK_OUTCOME
     try:
-        with admission.admit() if admission is not None else nullcontext():
+        if admission is None:
             return await handle()
+        admission.enter()
+        try:
+            return await handle()
+        finally:
+            admission.leave()
     except TierServeError as exc:
         outcome = exc.code.lower()
         failure = Failure(grpc.StatusCode[exc.code], str(exc))

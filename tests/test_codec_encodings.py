@@ -6,7 +6,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from shared.codec import FLOAT_ENCODINGS, decode_tensors, encode_tensors, from_tensor, wire_bytes
+from shared.codec import (
+    FLOAT_ENCODINGS,
+    decode_tensors,
+    encode_tensors,
+    from_tensor,
+    is_unpadded_mask,
+    unpadded_mask,
+    wire_bytes,
+)
 from shared.errors import InvalidInput
 from shared.rpc import pb2
 
@@ -76,6 +84,23 @@ def test_masks_round_trip_exactly(mask: np.ndarray) -> None:
     back = round_trip({"attention_mask": mask}, "int8")["attention_mask"]
     assert back.dtype == mask.dtype and back.shape == mask.shape
     np.testing.assert_array_equal(back, mask)
+
+
+def test_an_unpadded_mask_is_shared_read_only_and_known_without_its_values() -> None:
+    mask = unpadded_mask((2, 5))
+    assert mask is unpadded_mask((2, 5)) and is_unpadded_mask(mask)
+    np.testing.assert_array_equal(mask, np.ones((2, 5), np.int64))
+    with pytest.raises(ValueError):
+        mask[0, 0] = 0  # shared: nobody may change it
+    assert not is_unpadded_mask(np.ones((2, 5), np.int64))  # equal values, not the shared array
+    assert not is_unpadded_mask(unpadded_mask((2, 5), np.int32).astype(np.int64))
+    sent = encode_tensors({"attention_mask": mask})["attention_mask"]
+    assert sent.encoding == pb2.TENSOR_ENCODING_LENGTHS
+    assert decode_tensors({"attention_mask": sent})["attention_mask"] is mask  # full rows decode to it
+    padded = np.array([[1, 1, 0]], np.int64)
+    back = decode_tensors(encode_tensors({"attention_mask": padded}))["attention_mask"]
+    assert not is_unpadded_mask(back) and back.flags.writeable
+    np.testing.assert_array_equal(back, padded)
 
 
 def test_a_mask_that_is_not_0_1_goes_raw_so_the_receiver_can_explain() -> None:
