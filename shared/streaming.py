@@ -74,6 +74,11 @@ def _timed_out(timeout: float | None) -> grpc.aio.AioRpcError:
     return call_error(grpc.StatusCode.DEADLINE_EXCEEDED, f"no response within {(timeout or 0) * 1000:.0f} ms")
 
 
+def _expire(future: asyncio.Future[Any], timeout: float) -> None:
+    if not future.done():
+        future.set_exception(_timed_out(timeout))
+
+
 def start_eagerly(coro: Coroutine[Any, Any, T]) -> asyncio.Future[T]:
     """A task of `coro` whose first step runs now, up to its first suspension, instead of on the
     event loop's next turn: Python 3.12's eager tasks, done by hand on 3.11. A write on a stream
@@ -144,18 +149,20 @@ class AsyncCallStream:
         stream = self._stream or self._open()
         call_id = next(self._call_ids)
         _prepare(request, call_id, timeout)
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
         stream.pending[call_id] = future
         stream.outbox.append(request)
         if stream.writer is None or stream.writer.done():
             stream.writer = start_eagerly(self._write(stream))
+        # a timer that fails the future: cheaper than asyncio.timeout, which cancels the whole task
+        expiry = None if timeout is None else loop.call_later(timeout, _expire, future, timeout)
         try:
-            async with asyncio.timeout(timeout):
-                response = await future
-        except TimeoutError:
-            raise _timed_out(timeout) from None
+            response = await future
         finally:
             stream.pending.pop(call_id, None)
+            if expiry is not None:
+                expiry.cancel()
         return _result(response)
 
     def _open(self) -> _AsyncStream:

@@ -15,7 +15,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, cast
 
 import grpc
 import numpy as np
@@ -146,16 +146,18 @@ class TierLoop:
         else:
             result = await self.runner.run(inputs)
             metrics.defer(_record_run, metrics, batch, result.compute_seconds)
-        probs = softmax(result.outputs[LOGITS], self.exit.temperature)
-        confidence = probs.max(axis=-1)
         # Python lists from here: a numpy call costs ~30 µs with the caches a waking tier finds
-        leaves = [True] * batch if self.next_tier is None else (confidence >= self.threshold(thresholds)).tolist()
-        answers: list[pb2.Answer] = [
-            self._answer(probs[i], request_ids[i]) if leaves[i] else pb2.Answer()
-            for i in range(batch)
-        ]
+        probs = softmax(result.outputs[LOGITS], self.exit.temperature).tolist()
+        confidence = [max(p) for p in probs]
+        if self.next_tier is None:
+            rows = []
+        else:
+            threshold = self.threshold(thresholds)
+            rows = [i for i, c in enumerate(confidence) if not c >= threshold]  # NaN: forwarded
+        forwarded = set(rows)
+        answers: list[pb2.Answer | None] = [
+            None if i in forwarded else self._answer(probs[i], request_ids[i]) for i in range(batch)]
         waited = 0.0
-        rows = [i for i, leaving in enumerate(leaves) if not leaving]
         metrics.defer(_record_exit, metrics, confidence, batch - len(rows))
         if len(rows):
             assert self.next_tier is not None
@@ -181,10 +183,11 @@ class TierLoop:
         metrics.flush_soon()
         timing = pb2.TierTiming(tier=self.tier, server_seconds=total, own_seconds=total - waited,
                                 compute_seconds=result.compute_seconds)
-        for index, answer in enumerate(answers):
+        done = cast(list[pb2.Answer], answers)  # every row has its answer now
+        for index, answer in enumerate(done):
             answer.index = index
             answer.timings.insert(0, timing)
-        return answers
+        return done
 
     async def _forward(self, tensors: Mapping[str, pb2.Tensor], request_ids: Sequence[str],
                        thresholds: Mapping[str, float], time_left: float | None, spent: float
@@ -207,8 +210,7 @@ class TierLoop:
         except NextTierError as exc:
             return exc
 
-    def _answer(self, probs: np.ndarray, request_id: str, degraded_reason: str = "") -> pb2.Answer:
-        values = probs.tolist()
+    def _answer(self, values: list[float], request_id: str, degraded_reason: str = "") -> pb2.Answer:
         label = values.index(max(values))  # the first of equal maxima, as argmax
         return pb2.Answer(
             request_id=request_id, label_index=label, label=self.manifest.labels[label],
@@ -221,7 +223,7 @@ def _record_run(metrics: TierMetrics, batch: int, compute_seconds: float) -> Non
     metrics.series.compute_duration.observe(compute_seconds)
 
 
-def _record_exit(metrics: TierMetrics, confidence: np.ndarray, exits: int) -> None:
+def _record_exit(metrics: TierMetrics, confidence: list[float], exits: int) -> None:
     for value in confidence:
         metrics.series.confidence.observe(value)
     metrics.series.exits.inc(exits)
