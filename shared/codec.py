@@ -36,6 +36,7 @@ DTYPES: dict[str, np.dtype] = {
 }
 # the same by native-order dtype: dtype.name is slow to compute (microseconds), every call
 _WIRE_NAMES: dict[np.dtype, str] = {np.dtype(name): name for name in DTYPES}
+_NATIVE: dict[str, np.dtype] = {name: np.dtype(name) for name in DTYPES}  # what a tensor decodes to
 MAX_RANK = 8
 
 
@@ -73,7 +74,8 @@ def to_tensor(array: np.ndarray) -> pb2.Tensor:
     if name is None:
         raise ValueError(
             f"dtype {array.dtype} cannot be sent as a tensor (supported: {', '.join(DTYPES)})")
-    data = np.ascontiguousarray(array, dtype=DTYPES[name]).tobytes()
+    wire = DTYPES[name]  # tobytes() writes C order; only another byte order needs converting first
+    data = (array if array.dtype == wire else np.ascontiguousarray(array, dtype=wire)).tobytes()
     return pb2.Tensor(dtype=name, shape=array.shape, data=data,
                       encoding=pb2.TENSOR_ENCODING_RAW)
 
@@ -89,7 +91,7 @@ def from_tensor(tensor: pb2.Tensor, name: str = "tensor") -> np.ndarray:
     shape = tuple(tensor.shape)
     if len(shape) > MAX_RANK:
         raise InvalidInput(f"tensor '{name}' has rank {len(shape)}, at most {MAX_RANK} allowed")
-    if any(d < 0 for d in shape):
+    if min(shape, default=0) < 0:
         raise InvalidInput(f"tensor '{name}' has a negative dimension in shape {list(shape)}")
     expected = math.prod(shape) * dtype.itemsize
     data = tensor.data  # each read of a bytes field copies it
@@ -182,30 +184,37 @@ def _encode(name: str, array: np.ndarray, float_encoding: int) -> pb2.Tensor:
     return pb2.Tensor(dtype=wire_name(array.dtype), shape=array.shape, data=data, encoding=kind, scales=scales)
 
 
+# encoding -> (bytes per value, scales: a count, or -1 for one per row of the last axis)
+_ITEM_BYTES_AND_SCALES: dict[int, tuple[int, int]] = {
+    pb2.TENSOR_ENCODING_FP16: (2, 0), pb2.TENSOR_ENCODING_INT8_TENSOR: (1, 1),
+    pb2.TENSOR_ENCODING_INT8_TOKEN: (1, -1), pb2.TENSOR_ENCODING_UINT8: (1, 0),
+}
+
+
 def _decode(tensor: pb2.Tensor, name: str) -> np.ndarray:
     """The array an encoded (not raw) Tensor holds, every field checked."""
     kind = tensor.encoding
-    dtype = DTYPES.get(tensor.dtype)
+    dtype_name = tensor.dtype
+    dtype = DTYPES.get(dtype_name)
     label = _ENCODING_NAMES.get(kind)
     if label is None:
         raise InvalidInput(f"tensor '{name}' has unsupported encoding {kind}")
     if dtype is None:
         raise InvalidInput(
-            f"tensor '{name}' has unknown dtype '{tensor.dtype}' (supported: {', '.join(DTYPES)})")
+            f"tensor '{name}' has unknown dtype '{dtype_name}' (supported: {', '.join(DTYPES)})")
     shape = tuple(tensor.shape)
-    if len(shape) > MAX_RANK or any(d < 0 for d in shape):
+    if len(shape) > MAX_RANK or min(shape, default=0) < 0:
         raise InvalidInput(f"tensor '{name}' has an invalid shape {list(shape)}")
     floats = kind in (pb2.TENSOR_ENCODING_FP16, pb2.TENSOR_ENCODING_INT8_TENSOR, pb2.TENSOR_ENCODING_INT8_TOKEN)
     if floats != (dtype.kind == "f"):
-        raise InvalidInput(f"tensor '{name}': encoding {label} does not apply to dtype {tensor.dtype}")
+        raise InvalidInput(f"tensor '{name}': encoding {label} does not apply to dtype {dtype_name}")
     if kind == pb2.TENSOR_ENCODING_LENGTHS and len(shape) != 2:
         raise InvalidInput(f"tensor '{name}': encoding {label} needs shape [batch, sequence], got {list(shape)}")
     size = math.prod(shape)
     rows = size // shape[-1] if shape and shape[-1] else 0
-    item, n_scales = {
-        pb2.TENSOR_ENCODING_FP16: (2, 0), pb2.TENSOR_ENCODING_INT8_TENSOR: (1, 1),
-        pb2.TENSOR_ENCODING_INT8_TOKEN: (1, rows), pb2.TENSOR_ENCODING_UINT8: (1, 0),
-    }.get(kind, (0, 0))
+    item, n_scales = _ITEM_BYTES_AND_SCALES.get(kind, (0, 0))
+    if n_scales < 0:  # one per row
+        n_scales = rows
     expected = 4 * shape[0] if kind == pb2.TENSOR_ENCODING_LENGTHS else size * item
     data, scale_bytes = tensor.data, tensor.scales  # each read of a bytes field copies it
     if len(data) != expected or len(scale_bytes) != 4 * n_scales:
@@ -215,24 +224,24 @@ def _decode(tensor: pb2.Tensor, name: str) -> np.ndarray:
     if kind == pb2.TENSOR_ENCODING_LENGTHS:  # one int per row: plain Python beats numpy's set-up
         lengths = struct.unpack(f"<{shape[0]}i", data)
         if not lengths:
-            return np.zeros(shape, dtype.newbyteorder("="))
+            return np.zeros(shape, _NATIVE[dtype_name])
         shortest, longest = min(lengths), max(lengths)
         if shortest < 0 or longest > shape[1]:
             raise InvalidInput(f"tensor '{name}' has row lengths outside 0..{shape[1]}")
         if shortest == shape[1]:  # no padding (always so for one sample)
-            return unpadded_mask(shape, dtype.newbyteorder("="))
-        return _right_padded(np.array(lengths), shape[1]).astype(dtype.newbyteorder("="))
+            return unpadded_mask(shape, _NATIVE[dtype_name])
+        return _right_padded(np.array(lengths), shape[1]).astype(_NATIVE[dtype_name])
     if kind == pb2.TENSOR_ENCODING_UINT8:
-        return np.frombuffer(data, np.uint8).reshape(shape).astype(dtype.newbyteorder("="))
+        return np.frombuffer(data, np.uint8).reshape(shape).astype(_NATIVE[dtype_name])
     if kind == pb2.TENSOR_ENCODING_FP16:
-        values = np.frombuffer(data, "<f2").reshape(shape).astype(dtype.newbyteorder("="))
+        values = np.frombuffer(data, "<f2").reshape(shape).astype(_NATIVE[dtype_name])
     else:
         scales = np.frombuffer(scale_bytes, "<f4")
         if not (np.isfinite(scales) & (scales >= 0)).all():
             raise InvalidInput(f"tensor '{name}' has negative, NaN or infinite scales")
         q = np.frombuffer(data, np.int8).reshape(shape)
         scale = scales.reshape(*shape[:-1], 1) if kind == pb2.TENSOR_ENCODING_INT8_TOKEN else scales[0]
-        values = (q * scale).astype(dtype.newbyteorder("="))
+        values = (q * scale).astype(_NATIVE[dtype_name])
     if not np.isfinite(values).all():
         raise InvalidInput(f"tensor '{name}' holds NaN or infinite values")
     return values
