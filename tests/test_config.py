@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import sys
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 
 from shared.config import CloudSettings, EdgeSettings, MobileSettings, parse_settings
 from shared.errors import TierServeError
-from shared.server import run_event_loop
+from shared.server import GC_GEN0_THRESHOLD, run_event_loop, settle_garbage_collector
 
 
 def test_local_defaults_chain_mobile_to_edge_to_cloud(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -67,3 +68,13 @@ def test_auto_falls_back_to_asyncio_and_uvloop_without_the_package_says_so(monke
     assert _loop_kind("auto") == "asyncio"
     with pytest.raises(TierServeError, match="uvloop package is not installed"):
         _loop_kind("uvloop")
+
+
+def test_a_loaded_tier_freezes_its_objects_and_collects_young_garbage_less_often() -> None:
+    threshold = gc.get_threshold()
+    try:
+        settle_garbage_collector()
+        assert gc.get_freeze_count() > 0 and gc.get_threshold() == (GC_GEN0_THRESHOLD, *threshold[1:])
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*threshold)
