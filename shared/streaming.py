@@ -85,41 +85,54 @@ def start_eagerly(coro: Coroutine[Any, Any, T]) -> asyncio.Future[T]:
     starts its send in that first step, so the message leaves before the caller's next line."""
     if sys.version_info >= (3, 12):
         return asyncio.Task(coro, eager_start=True)  # type: ignore[call-arg,unused-ignore]
-    loop = asyncio.get_running_loop()
-    try:
-        waiting = coro.send(None)
-    except StopIteration as done:
-        finished = loop.create_future()
-        finished.set_result(done.value)
-        return finished
-    except asyncio.CancelledError:
-        cancelled = loop.create_future()
-        cancelled.cancel()
-        return cancelled
-    except Exception as exc:
-        failed = loop.create_future()
-        failed.set_exception(exc)
-        return failed
-    return loop.create_task(_resume(coro, waiting))
+    return _EagerRun(coro).future
 
 
-async def _resume(coro: Coroutine[Any, Any, T], waiting: Any) -> T:
-    """Drive `coro` on as asyncio.Task would, from a suspension on `waiting` (a future, or None:
-    yield once). Cancelling this task cancels what `coro` waits on, so `coro` sees the cancellation."""
-    while True:
-        cancelled = False
+class _EagerRun:
+    """Drives a coroutine as asyncio.Task does, by callbacks: its first step at once, each later
+    step when the future it waits on completes; `future` holds its outcome. No task, no
+    asyncio.wait: after a send, the sender has as little as possible left to do before it sleeps
+    (the kernel often wakes the receiver on the sender's CPU). Cancelling `future` cancels what the
+    coroutine waits on, so it sees the cancellation."""
+
+    def __init__(self, coro: Coroutine[Any, Any, T]) -> None:
+        self.coro = coro
+        self.loop = asyncio.get_running_loop()
+        self.future: asyncio.Future[Any] = self.loop.create_future()
+        self.waiting: asyncio.Future[Any] | None = None
+        self.cancelling = False
+        self._step()
+        if not self.future.done():
+            self.future.add_done_callback(self._on_done)
+
+    def _step(self, _: object = None) -> None:
+        throw = self.cancelling and not (self.waiting is not None and self.waiting.cancelled())
+        self.cancelling = False
         try:
-            if waiting is None:
-                await asyncio.sleep(0)
-            else:
-                waiting._asyncio_future_blocking = False
-                await asyncio.wait((waiting,))
-        except asyncio.CancelledError:
-            cancelled = waiting is None or not waiting.cancel()  # else coro reads it from the future
-        try:
-            waiting = coro.throw(asyncio.CancelledError()) if cancelled else coro.send(None)
+            waiting = self.coro.throw(asyncio.CancelledError()) if throw else self.coro.send(None)
         except StopIteration as done:
-            return done.value
+            if not self.future.done():
+                self.future.set_result(done.value)
+            return
+        except asyncio.CancelledError:
+            self.future.cancel()
+            return
+        except Exception as exc:
+            if not self.future.done():
+                self.future.set_exception(exc)
+            return
+        self.waiting = waiting
+        if waiting is None:  # a bare yield (asyncio.sleep(0))
+            self.loop.call_soon(self._step)
+        else:
+            waiting._asyncio_future_blocking = False
+            waiting.add_done_callback(self._step)
+
+    def _on_done(self, future: asyncio.Future[Any]) -> None:
+        if future.cancelled():
+            self.cancelling = True
+            if self.waiting is not None:
+                self.waiting.cancel()  # (no-op if done) its callback steps the coroutine on
 
 
 class _AsyncStream:
@@ -189,6 +202,8 @@ class AsyncCallStream:
                 future = stream.pending.pop(response.call_id, None)
                 if future is not None and not future.done():
                     future.set_result(response)
+                    # its caller first: the next read's set-up can wait until the caller has sent on
+                    await asyncio.sleep(0)
             error = call_error(grpc.StatusCode.UNAVAILABLE, "the server ended the stream (shutting down?)")
         except grpc.aio.AioRpcError as exc:
             error = _stream_error(exc.code(), exc.details() or "")
