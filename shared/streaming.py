@@ -29,6 +29,9 @@ import grpc
 log = logging.getLogger("tierserve.streaming")
 STATUS_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
 _LOCALLY_CANCELLED = "Locally cancelled by application!"
+# seconds from a response to the set-up of a stream's next read, where no other call waits for one:
+# then nothing can arrive sooner than a call's round trip later (shared.tier reads calls alike)
+NEXT_READ_DELAY = 0.001
 T = TypeVar("T")
 
 
@@ -202,8 +205,10 @@ class AsyncCallStream:
                 future = stream.pending.pop(response.call_id, None)
                 if future is not None and not future.done():
                     future.set_result(response)
-                    # its caller first: the next read's set-up can wait until the caller has sent on
-                    await asyncio.sleep(0)
+                    # Its caller first: the next read's set-up (~30 us of grpc calls) waits until the
+                    # caller has sent its answer on, and with no other call waiting a little longer,
+                    # past the moments when the kernel may be waking that answer's receiver on this CPU.
+                    await asyncio.sleep(0 if stream.pending else NEXT_READ_DELAY)
             error = call_error(grpc.StatusCode.UNAVAILABLE, "the server ended the stream (shutting down?)")
         except grpc.aio.AioRpcError as exc:
             error = _stream_error(exc.code(), exc.details() or "")

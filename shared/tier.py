@@ -31,11 +31,11 @@ from shared.metrics import OK_OUTCOME, TierMetrics
 from shared.resilience import InflightLimit
 from shared.rpc import pb2, pb2_grpc
 from shared.runner import ATTENTION_MASK, SliceRunner
+from shared.streaming import NEXT_READ_DELAY
 from shared.text import TextEncoder
 
 LOGITS = "logits"
 DEFAULT_MAX_INFLIGHT = 64
-NEXT_READ_DELAY = 0.001  # seconds; see _CallStream._read_and_answer
 log = logging.getLogger("tierserve.tier")
 T = TypeVar("T")
 # a request or response of a stream of calls (ContinueStream, ClassifyStream): it has call_id, etc.
