@@ -24,6 +24,8 @@ from shared.manifest import TIERS
 PREFIX = "tierserve"
 OK_OUTCOME = "ok"  # outcome label of a successful RPC (else the status code, lower case)
 FLUSH_DELAY = 0.003  # seconds from an answer's send to its metrics (TierMetrics.flush_soon)
+FLUSH_AFTER_FORWARD = 0.001  # seconds from a forward's send: the tier then waits for the next tier
+MAX_FLUSH_AGE = 0.05  # seconds a flush may be put off at most
 LATENCY_BUCKETS = (
     0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075,
     0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -170,25 +172,36 @@ class TierMetrics:
             forwarded_samples=self.forwarded_samples.labels(**hop) if hop else None,
             forwarded_bytes=self.forwarded_bytes.labels(**hop) if hop else None)
         self._deferred: list[tuple[Callable[..., Any], tuple[Any, ...]]] = []
-        self._flush_scheduled = False
+        self._flush: asyncio.TimerHandle | None = None
+        self._flush_asked = 0.0  # loop time the pending flush was first asked for
 
     def defer(self, update: Callable[..., Any], *args: Any) -> None:
         """Queue `update(*args)` until flush_soon()'s flush (event-loop thread only)."""
         self._deferred.append((update, args))
 
-    def flush_soon(self) -> None:
-        """Apply the queued updates FLUSH_DELAY seconds from now. Called when an answer is about to
-        be sent: grpc.aio starts a send within the step that writes it, so the bookkeeping runs
-        after the answer has left. Not at once: the kernel tends to wake the answer's receiver on
-        this tier's CPU, where it waits until this tier's thread sleeps (perf sched: 0.17 ms of
-        bookkeeping delayed the next hop by as much); a few ms later the hops have moved on.
-        Under load, one flush applies the updates of every request answered meanwhile."""
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            asyncio.get_running_loop().call_later(FLUSH_DELAY, self.flush)
+    def flush_soon(self, delay: float = FLUSH_DELAY) -> None:
+        """Apply the queued updates `delay` seconds from now, instead of when a pending flush would
+        have (unless that one has been put off MAX_FLUSH_AGE already). Called as an answer or a
+        forward is about to be sent: never at once, because the kernel tends to wake the message's
+        receiver on this tier's CPU, where it waits until this tier's thread sleeps (perf sched:
+        0.17 ms of bookkeeping delayed the next hop by as much). A flush due while the tier runs
+        its slice would otherwise run right after the forward that follows it: the forward puts it
+        off to FLUSH_AFTER_FORWARD later, while the next tier runs its slice. Under load, one flush
+        applies the updates of every request answered meanwhile."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if self._flush is None:
+            self._flush_asked = now
+        elif now - self._flush_asked < MAX_FLUSH_AGE:
+            self._flush.cancel()
+        else:
+            return
+        self._flush = loop.call_at(now + delay, self.flush)
 
     def flush(self) -> None:
-        self._flush_scheduled = False
+        if self._flush is not None:
+            self._flush.cancel()
+            self._flush = None
         updates, self._deferred = self._deferred, []
         for update, args in updates:
             update(*args)

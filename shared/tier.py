@@ -27,7 +27,7 @@ from shared.codec import decode_tensors, encode_tensors, from_tensor, is_unpadde
 from shared.errors import ArtifactError, DeadlineExceeded, InvalidInput, NotReady, TierServeError, Undecodable
 from shared.images import ImageInput
 from shared.manifest import TIERS, Manifest, Tier
-from shared.metrics import OK_OUTCOME, TierMetrics
+from shared.metrics import FLUSH_AFTER_FORWARD, OK_OUTCOME, TierMetrics
 from shared.resilience import InflightLimit
 from shared.rpc import pb2, pb2_grpc
 from shared.runner import ATTENTION_MASK, SliceRunner
@@ -165,6 +165,7 @@ class TierLoop:
             tensors = encode_tensors(forwarded_tensors(inputs, result.outputs, self.forwards, rows),
                                      self.forward_encoding)
             metrics.defer(_record_forward, metrics, len(rows), tensors)
+            metrics.flush_soon(FLUSH_AFTER_FORWARD)
             wait_started = time.perf_counter()
             downstream = await self._forward(tensors, [request_ids[i] for i in rows], thresholds,
                                              time_left, wait_started - started)
