@@ -29,8 +29,7 @@ import grpc
 log = logging.getLogger("tierserve.streaming")
 STATUS_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
 _LOCALLY_CANCELLED = "Locally cancelled by application!"
-# seconds from a response to the set-up of a stream's next read, where no other call waits for one:
-# then nothing can arrive sooner than a call's round trip later (shared.tier reads calls alike)
+# seconds a stream's next read may be held back (ReadPause)
 NEXT_READ_DELAY = 0.001
 T = TypeVar("T")
 
@@ -138,6 +137,35 @@ class _EagerRun:
                 self.waiting.cancel()  # (no-op if done) its callback steps the coroutine on
 
 
+class ReadPause:
+    """Holds a stream's next read back for a moment: setting a read up costs ~30 us of grpc calls,
+    and right after a message has left, the kernel may be waking its receiver on this CPU, where
+    the receiver waits for that work. wait(delay) ends after `delay` or at open(): whoever knows
+    the read is needed sooner (a new call on the stream, a call answered) opens it."""
+
+    def __init__(self) -> None:
+        self._gate: asyncio.Future[None] | None = None
+
+    async def wait(self, delay: float) -> None:
+        loop = asyncio.get_running_loop()
+        gate = self._gate = loop.create_future()
+        timer = loop.call_later(delay, _open, gate)
+        try:
+            await gate
+        finally:
+            timer.cancel()
+            self._gate = None
+
+    def open(self) -> None:
+        if self._gate is not None:
+            _open(self._gate)
+
+
+def _open(gate: asyncio.Future[None]) -> None:
+    if not gate.done():
+        gate.set_result(None)
+
+
 class _AsyncStream:
     """One open stream: callers queue requests and the writer task sends them, started eagerly so
     that a lone request leaves at once; a reader task hands each response to its call's future.
@@ -149,6 +177,7 @@ class _AsyncStream:
         self.pending: dict[int, asyncio.Future[Any]] = {}
         self.reader: asyncio.Task[None] | None = None
         self.writer: asyncio.Future[None] | None = None  # while it sends what is queued
+        self.read_pause = ReadPause()
 
 
 class AsyncCallStream:
@@ -171,6 +200,7 @@ class AsyncCallStream:
         stream.outbox.append(request)
         if stream.writer is None or stream.writer.done():
             stream.writer = start_eagerly(self._write(stream))
+        stream.read_pause.open()  # this call's response needs the reader
         # a timer that fails the future: cheaper than asyncio.timeout, which cancels the whole task
         expiry = None if timeout is None else loop.call_later(timeout, _expire, future, timeout)
         try:
@@ -205,10 +235,12 @@ class AsyncCallStream:
                 future = stream.pending.pop(response.call_id, None)
                 if future is not None and not future.done():
                     future.set_result(response)
-                    # Its caller first: the next read's set-up (~30 us of grpc calls) waits until the
-                    # caller has sent its answer on, and with no other call waiting a little longer,
-                    # past the moments when the kernel may be waking that answer's receiver on this CPU.
-                    await asyncio.sleep(0 if stream.pending else NEXT_READ_DELAY)
+                    # its caller first, which sends its own answer on; with no other call waiting,
+                    # the next read is held back until the next call (ReadPause)
+                    if stream.pending:
+                        await asyncio.sleep(0)
+                    else:
+                        await stream.read_pause.wait(NEXT_READ_DELAY)
             error = call_error(grpc.StatusCode.UNAVAILABLE, "the server ended the stream (shutting down?)")
         except grpc.aio.AioRpcError as exc:
             error = _stream_error(exc.code(), exc.details() or "")

@@ -26,7 +26,7 @@ from shared.codec import encode_tensors
 from shared.manifest import load_manifest
 from shared.processes import TierCluster, TierProcess, free_port, running_tiers, start_tier, wait_until_serving
 from shared.rpc import pb2, pb2_grpc
-from shared.streaming import start_eagerly
+from shared.streaming import ReadPause, start_eagerly
 from tests.tiny_model import sentence
 
 TO_THE_CLOUD = {"mobile": 1.01, "edge": 1.01}
@@ -242,6 +242,23 @@ def test_start_eagerly_runs_the_first_step_at_once_then_behaves_as_a_task() -> N
 
     assert asyncio.run(scenario()) == (42, "at once")
     assert steps == ["first 21", "caller", "first 1", "cancelled inside"]
+
+
+def test_a_read_pause_ends_after_its_delay_or_when_opened() -> None:
+    async def scenario() -> tuple[float, float]:
+        pause = ReadPause()
+        pause.open()  # nobody waits: nothing happens
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await pause.wait(0.05)
+        waited = loop.time() - started
+        started = loop.time()
+        loop.call_later(0.01, pause.open)
+        await pause.wait(30)
+        return waited, loop.time() - started
+
+    waited, opened = asyncio.run(scenario())
+    assert waited >= 0.05 and opened < 5
 
 
 # prints GRPC_EXPERIMENTS as it is when the grpc package is imported (by shared.client, here)
