@@ -391,6 +391,8 @@ class _CallStream:
         self.reading: asyncio.Task[None] | None = None  # the task waiting for the next message
         self.writing = asyncio.Lock()  # one write at a time on a stream
         self.read_pause = ReadPause()
+        self.answered_at = -math.inf  # loop time of the last answer's send
+        self.quick_caller = True  # its next call came within a pause of our answer, last time
         self.undecodable = ""  # why a message did not parse (then the stream ends)
 
     async def answer_all(self) -> None:
@@ -426,8 +428,11 @@ class _CallStream:
         if isinstance(request, Undecodable):  # no call_id to answer it under: end the stream
             self.undecodable = request.explain()
             return
-        # Alone, the next read is held back (ReadPause) until this call has answered, or a moment
-        # after its forward has left; under load it starts at once, so that calls overlap.
+        loop = asyncio.get_running_loop()
+        self.quick_caller = loop.time() - self.answered_at < 1.5 * NEXT_READ_DELAY
+        # Alone, the next read is held back (ReadPause) a moment after this call's forward or answer
+        # has left, or, for a caller whose next call came sooner than that, until this call has
+        # answered; under load it starts at once, so that calls overlap.
         self._read_next(NEXT_READ_DELAY if self.alone() else 0.0)
         response = await self.answer(request)
         async with self.writing:
@@ -435,7 +440,9 @@ class _CallStream:
                 await self.context.write(response)
             except Exception as exc:  # the caller has gone: nobody is left to answer
                 log.debug("answering call %d on a stream failed: %r", request.call_id, exc)
-        self.read_pause.open()
+        self.answered_at = loop.time()
+        if self.quick_caller:
+            self.read_pause.open()
 
 
 class ClassifierServicer(_Servicer, pb2_grpc.ClassifierServicer):
