@@ -13,7 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from shared.codec import to_tensor
 from shared.errors import TierServeError
-from shared.rpc import DEFAULT_MAX_MESSAGE_BYTES, message_size_options, pb2, pb2_grpc
+from shared.rpc import DEFAULT_MAX_MESSAGE_BYTES, channel_options, pb2, pb2_grpc
 from shared.streaming import AsyncCalls, SyncCalls
 from shared.tls import ClientTLS, aio_channel, secure_or_insecure_channel
 
@@ -62,7 +62,7 @@ class TierClient:
         self.address = address
         self.timeout = timeout
         self._channel = secure_or_insecure_channel(
-            address, message_size_options(max_message_bytes), tls)
+            address, channel_options(max_message_bytes), tls)
         stub = pb2_grpc.ClassifierStub(self._channel)
         self._calls = SyncCalls(stub.ClassifyStream, stub.Classify, address, transport)
 
@@ -96,7 +96,7 @@ class AsyncTierClient:
                  timeout: float = DEFAULT_TIMEOUT, tls: ClientTLS | None = None, transport: str = "stream") -> None:
         self.address = address
         self.timeout = timeout
-        self._channel = aio_channel(address, message_size_options(max_message_bytes), tls)
+        self._channel = aio_channel(address, channel_options(max_message_bytes), tls)
         stub = pb2_grpc.ClassifierStub(self._channel)
         self._calls = AsyncCalls(stub.ClassifyStream, stub.Classify, address, transport)
 
@@ -146,7 +146,7 @@ class ContinuationClient:
                  transport: str = "stream") -> None:
         self.address = address
         self._channel = aio_channel(
-            address, [*message_size_options(max_message_bytes),
+            address, [*channel_options(max_message_bytes),
                       *reconnect_options(max_reconnect_backoff_ms)], tls)
         stub = pb2_grpc.ContinuationStub(self._channel)
         self._calls = AsyncCalls(stub.ContinueStream, stub.Continue, f"next tier at {address}", transport)

@@ -100,9 +100,20 @@ DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
 
 
 def message_size_options(max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
-    """gRPC options limiting messages both ways; the same on servers and channels."""
+    """gRPC options limiting messages both ways (the servers' guard against oversize requests)."""
     return [("grpc.max_send_message_length", max_bytes),
             ("grpc.max_receive_message_length", max_bytes)]
+
+
+def channel_options(max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
+    """gRPC options of tierserve's client channels (tier to tier, TierClient, AsyncTierClient):
+    gRPC's minimal stack, without the optional filters (retries, deadlines, message size, census)
+    that every message otherwise passes through on its way out and back (an ad hoc A/B on this
+    project's VM: ~0.4 ms less per request forced through the three tiers). tierserve retries and
+    keeps deadlines itself (shared.resilience, shared.streaming); the message size limits are then
+    the servers' alone (an oversize request fails with the server's RESOURCE_EXHAUSTED), the
+    client's own are not enforced. Servers keep the full stack (message_size_options)."""
+    return [*message_size_options(max_bytes), ("grpc.minimal_stack", 1)]
 
 
 if __name__ == "__main__":
