@@ -76,6 +76,7 @@ class SliceRunner:
         self.inputs = _signatures(spec.inputs, self.session.get_inputs(), spec.tier, "inputs")
         self.outputs = _signatures(spec.outputs, self.session.get_outputs(), spec.tier, "outputs")
         self._executor = ThreadPoolExecutor(workers, thread_name_prefix=f"{spec.tier}-slice")
+        self._checked: dict[tuple, int] = {}  # (name, dtype, shape) per array -> batch size
 
     @property
     def input_names(self) -> list[str]:
@@ -86,7 +87,21 @@ class SliceRunner:
         return [s.name for s in self.outputs]
 
     def check_inputs(self, arrays: Mapping[str, np.ndarray]) -> int:
-        """Raise InvalidInput unless `arrays` fit this slice; return the batch size."""
+        """Raise InvalidInput unless `arrays` fit this slice; return the batch size. The names,
+        dtypes and shapes of a set that passed are remembered (a few hundred sets at most): a
+        request of a known structure has only its attention mask's values checked again."""
+        key = tuple((name, array.dtype, array.shape) for name, array in arrays.items())
+        batch = self._checked.get(key)
+        if batch is None:
+            batch = self._check_structure(arrays)
+            if len(self._checked) >= 512:
+                self._checked.clear()
+            self._checked[key] = batch
+        if ATTENTION_MASK in arrays:
+            _check_mask_values(arrays[ATTENTION_MASK])
+        return batch
+
+    def _check_structure(self, arrays: Mapping[str, np.ndarray]) -> int:
         missing = [s.name for s in self.inputs if s.name not in arrays]
         unexpected = sorted(set(arrays) - set(self.input_names))
         if missing or unexpected:
@@ -125,7 +140,7 @@ class SliceRunner:
                     f"tensor '{sig.name}' has batch size {array.shape[0]}, "
                     f"other inputs have {batch}")
         if ATTENTION_MASK in arrays:
-            _check_attention_mask(arrays)
+            _check_mask_shape(arrays)
         return batch or 0
 
     def run_sync(self, arrays: Mapping[str, np.ndarray]) -> SliceResult:
@@ -148,7 +163,7 @@ def _show(shape: tuple[int | str | None, ...]) -> str:
     return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
 
 
-def _check_attention_mask(arrays: Mapping[str, np.ndarray]) -> None:
+def _check_mask_shape(arrays: Mapping[str, np.ndarray]) -> None:
     mask = arrays[ATTENTION_MASK]
     if mask.ndim != 2:
         raise InvalidInput(f"tensor '{ATTENTION_MASK}' must be [batch, sequence], got "
@@ -158,6 +173,9 @@ def _check_attention_mask(arrays: Mapping[str, np.ndarray]) -> None:
             raise InvalidInput(
                 f"tensor '{name}' has shape {list(array.shape)}, its first two dimensions must "
                 f"match '{ATTENTION_MASK}' {list(mask.shape)}")
+
+
+def _check_mask_values(mask: np.ndarray) -> None:
     if mask.size and (is_unpadded_mask(mask) or (mask == 1).all()):  # no padding (always so for one sample): valid
         return
     if mask.size and (mask.min() < 0 or mask.max() > 1):

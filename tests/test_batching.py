@@ -314,3 +314,23 @@ def test_tier_loop_answers_each_sample_of_concurrent_requests_on_its_own(
     assert sorted(forwarded) == sent_unbatched
     exits = [tier for response in unbatched for _, tier, _ in response]
     assert exits.count("edge") == len(exits) // 2 + 1 and exits.count("cloud") == len(exits) // 2
+
+
+def test_inputs_of_a_known_structure_still_have_their_mask_values_checked(slices: dict[str, SliceRunner]) -> None:
+    from shared.errors import InvalidInput
+
+    runner = slices["mobile"]
+    assert runner.check_inputs(text_batch([3, 5])) == 2
+    assert runner.check_inputs(text_batch([5, 4], seed=1)) == 2  # the same names, dtypes and shapes
+    empty_row = text_batch([3, 5])
+    empty_row["attention_mask"][0] = 0
+    with pytest.raises(InvalidInput, match="row 0 has no tokens"):
+        runner.check_inputs(empty_row)
+    not_binary = text_batch([3, 5])
+    not_binary["attention_mask"][1, 0] = 2
+    with pytest.raises(InvalidInput, match="may only hold 0 and 1"):
+        runner.check_inputs(not_binary)
+    other_dtype = text_batch([3, 5])
+    other_dtype["input_ids"] = other_dtype["input_ids"].astype(np.int32)
+    with pytest.raises(InvalidInput, match="dtype int32"):
+        runner.check_inputs(other_dtype)
