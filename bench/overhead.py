@@ -39,7 +39,7 @@ from shared.text import TextEncoder
 
 WARMUP = 20
 IDLE_SECONDS = 0.003  # about one slice's run: how long a tier waits between its messages
-ROUNDS = 5  # alternating blocks of chain and three-tier measurements
+ROUNDS = 8  # alternating blocks of chain and three-tier measurements
 
 
 class Chain:
@@ -174,7 +174,7 @@ def bare_round_trips_ms(payload_bytes: int, calls: int = 2000) -> dict[str, floa
         server.wait()
 
 
-def run(artifacts: Path, data: str | None = None, limit: int | None = 300, out: Path | None = None) -> dict[str, Any]:
+def run(artifacts: Path, data: str | None = None, limit: int | None = None, out: Path | None = None) -> dict[str, Any]:
     manifest = load(artifacts)
     texts, _ = dev_set(manifest, data, limit)
     chain_seconds, seconds, hops = measure(artifacts, manifest, texts)
@@ -211,7 +211,6 @@ def run(artifacts: Path, data: str | None = None, limit: int | None = 300, out: 
 
 def main(argv: list[str] | None = None) -> None:
     parser = base_parser(__doc__.splitlines()[0])
-    parser.set_defaults(limit=300)
     parser.add_argument("--echo-server", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.echo_server:

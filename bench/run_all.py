@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     parts: dict[str, Any] = {}
     steps = [
-        ("overhead", lambda: overhead.run(args.artifacts, args.data, min(limit or 300, 300), args.out)),
+        ("overhead", lambda: overhead.run(args.artifacts, args.data, limit, args.out)),
         ("throughput", lambda: throughput.run(args.artifacts, args.data, limit, args.out,
                                               seconds=3.0 if args.quick else 6.0, batching_sweep=not args.quick)),
         ("tradeoff", lambda: tradeoff.run(args.artifacts, args.data, limit, args.out)),
