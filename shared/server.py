@@ -28,7 +28,7 @@ from shared.manifest import TIERS, load_manifest, verified_slice_path
 from shared.metrics import TierMetrics
 from shared.processes import exit_with_parent
 from shared.resilience import CircuitBreaker, GuardedNextTier, InflightLimit, RetryPolicy
-from shared.rpc import SERVICE_NAMES, message_size_options, pb2, pb2_grpc
+from shared.rpc import SERVICE_NAMES, pb2, pb2_grpc, server_options
 from shared.runner import SliceRunner
 from shared.text import TextEncoder
 from shared.tier import ClassifierServicer, ContinuationServicer, TierLoop
@@ -79,7 +79,7 @@ async def serve(settings: TierSettings, stop: asyncio.Event) -> None:
     metrics = TierMetrics(tier)
     if settings.metrics_port:
         metrics.serve(settings.metrics_port, settings.metrics_addr)
-    server = grpc.aio.server(options=message_size_options(settings.max_message_bytes),
+    server = grpc.aio.server(options=server_options(settings.max_message_bytes),
                              interceptors=[UndecodableRequests(metrics, tier)])
     servicer: ClassifierServicer | ContinuationServicer
     if isinstance(settings, MobileSettings):

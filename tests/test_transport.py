@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
@@ -242,6 +243,40 @@ def test_start_eagerly_runs_the_first_step_at_once_then_behaves_as_a_task() -> N
 
     assert asyncio.run(scenario()) == (42, "at once")
     assert steps == ["first 21", "caller", "first 1", "cancelled inside"]
+
+
+def test_deadlines_hold_with_the_lean_server_and_channel_options() -> None:
+    """server_options drops the deadline filter, channel_options the client's: a handler still
+    sees the caller's deadline, and a call to a slow handler still fails at its deadline."""
+    from shared.rpc import channel_options, server_options
+
+    async def remaining(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        return str(context.time_remaining()).encode()
+
+    async def slow(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        await asyncio.sleep(30)
+        return b"late"
+
+    async def scenario() -> tuple[float, grpc.StatusCode, float]:
+        server = grpc.aio.server(options=server_options())
+        handlers = {"Remaining": grpc.unary_unary_rpc_method_handler(remaining),
+                    "Slow": grpc.unary_unary_rpc_method_handler(slow)}
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("t.T", handlers),))
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=channel_options()) as channel:
+                seen = float(await channel.unary_unary("/t.T/Remaining")(b"", timeout=5))
+                started = time.perf_counter()
+                with pytest.raises(grpc.aio.AioRpcError) as failed:
+                    await channel.unary_unary("/t.T/Slow")(b"", timeout=0.2)
+                return seen, failed.value.code(), time.perf_counter() - started
+        finally:
+            await server.stop(0)
+
+    seen, code, waited = asyncio.run(scenario())
+    # the deadline arrives in grpc-timeout units, rounded up: a little over 5 s may remain
+    assert 0 < seen < 6 and code == grpc.StatusCode.DEADLINE_EXCEEDED and waited < 10  # not the handler's 30 s
 
 
 def test_a_read_pause_ends_after_its_delay_or_when_opened() -> None:
