@@ -49,18 +49,22 @@ class Chain:
         self.manifest = manifest
         self.runners = [SliceRunner(verified_slice_path(artifacts, s), s, threads) for s in manifest.slices]
         self.encoder = TextEncoder.for_manifest(manifest, artifacts)
+        self.compute_seconds: list[float] = []  # per text: the three slices' onnxruntime runs alone
 
     def latencies(self, texts: Sequence[str]) -> list[float]:
         """Seconds per text."""
         seconds = []
         for text in texts:
             started = time.perf_counter()
+            compute = 0.0
             feed = self.encoder.encode([text]).tensors
             for spec, runner, exit_spec in zip(self.manifest.slices, self.runners, self.manifest.exits, strict=True):
-                outputs = runner.run_sync(feed).outputs
-                softmax(outputs["logits"], exit_spec.temperature).max(-1)
-                feed = {name: outputs.get(source, feed.get(source)) for name, source in spec.forwards.items()}
+                result = runner.run_sync(feed)
+                compute += result.compute_seconds
+                softmax(result.outputs["logits"], exit_spec.temperature).max(-1)
+                feed = {name: result.outputs.get(source, feed.get(source)) for name, source in spec.forwards.items()}
             seconds.append(time.perf_counter() - started)
+            self.compute_seconds.append(compute)
         return seconds
 
     def close(self) -> None:
@@ -68,9 +72,12 @@ class Chain:
             runner.close()
 
 
-def tier_latencies(client: TierClient, texts: Sequence[str]) -> tuple[list[float], dict[str, list[float]]]:
-    """Seconds per text at the client, and per hop: the RPC time not spent inside the callee."""
+def tier_latencies(client: TierClient, texts: Sequence[str]
+                   ) -> tuple[list[float], dict[str, list[float]], list[float]]:
+    """Seconds per text at the client, per hop (the RPC time not spent inside the callee), and
+    the tiers' onnxruntime runs alone."""
     seconds: list[float] = []
+    compute: list[float] = []
     hops: dict[str, list[float]] = {"client_mobile": [], "mobile_edge": [], "edge_cloud": []}
     for text in texts:
         started = time.perf_counter()
@@ -79,33 +86,38 @@ def tier_latencies(client: TierClient, texts: Sequence[str]) -> tuple[list[float
         assert answer.tier == "cloud"
         mobile, edge, cloud = answer.timings
         seconds.append(elapsed)
+        compute.append(mobile.compute_seconds + edge.compute_seconds + cloud.compute_seconds)
         hops["client_mobile"].append(elapsed - mobile.server_seconds)
         hops["mobile_edge"].append(mobile.server_seconds - mobile.own_seconds - edge.server_seconds)
         hops["edge_cloud"].append(edge.server_seconds - edge.own_seconds - cloud.server_seconds)
-    return seconds, hops
+    return seconds, hops, compute
 
 
 def measure(artifacts: Path, manifest: Manifest, texts: list[str]
-            ) -> tuple[list[float], list[float], dict[str, list[float]]]:
-    """Chain seconds, three-tier seconds and per-hop seconds per text, measured in alternating blocks
-    of texts (ROUNDS of each), so that drift in the machine's speed hits both sides alike."""
+            ) -> tuple[list[float], list[float], dict[str, list[float]], dict[str, list[float]]]:
+    """Chain seconds, three-tier seconds, per-hop seconds and slice compute seconds (chain, tiers)
+    per text, measured in alternating blocks of texts (ROUNDS of each), so that drift in the
+    machine's speed hits both sides alike."""
     chain = Chain(artifacts, manifest)
     chain_seconds: list[float] = []
     seconds: list[float] = []
     hops: dict[str, list[float]] = {}
+    tier_compute: list[float] = []
     try:
         with tiers(artifacts) as cluster, TierClient(cluster.entry_address) as client:
             chain.latencies(texts[:WARMUP])
             tier_latencies(client, texts[:WARMUP])
+            chain.compute_seconds.clear()
             for block in np.array_split(np.array(texts, dtype=object), ROUNDS):
                 chain_seconds += chain.latencies(list(block))
-                block_seconds, block_hops = tier_latencies(client, list(block))
+                block_seconds, block_hops, block_compute = tier_latencies(client, list(block))
                 seconds += block_seconds
+                tier_compute += block_compute
                 for name, values in block_hops.items():
                     hops.setdefault(name, []).extend(values)
     finally:
         chain.close()
-    return chain_seconds, seconds, hops
+    return chain_seconds, seconds, hops, {"chain": chain.compute_seconds, "three_tier": tier_compute}
 
 
 def _echo_server(port: int) -> None:
@@ -177,7 +189,7 @@ def bare_round_trips_ms(payload_bytes: int, calls: int = 2000) -> dict[str, floa
 def run(artifacts: Path, data: str | None = None, limit: int | None = None, out: Path | None = None) -> dict[str, Any]:
     manifest = load(artifacts)
     texts, _ = dev_set(manifest, data, limit)
-    chain_seconds, seconds, hops = measure(artifacts, manifest, texts)
+    chain_seconds, seconds, hops, compute = measure(artifacts, manifest, texts)
     chain, three = percentiles_ms(chain_seconds), percentiles_ms(seconds)
     hop_p50 = {name: float(np.median(values) * 1e3) for name, values in hops.items()}
     encoder = TextEncoder.for_manifest(manifest, artifacts)
@@ -188,6 +200,7 @@ def run(artifacts: Path, data: str | None = None, limit: int | None = None, out:
         "samples": len(texts), "chain_ms": chain, "three_tier_ms": three,
         "overhead_ratio": three["p50"] / chain["p50"], "overhead_ratio_p99": three["p99"] / chain["p99"],
         "per_hop_overhead_ms": (three["p50"] - chain["p50"]) / 3, "hop_p50_ms": hop_p50,
+        "slice_compute_p50_ms": {name: float(np.median(values) * 1e3) for name, values in compute.items()},
         "bare_grpc_round_trip_ms": bare["unary"], "bare_grpc_stream_round_trip_ms": bare["stream"],
         "bare_grpc_stream_round_trip_after_idle_ms": bare["stream_after_idle"],
         "bare_payload_tokens": tokens, "ratio_if_hops_were_bare": (chain["p50"] + bare_hops) / chain["p50"],
@@ -199,6 +212,8 @@ def run(artifacts: Path, data: str | None = None, limit: int | None = None, out:
     print(f"overhead ratio p50 {result['overhead_ratio']:.3f} (p99 {result['overhead_ratio_p99']:.3f}); "
           f"per hop {result['per_hop_overhead_ms']:.3f} ms; hop p50 (RPC time outside the callee): "
           + ", ".join(f"{k} {v:.3f} ms" for k, v in hop_p50.items()))
+    print(f"the three slices' onnxruntime runs alone, p50: {result['slice_compute_p50_ms']['chain']:.3f} ms in the "
+          f"chain, {result['slice_compute_p50_ms']['three_tier']:.3f} ms in the tiers")
     print(f"bare grpc.aio round trip ({tokens} tokens of hidden state): {bare['unary']:.3f} ms as a unary call, "
           f"{bare['stream']:.3f} ms on an open stream; with three such hops on streams and no tier "
           f"code the ratio would be {result['ratio_if_hops_were_bare']:.3f}")
