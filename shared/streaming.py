@@ -1,8 +1,8 @@
 """Many calls on one long-lived bidirectional gRPC stream: the client side of ContinueStream and
 ClassifyStream (proto/tierserve.proto).
 
-A message on an open stream costs a fraction of a new unary call in grpc (bench/overhead.py: 0.28
-against 0.55 ms for a bare round trip on this project's machine). Each request carries `call_id`
+A message on an open stream costs about half a new unary call in grpc (bare round trips measured by
+bench/overhead.py: `bare_grpc_*` in bench/results/summary.json). Each request carries `call_id`
 and `timeout_seconds`; each response echoes `call_id` with `status_code` / `status_message`
 (0: OK). A call fails alone (its deadline, its status); a broken stream fails the calls waiting on
 it as UNAVAILABLE, and the next call opens a new stream. Failures raise grpc.aio.AioRpcError, as
