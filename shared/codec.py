@@ -34,9 +34,9 @@ DTYPES: dict[str, np.dtype] = {
     name: np.dtype(name).newbyteorder("<")
     for name in ("float32", "float16", "float64", "int64", "int32", "int8", "uint8", "bool")
 }
-# the same by native-order dtype: dtype.name is slow to compute (microseconds), every call
-_WIRE_NAMES: dict[np.dtype, str] = {np.dtype(name): name for name in DTYPES}
 _NATIVE: dict[str, np.dtype] = {name: np.dtype(name) for name in DTYPES}  # what a tensor decodes to
+# the wire name by native-order dtype: dtype.name is slow to compute (microseconds), every call
+_WIRE_NAMES: dict[np.dtype, str] = {dtype: name for name, dtype in _NATIVE.items()}
 MAX_RANK = 8
 
 
@@ -66,6 +66,11 @@ def unpadded_mask(shape: tuple[int, ...], dtype: np.dtype | type = np.int64) -> 
 def is_unpadded_mask(array: np.ndarray) -> bool:
     """True if `array` is all ones; False if unknown without looking at its values (it may still be)."""
     return _UNPADDED_MASKS.get((array.shape, array.dtype)) is array
+
+
+def is_all_ones(mask: np.ndarray) -> bool:
+    """True if every value of `mask` is 1 (a mask without padding): at once for unpadded_mask's arrays."""
+    return is_unpadded_mask(mask) or bool((mask == 1).all())
 
 
 def to_tensor(array: np.ndarray) -> pb2.Tensor:
@@ -141,7 +146,7 @@ def _encoding_of(name: str, array: np.ndarray, float_encoding: int) -> int:
             return pb2.TENSOR_ENCODING_INT8_TENSOR
         return float_encoding
     if name == ATTENTION_MASK and kind in "iub":
-        if array.ndim == 2 and (is_unpadded_mask(array) or (array == 1).all()):  # no padding: checked first
+        if array.ndim == 2 and is_all_ones(array):  # no padding: the common case, checked first
             return _UNPADDED_MASK
         if array.ndim == 2 and np.array_equal(array, _right_padded(array.sum(axis=1), array.shape[1])):
             return pb2.TENSOR_ENCODING_LENGTHS  # (which also means it holds only 0 and 1)
@@ -210,6 +215,7 @@ def _decode(tensor: pb2.Tensor, name: str) -> np.ndarray:
         raise InvalidInput(f"tensor '{name}': encoding {label} does not apply to dtype {dtype_name}")
     if kind == pb2.TENSOR_ENCODING_LENGTHS and len(shape) != 2:
         raise InvalidInput(f"tensor '{name}': encoding {label} needs shape [batch, sequence], got {list(shape)}")
+    native = _NATIVE[dtype_name]
     size = math.prod(shape)
     rows = size // shape[-1] if shape and shape[-1] else 0
     item, n_scales = _ITEM_BYTES_AND_SCALES.get(kind, (0, 0))
@@ -224,24 +230,24 @@ def _decode(tensor: pb2.Tensor, name: str) -> np.ndarray:
     if kind == pb2.TENSOR_ENCODING_LENGTHS:  # one int per row: plain Python beats numpy's set-up
         lengths = struct.unpack(f"<{shape[0]}i", data)
         if not lengths:
-            return np.zeros(shape, _NATIVE[dtype_name])
+            return np.zeros(shape, native)
         shortest, longest = min(lengths), max(lengths)
         if shortest < 0 or longest > shape[1]:
             raise InvalidInput(f"tensor '{name}' has row lengths outside 0..{shape[1]}")
         if shortest == shape[1]:  # no padding (always so for one sample)
-            return unpadded_mask(shape, _NATIVE[dtype_name])
-        return _right_padded(np.array(lengths), shape[1]).astype(_NATIVE[dtype_name])
+            return unpadded_mask(shape, native)
+        return _right_padded(np.array(lengths), shape[1]).astype(native)
     if kind == pb2.TENSOR_ENCODING_UINT8:
-        return np.frombuffer(data, np.uint8).reshape(shape).astype(_NATIVE[dtype_name])
+        return np.frombuffer(data, np.uint8).reshape(shape).astype(native)
     if kind == pb2.TENSOR_ENCODING_FP16:
-        values = np.frombuffer(data, "<f2").reshape(shape).astype(_NATIVE[dtype_name])
+        values = np.frombuffer(data, "<f2").reshape(shape).astype(native)
     else:
         scales = np.frombuffer(scale_bytes, "<f4")
         if not (np.isfinite(scales) & (scales >= 0)).all():
             raise InvalidInput(f"tensor '{name}' has negative, NaN or infinite scales")
         q = np.frombuffer(data, np.int8).reshape(shape)
         scale = scales.reshape(*shape[:-1], 1) if kind == pb2.TENSOR_ENCODING_INT8_TOKEN else scales[0]
-        values = (q * scale).astype(_NATIVE[dtype_name])
+        values = (q * scale).astype(native)
     if not np.isfinite(values).all():
         raise InvalidInput(f"tensor '{name}' holds NaN or infinite values")
     return values

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from shared.codec import ATTENTION_MASK, is_unpadded_mask
+from shared.codec import ATTENTION_MASK, is_all_ones
 from shared.errors import ArtifactError, InvalidInput
 from shared.manifest import SliceSpec
 
@@ -176,7 +176,7 @@ def _check_mask_shape(arrays: Mapping[str, np.ndarray]) -> None:
 
 
 def _check_mask_values(mask: np.ndarray) -> None:
-    if mask.size and (is_unpadded_mask(mask) or (mask == 1).all()):  # no padding (always so for one sample): valid
+    if mask.size and is_all_ones(mask):  # no padding (always so for one sample): valid
         return
     if mask.size and (mask.min() < 0 or mask.max() > 1):
         raise InvalidInput(f"tensor '{ATTENTION_MASK}' may only hold 0 and 1")

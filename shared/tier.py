@@ -392,7 +392,6 @@ class _CallStream:
         self.writing = asyncio.Lock()  # one write at a time on a stream
         self.read_pause = ReadPause()
         self.answered_at = -math.inf  # loop time of the last answer's send
-        self.quick_caller = True  # its next call came within a pause of our answer, last time
         self.undecodable = ""  # why a message did not parse (then the stream ends)
 
     async def answer_all(self) -> None:
@@ -429,7 +428,7 @@ class _CallStream:
             self.undecodable = request.explain()
             return
         loop = asyncio.get_running_loop()
-        self.quick_caller = loop.time() - self.answered_at < 1.5 * NEXT_READ_DELAY
+        quick_caller = loop.time() - self.answered_at < 1.5 * NEXT_READ_DELAY  # came soon after our last answer
         # Alone, the next read is held back (ReadPause) a moment after this call's forward or answer
         # has left, or, for a caller whose next call came sooner than that, until this call has
         # answered; under load it starts at once, so that calls overlap.
@@ -441,7 +440,7 @@ class _CallStream:
             except Exception as exc:  # the caller has gone: nobody is left to answer
                 log.debug("answering call %d on a stream failed: %r", request.call_id, exc)
         self.answered_at = loop.time()
-        if self.quick_caller:
+        if quick_caller:
             self.read_pause.open()
 
 
