@@ -215,6 +215,8 @@ def _decode(tensor: pb2.Tensor, name: str) -> np.ndarray:
         raise InvalidInput(f"tensor '{name}': encoding {label} does not apply to dtype {dtype_name}")
     if kind == pb2.TENSOR_ENCODING_LENGTHS and len(shape) != 2:
         raise InvalidInput(f"tensor '{name}': encoding {label} needs shape [batch, sequence], got {list(shape)}")
+    if kind == pb2.TENSOR_ENCODING_INT8_TOKEN and not shape:  # a scale per row of the last axis
+        raise InvalidInput(f"tensor '{name}': encoding {label} needs at least one axis, got a scalar")
     native = _NATIVE[dtype_name]
     size = math.prod(shape)
     rows = size // shape[-1] if shape and shape[-1] else 0

@@ -144,6 +144,7 @@ def _int8(shape: list[int], scales: bytes, dtype: str = "float32") -> pb2.Tensor
     (pb2.Tensor(dtype="complex64", shape=[1], data=b"\0" * 2, encoding=pb2.TENSOR_ENCODING_FP16),
      "unknown dtype"),
     (pb2.Tensor(dtype="float32", shape=[-1], data=b"", encoding=pb2.TENSOR_ENCODING_FP16), "invalid shape"),
+    (_int8([], b""), "needs at least one axis"),  # found by test_malformed's random requests
 ])
 def test_bad_encoded_tensors_are_invalid_input(tensor: pb2.Tensor, message: str) -> None:
     with pytest.raises(InvalidInput, match="tensor 'hidden'") as caught:
