@@ -21,6 +21,18 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
+def softmax_rows(logits: list[list[float]], temperature: float = 1.0) -> list[list[float]]:
+    """softmax for a few rows of Python floats: the same maths in float64, without numpy's
+    per-call set-up (the tier's exit decision, one request at a time)."""
+    probs = []
+    for row in logits:
+        top = max(row)
+        e = [math.exp((x - top) / temperature) for x in row]
+        total = math.fsum(e)
+        probs.append([v / total for v in e])
+    return probs
+
+
 def nll(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0) -> float:
     """Mean negative log-likelihood of the labels under softmax(logits / T)."""
     z = np.asarray(logits, dtype=np.float64) / temperature

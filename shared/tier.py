@@ -21,7 +21,7 @@ import grpc
 import numpy as np
 
 from shared.batching import Batcher
-from shared.calibration import softmax
+from shared.calibration import softmax_rows
 from shared.client import NextTierError
 from shared.codec import decode_tensors, encode_tensors, from_tensor, is_unpadded_mask, wire_bytes
 from shared.errors import ArtifactError, DeadlineExceeded, InvalidInput, NotReady, TierServeError, Undecodable
@@ -148,7 +148,7 @@ class TierLoop:
             result = await self.runner.run(inputs)
             metrics.defer(_record_run, metrics, batch, result.compute_seconds)
         # Python lists from here: a numpy call costs ~30 µs with the caches a waking tier finds
-        probs = softmax(result.outputs[LOGITS], self.exit.temperature).tolist()
+        probs = softmax_rows(result.outputs[LOGITS].tolist(), self.exit.temperature)
         confidence = [max(p) for p in probs]
         if self.next_tier is None:
             rows = []
