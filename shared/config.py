@@ -11,10 +11,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.manifest import TIERS, Tier
+from shared.placement import format_cpu_list, parse_cpu_list
 from shared.tls import ClientTLS
 
 MiB = 1 << 20
@@ -47,6 +48,10 @@ class TierSettings(BaseSettings):
     inline_max_samples: int = Field(
         4, ge=0, description="a request of at most this many samples runs on the event loop's thread when the "
         "tier is idle (saves ~0.3 ms of thread hand-off; 0: always the worker thread)")
+    cpus: str | None = Field(
+        None, description="the CPUs this tier runs on, a Linux CPU list such as 0 or 2-3 (every thread, the "
+        "slice's included; Linux only); unset: any. Where tiers share a machine, consecutive tiers on "
+        "different cores answer sooner (bench/overhead.py)")
     event_loop: Literal["auto", "uvloop", "asyncio"] = Field(
         "auto", description="the tier's event loop: uvloop (libuv, in C: each hop's hand-offs and task "
         "switches cost less), asyncio (the standard library's), auto: uvloop where it is installed")
@@ -59,6 +64,13 @@ class TierSettings(BaseSettings):
         None, description="PEM CA that client certificates must be signed by: mutual TLS")
     inject_delay_ms: float = Field(
         0.0, ge=0, description="test hook, never in production: sleep this long before answering Continue")
+
+    @field_validator("cpus")
+    @classmethod
+    def _cpu_list(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        return format_cpu_list(parse_cpu_list(value))  # ValueError says what is wrong
 
     @model_validator(mode="after")
     def _tls_files_come_in_pairs(self) -> TierSettings:

@@ -26,6 +26,7 @@ from shared.decoding import UndecodableRequests
 from shared.errors import TierServeError
 from shared.manifest import TIERS, load_manifest, verified_slice_path
 from shared.metrics import TierMetrics
+from shared.placement import parse_cpu_list, pin_process
 from shared.processes import exit_with_parent
 from shared.resilience import CircuitBreaker, GuardedNextTier, InflightLimit, RetryPolicy
 from shared.rpc import SERVICE_NAMES, pb2, pb2_grpc, server_options
@@ -186,6 +187,13 @@ def run_tier(settings: TierSettings) -> int:
         level=logging.INFO, stream=sys.stderr,
         format=f"%(asctime)s {settings.tier} %(levelname)s %(name)s: %(message)s")
     exit_with_parent()
+    try:
+        if settings.cpus is not None:  # before the slice's and gRPC's threads start: they inherit it
+            pin_process(parse_cpu_list(settings.cpus))
+            log.info("%s tier pinned to CPUs %s", settings.tier, settings.cpus)
+    except (OSError, ValueError) as exc:
+        log.error("cannot pin the %s tier to CPUs %s: %s", settings.tier, settings.cpus, exc)
+        return 2
     try:
         run_event_loop(_serve_until_signalled(settings), settings.event_loop)
     except TierServeError as exc:  # a broken or missing artifact or setting: say what, exit non-zero

@@ -1,0 +1,64 @@
+"""Which CPUs a tier runs on (Linux): the `cpus` setting, and a spread of the three tiers over the
+CPUs of one machine.
+
+A request crosses the tiers one after the other. When they share a few cores and float, the kernel
+tends to wake a message's receiver on its sender's core, where it waits for the sender to go to
+sleep, and each tier's slice run pushes the code of the tier that waits beside it out of the core's
+caches. Pinned to alternate cores, each hop lands on a core that is idle and still holds the
+receiver's code, as if each tier had a machine of its own. bench/overhead.py measures both ways.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+
+def parse_cpu_list(text: str) -> list[int]:
+    """CPU numbers from a Linux CPU list ("0", "0-3", "0,2,4-5"), sorted, each once."""
+    cpus: set[int] = set()
+    for part in text.replace(" ", "").split(","):
+        first, dash, last = part.partition("-")
+        if not first.isdigit() or (dash and not last.isdigit()):
+            raise ValueError(f"'{text}' is not a CPU list: expected numbers and ranges like 0,2-3")
+        low, high = int(first), int(last) if dash else int(first)
+        if high < low:
+            raise ValueError(f"'{part}' in '{text}' is an empty range: write low-high")
+        cpus.update(range(low, high + 1))
+    return sorted(cpus)
+
+
+def format_cpu_list(cpus: Sequence[int]) -> str:
+    return ",".join(str(cpu) for cpu in sorted(cpus))
+
+
+def usable_cpus() -> list[int]:
+    """The CPUs this process may run on."""
+    return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+
+
+def pin_process(cpus: Sequence[int], pid: int | None = None) -> None:
+    """Run every thread of process `pid` (default: this one), and every thread it starts later, on
+    `cpus` only."""
+    if not hasattr(os, "sched_setaffinity"):
+        raise OSError("pinning a tier to CPUs (the cpus setting) works on Linux only")
+    usable = usable_cpus()
+    unknown = sorted(set(cpus) - set(usable))
+    if unknown:
+        raise ValueError(f"cpus {format_cpu_list(unknown)} are not usable here: this process may run on "
+                         f"{format_cpu_list(usable)}")
+    for thread in os.listdir(f"/proc/{pid or 'self'}/task"):  # one thread's affinity is not enough
+        os.sched_setaffinity(int(thread), cpus)
+
+
+def spread(tiers: Sequence[str], cpus: Sequence[int] | None = None) -> dict[str, str]:
+    """A CPU list per tier that puts consecutive tiers on different cores: with as many CPUs as tiers
+    or more, disjoint blocks in chain order; with fewer, the CPUs in turn (two: 0, 1, 0); with one,
+    no pinning (an empty dict)."""
+    cpus = sorted(cpus if cpus is not None else usable_cpus())
+    if len(cpus) < 2:
+        return {}
+    if len(cpus) < len(tiers):
+        return {tier: str(cpus[i % len(cpus)]) for i, tier in enumerate(tiers)}
+    size = len(cpus) // len(tiers)
+    return {tier: format_cpu_list(cpus[i * size:(i + 1) * size]) for i, tier in enumerate(tiers)}
