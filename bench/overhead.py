@@ -3,9 +3,12 @@
 End-to-end latency at the client (real SST-2 dev sentences, one per request, thresholds > 1 so
 every sample crosses both hops) versus the same three slices chained in one process with
 onnxruntime, with the tiers' thread settings (shared.runner.SliceRunner, 1 intra-op thread) and the
-same tokeniser and calibration. Per-hop overhead from the answers' per-tier timings. The two are
-measured in alternating blocks of texts: this shared machine's speed drifts by up to 10% between
-minutes, which measured one after the other moved the ratio by as much.
+same tokeniser and calibration. Per-hop overhead from the answers' per-tier timings. The tiers are
+measured placed two ways: "spread", consecutive tiers pinned to different cores (shared.placement,
+the tiers' `cpus` setting: as on machines of their own; the headline), and "floating", every tier
+free to run on every core, where the kernel puts it. The chain and the two placements are measured
+in alternating blocks of texts: this shared machine's speed drifts by up to 10% between minutes,
+which measured one after the other moved the ratio by as much.
 
 For scale, the bare cost of a hop in this stack: the p50 round trip of a grpc.aio echo server in
 another process, sent the bytes of a median forwarded hidden state and answering them back
@@ -24,16 +27,18 @@ import asyncio
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from bench.common import FORCE_CLOUD, base_parser, dev_set, load, percentiles_ms, table, tiers, write_result
-from shared.calibration import softmax
+from shared.calibration import softmax_rows
 from shared.client import TierClient
-from shared.manifest import Manifest, verified_slice_path
+from shared.manifest import TIERS, Manifest, verified_slice_path
+from shared.placement import format_cpu_list, parse_cpu_list, pin_process, spread, usable_cpus
 from shared.runner import SliceRunner
 from shared.text import TextEncoder
 
@@ -61,7 +66,7 @@ class Chain:
             for spec, runner, exit_spec in zip(self.manifest.slices, self.runners, self.manifest.exits, strict=True):
                 result = runner.run_sync(feed)
                 compute += result.compute_seconds
-                softmax(result.outputs["logits"], exit_spec.temperature).max(-1)
+                [max(p) for p in softmax_rows(result.outputs["logits"].tolist(), exit_spec.temperature)]
                 feed = {name: result.outputs.get(source, feed.get(source)) for name, source in spec.forwards.items()}
             seconds.append(time.perf_counter() - started)
             self.compute_seconds.append(compute)
@@ -93,31 +98,50 @@ def tier_latencies(client: TierClient, texts: Sequence[str]
     return seconds, hops, compute
 
 
-def measure(artifacts: Path, manifest: Manifest, texts: list[str]
-            ) -> tuple[list[float], list[float], dict[str, list[float]], dict[str, list[float]]]:
-    """Chain seconds, three-tier seconds, per-hop seconds and slice compute seconds (chain, tiers)
-    per text, measured in alternating blocks of texts (ROUNDS of each), so that drift in the
-    machine's speed hits both sides alike."""
+@dataclass
+class TierRuns:
+    """Per text: seconds at the client, per-hop seconds, the slices' onnxruntime seconds."""
+
+    seconds: list[float] = field(default_factory=list)
+    hops: dict[str, list[float]] = field(default_factory=dict)
+    compute: list[float] = field(default_factory=list)
+
+    def add(self, client: TierClient, texts: Sequence[str]) -> None:
+        seconds, hops, compute = tier_latencies(client, texts)
+        self.seconds += seconds
+        self.compute += compute
+        for name, values in hops.items():
+            self.hops.setdefault(name, []).extend(values)
+
+
+def measure(artifacts: Path, manifest: Manifest, texts: list[str], placements: Mapping[str, Mapping[str, str]]
+            ) -> tuple[list[float], list[float], dict[str, TierRuns]]:
+    """Chain seconds and slice compute seconds per text, and the three tiers' runs per placement
+    (tier -> CPU list: every thread of the tier's process is pinned there before each block), measured
+    in alternating blocks of texts (ROUNDS), so that drift in the machine's speed hits every side alike."""
     chain = Chain(artifacts, manifest)
+    runs = {name: TierRuns() for name in placements}
     chain_seconds: list[float] = []
-    seconds: list[float] = []
-    hops: dict[str, list[float]] = {}
-    tier_compute: list[float] = []
     try:
         with tiers(artifacts) as cluster, TierClient(cluster.entry_address) as client:
+            def place(name: str) -> None:
+                for tier, cpus in placements[name].items():
+                    pin_process(parse_cpu_list(cpus), cluster.tiers[tier].process.pid)
+
             chain.latencies(texts[:WARMUP])
-            tier_latencies(client, texts[:WARMUP])
+            for name in placements:
+                place(name)
+                tier_latencies(client, texts[:WARMUP])
             chain.compute_seconds.clear()
-            for block in np.array_split(np.array(texts, dtype=object), ROUNDS):
+            names = list(placements)
+            for i, block in enumerate(np.array_split(np.array(texts, dtype=object), ROUNDS)):
                 chain_seconds += chain.latencies(list(block))
-                block_seconds, block_hops, block_compute = tier_latencies(client, list(block))
-                seconds += block_seconds
-                tier_compute += block_compute
-                for name, values in block_hops.items():
-                    hops.setdefault(name, []).extend(values)
+                for name in names if i % 2 == 0 else names[::-1]:
+                    place(name)
+                    runs[name].add(client, list(block))
     finally:
         chain.close()
-    return chain_seconds, seconds, hops, {"chain": chain.compute_seconds, "three_tier": tier_compute}
+    return chain_seconds, chain.compute_seconds, runs
 
 
 def _echo_server(port: int) -> None:
@@ -189,31 +213,39 @@ def bare_round_trips_ms(payload_bytes: int, calls: int = 2000) -> dict[str, floa
 def run(artifacts: Path, data: str | None = None, limit: int | None = None, out: Path | None = None) -> dict[str, Any]:
     manifest = load(artifacts)
     texts, _ = dev_set(manifest, data, limit)
-    chain_seconds, seconds, hops, compute = measure(artifacts, manifest, texts)
-    chain, three = percentiles_ms(chain_seconds), percentiles_ms(seconds)
-    hop_p50 = {name: float(np.median(values) * 1e3) for name, values in hops.items()}
+    cpus = spread(TIERS)
+    everywhere = format_cpu_list(usable_cpus())
+    placements = {"spread": cpus} if cpus else {}  # the headline first
+    placements["floating"] = {tier: everywhere for tier in TIERS}
+    chain_seconds, chain_compute, runs = measure(artifacts, manifest, texts, placements)
+    chain = percentiles_ms(chain_seconds)
+    by_placement = {placement: _summary(chain, r) for placement, r in runs.items()}
+    headline = next(iter(by_placement.values()))
     encoder = TextEncoder.for_manifest(manifest, artifacts)
     tokens = int(np.median([encoder.encode([t]).tensors["attention_mask"].shape[1] for t in texts]))
     bare = bare_round_trips_ms(tokens * manifest.hidden_size * 4)
     bare_hops = 3 * bare["stream"]  # TierClient and the tiers all send their calls on streams
     result = {
-        "samples": len(texts), "chain_ms": chain, "three_tier_ms": three,
-        "overhead_ratio": three["p50"] / chain["p50"], "overhead_ratio_p99": three["p99"] / chain["p99"],
-        "per_hop_overhead_ms": (three["p50"] - chain["p50"]) / 3, "hop_p50_ms": hop_p50,
-        "slice_compute_p50_ms": {name: float(np.median(values) * 1e3) for name, values in compute.items()},
+        "samples": len(texts), "chain_ms": chain, "placement": next(iter(placements)), "cpus": cpus, **headline,
+        "slice_compute_p50_ms": {"chain": _p50_ms(chain_compute), "three_tier": headline["slice_compute_p50_ms"]},
+        "by_placement": by_placement,
         "bare_grpc_round_trip_ms": bare["unary"], "bare_grpc_stream_round_trip_ms": bare["stream"],
         "bare_grpc_stream_round_trip_after_idle_ms": bare["stream_after_idle"],
         "bare_payload_tokens": tokens, "ratio_if_hops_were_bare": (chain["p50"] + bare_hops) / chain["p50"],
         "ratio_if_hops_were_bare_after_idle": (chain["p50"] + 3 * bare["stream_after_idle"]) / chain["p50"],
     }
-    print(table(["system", "p50 ms", "p99 ms", "mean ms"],
-                [["in-process chain", chain["p50"], chain["p99"], chain["mean"]],
-                 ["three tiers (gRPC)", three["p50"], three["p99"], three["mean"]]]))
-    print(f"overhead ratio p50 {result['overhead_ratio']:.3f} (p99 {result['overhead_ratio_p99']:.3f}); "
-          f"per hop {result['per_hop_overhead_ms']:.3f} ms; hop p50 (RPC time outside the callee): "
-          + ", ".join(f"{k} {v:.3f} ms" for k, v in hop_p50.items()))
+    rows = [["in-process chain", chain["p50"], chain["p99"], chain["mean"], None]]
+    rows += [[f"three tiers (gRPC), {name}", r["three_tier_ms"]["p50"], r["three_tier_ms"]["p99"],
+              r["three_tier_ms"]["mean"], r["overhead_ratio"]] for name, r in by_placement.items()]
+    print(table(["system", "p50 ms", "p99 ms", "mean ms", "ratio p50"], rows))
+    print("tiers spread: " + (", ".join(f"{t} on CPU {c}" for t, c in cpus.items()) if cpus else
+                              "no (one CPU)") + "; floating: where the kernel puts them")
+    for name, r in by_placement.items():
+        print(f"{name}: overhead ratio p50 {r['overhead_ratio']:.3f} (p99 {r['overhead_ratio_p99']:.3f}); "
+              f"per hop {r['per_hop_overhead_ms']:.3f} ms; hop p50 (RPC time outside the callee): "
+              + ", ".join(f"{k} {v:.3f} ms" for k, v in r["hop_p50_ms"].items()))
     print(f"the three slices' onnxruntime runs alone, p50: {result['slice_compute_p50_ms']['chain']:.3f} ms in the "
-          f"chain, {result['slice_compute_p50_ms']['three_tier']:.3f} ms in the tiers")
+          f"chain, {result['slice_compute_p50_ms']['three_tier']:.3f} ms in the tiers ({result['placement']})")
     print(f"bare grpc.aio round trip ({tokens} tokens of hidden state): {bare['unary']:.3f} ms as a unary call, "
           f"{bare['stream']:.3f} ms on an open stream; with three such hops on streams and no tier "
           f"code the ratio would be {result['ratio_if_hops_were_bare']:.3f}")
@@ -222,6 +254,19 @@ def run(artifacts: Path, data: str | None = None, limit: int | None = None, out:
     if out is not None:
         write_result(out, "overhead", result)
     return result
+
+
+def _p50_ms(seconds: Sequence[float]) -> float:
+    return float(np.median(seconds) * 1e3)
+
+
+def _summary(chain: dict[str, float], runs: TierRuns) -> dict[str, Any]:
+    three = percentiles_ms(runs.seconds)
+    return {"three_tier_ms": three, "overhead_ratio": three["p50"] / chain["p50"],
+            "overhead_ratio_p99": three["p99"] / chain["p99"],
+            "per_hop_overhead_ms": (three["p50"] - chain["p50"]) / 3,
+            "hop_p50_ms": {name: _p50_ms(values) for name, values in runs.hops.items()},
+            "slice_compute_p50_ms": _p50_ms(runs.compute)}
 
 
 def main(argv: list[str] | None = None) -> None:

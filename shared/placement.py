@@ -3,9 +3,9 @@ CPUs of one machine.
 
 A request crosses the tiers one after the other. When they share a few cores and float, the kernel
 tends to wake a message's receiver on its sender's core, where it waits for the sender to go to
-sleep, and each tier's slice run pushes the code of the tier that waits beside it out of the core's
-caches. Pinned to alternate cores, each hop lands on a core that is idle and still holds the
-receiver's code, as if each tier had a machine of its own. bench/overhead.py measures both ways.
+sleep, and a slice run evicts from its core's caches the code of a tier that waits there. Pinned to
+alternate cores, each hop's receiver wakes on a core of its own, as on a machine of its own.
+bench/overhead.py measures the tiers both ways ("spread" and "floating").
 """
 
 from __future__ import annotations

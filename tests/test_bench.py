@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from shared.manifest import load_manifest
+from shared.manifest import TIERS, load_manifest
+from shared.placement import spread
 from shared.policy import relative_cost
 
 
@@ -72,6 +73,12 @@ def test_overhead_forces_every_request_through_both_hops(tiny_artifacts: Path, t
     assert result["three_tier_ms"]["n"] == result["chain_ms"]["n"] == 30
     assert set(result["hop_p50_ms"]) == {"client_mobile", "mobile_edge", "edge_cloud"}
     assert result["overhead_ratio"] == pytest.approx(result["three_tier_ms"]["p50"] / result["chain_ms"]["p50"])
+    placements = {"spread", "floating"} if spread(TIERS) else {"floating"}  # spread needs two CPUs
+    assert set(result["by_placement"]) == placements and result["placement"] in placements
+    for each in result["by_placement"].values():
+        assert each["three_tier_ms"]["n"] == 30
+        assert each["overhead_ratio"] == pytest.approx(each["three_tier_ms"]["p50"] / result["chain_ms"]["p50"])
+    assert result["by_placement"][result["placement"]]["overhead_ratio"] == result["overhead_ratio"]
     assert result["bare_grpc_round_trip_ms"] > 0 and result["bare_grpc_stream_round_trip_ms"] > 0
     assert result["ratio_if_hops_were_bare"] > 1
     assert result["bare_grpc_stream_round_trip_after_idle_ms"] > 0
