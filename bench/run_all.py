@@ -52,7 +52,9 @@ def main(argv: list[str] | None = None) -> int:
         parts[name] = step()
     o, t, tr, c, k, p = (parts[n] for n in ("overhead", "throughput", "tradeoff", "calibration", "codec", "policy"))
     summary: dict[str, Any] = {
-        "overhead_ratio": o["overhead_ratio"], "per_hop_overhead_ms": o["per_hop_overhead_ms"],
+        "overhead_ratio": o["overhead_ratio"], "overhead_placement": o["placement"], "overhead_cpus": o["cpus"],
+        "overhead_ratio_floating": o["by_placement"]["floating"]["overhead_ratio"],
+        "per_hop_overhead_ms": o["per_hop_overhead_ms"],
         "bare_grpc_round_trip_ms": o["bare_grpc_round_trip_ms"],
         "bare_grpc_stream_round_trip_ms": o["bare_grpc_stream_round_trip_ms"], "overhead_ratio_if_hops_were_bare":
             o["ratio_if_hops_were_bare"],
