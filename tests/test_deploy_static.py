@@ -160,7 +160,9 @@ def test_dockerfile_stages() -> None:
 
 
 def env(service: dict[str, Any]) -> dict[str, str]:
-    return {k: str(v) for k, v in service["environment"].items()}
+    """A service's environment as compose passes it when the host sets none of the variables:
+    `${NAME:-default}` is its default."""
+    return {k: re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", str(v)) for k, v in service["environment"].items()}
 
 
 def port_of(address: str) -> int:
