@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from shared.manifest import TIERS, Manifest, load_manifest
+from shared.placement import usable_cpus
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS = REPO_ROOT / "bench" / "results"
@@ -51,7 +52,7 @@ def machine() -> dict[str, Any]:
                 break
     except OSError:
         pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = len(usable_cpus())
     return {"cpu": cpu, "cores": cores, "python": platform.python_version(),
             "onnxruntime": onnxruntime.__version__, "platform": platform.platform()}
 

@@ -227,7 +227,8 @@ def run(artifacts: Path, data: str | None = None, limit: int | None = None, out:
     bare_hops = 3 * bare["stream"]  # TierClient and the tiers all send their calls on streams
     result = {
         "samples": len(texts), "chain_ms": chain, "placement": next(iter(placements)), "cpus": cpus, **headline,
-        "slice_compute_p50_ms": {"chain": _p50_ms(chain_compute), "three_tier": headline["slice_compute_p50_ms"]},
+        "slice_compute_p50_ms": {"chain": percentiles_ms(chain_compute)["p50"],
+                                 "three_tier": headline["slice_compute_p50_ms"]},
         "by_placement": by_placement,
         "bare_grpc_round_trip_ms": bare["unary"], "bare_grpc_stream_round_trip_ms": bare["stream"],
         "bare_grpc_stream_round_trip_after_idle_ms": bare["stream_after_idle"],
@@ -256,17 +257,13 @@ def run(artifacts: Path, data: str | None = None, limit: int | None = None, out:
     return result
 
 
-def _p50_ms(seconds: Sequence[float]) -> float:
-    return float(np.median(seconds) * 1e3)
-
-
 def _summary(chain: dict[str, float], runs: TierRuns) -> dict[str, Any]:
     three = percentiles_ms(runs.seconds)
     return {"three_tier_ms": three, "overhead_ratio": three["p50"] / chain["p50"],
             "overhead_ratio_p99": three["p99"] / chain["p99"],
             "per_hop_overhead_ms": (three["p50"] - chain["p50"]) / 3,
-            "hop_p50_ms": {name: _p50_ms(values) for name, values in runs.hops.items()},
-            "slice_compute_p50_ms": _p50_ms(runs.compute)}
+            "hop_p50_ms": {name: percentiles_ms(values)["p50"] for name, values in runs.hops.items()},
+            "slice_compute_p50_ms": percentiles_ms(runs.compute)["p50"]}
 
 
 def main(argv: list[str] | None = None) -> None:
