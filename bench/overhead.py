@@ -35,6 +35,8 @@ from typing import Any
 import numpy as np
 
 from bench.common import FORCE_CLOUD, base_parser, dev_set, load, percentiles_ms, table, tiers, write_result
+from bench.relay import Relay
+from bench.relay import latencies as relay_latencies
 from shared.calibration import softmax_rows
 from shared.client import TierClient
 from shared.manifest import TIERS, Manifest, verified_slice_path
@@ -114,14 +116,26 @@ class TierRuns:
             self.hops.setdefault(name, []).extend(values)
 
 
+@dataclass
+class Measured:
+    """Seconds per text of every system measured, and their slices' onnxruntime seconds."""
+
+    chain: list[float] = field(default_factory=list)
+    chain_compute: list[float] = field(default_factory=list)
+    tiers: dict[str, TierRuns] = field(default_factory=dict)  # per placement
+    relay: list[float] = field(default_factory=list)  # bench.relay: the floor of this stack
+    relay_compute: list[float] = field(default_factory=list)
+
+
 def measure(artifacts: Path, manifest: Manifest, texts: list[str], placements: Mapping[str, Mapping[str, str]]
-            ) -> tuple[list[float], list[float], dict[str, TierRuns]]:
-    """Chain seconds and slice compute seconds per text, and the three tiers' runs per placement
-    (tier -> CPU list: every thread of the tier's process is pinned there before each block), measured
+            ) -> Measured:
+    """The chain, the three tiers per placement (tier -> CPU list: every thread of the tier's process
+    is pinned there before each block) and the bare relay (placed as the first placement), measured
     in alternating blocks of texts (ROUNDS), so that drift in the machine's speed hits every side alike."""
     chain = Chain(artifacts, manifest)
-    runs = {name: TierRuns() for name in placements}
-    chain_seconds: list[float] = []
+    measured = Measured(tiers={name: TierRuns() for name in placements})
+    relay = Relay(artifacts, manifest, next(iter(placements.values())))
+    encode = chain.encoder.encode
     try:
         with tiers(artifacts) as cluster, TierClient(cluster.entry_address) as client:
             def place(name: str) -> None:
@@ -129,19 +143,25 @@ def measure(artifacts: Path, manifest: Manifest, texts: list[str], placements: M
                     pin_process(parse_cpu_list(cpus), cluster.tiers[tier].process.pid)
 
             chain.latencies(texts[:WARMUP])
+            relay_latencies(relay, encode, texts[:WARMUP])
             for name in placements:
                 place(name)
                 tier_latencies(client, texts[:WARMUP])
             chain.compute_seconds.clear()
             names = list(placements)
             for i, block in enumerate(np.array_split(np.array(texts, dtype=object), ROUNDS)):
-                chain_seconds += chain.latencies(list(block))
+                measured.chain += chain.latencies(list(block))
                 for name in names if i % 2 == 0 else names[::-1]:
                     place(name)
-                    runs[name].add(client, list(block))
+                    measured.tiers[name].add(client, list(block))
+                seconds, compute = relay_latencies(relay, encode, list(block))
+                measured.relay += seconds
+                measured.relay_compute += compute
     finally:
         chain.close()
-    return chain_seconds, chain.compute_seconds, runs
+        relay.close()
+    measured.chain_compute = chain.compute_seconds
+    return measured
 
 
 def _echo_server(port: int) -> None:
@@ -217,9 +237,10 @@ def run(artifacts: Path, data: str | None = None, limit: int | None = None, out:
     everywhere = format_cpu_list(usable_cpus())
     placements = {"spread": cpus} if cpus else {}  # the headline first
     placements["floating"] = {tier: everywhere for tier in TIERS}
-    chain_seconds, chain_compute, runs = measure(artifacts, manifest, texts, placements)
-    chain = percentiles_ms(chain_seconds)
-    by_placement = {placement: _summary(chain, r) for placement, r in runs.items()}
+    measured = measure(artifacts, manifest, texts, placements)
+    chain = percentiles_ms(measured.chain)
+    by_placement = {placement: _summary(chain, r) for placement, r in measured.tiers.items()}
+    relay = percentiles_ms(measured.relay)
     headline = next(iter(by_placement.values()))
     encoder = TextEncoder.for_manifest(manifest, artifacts)
     tokens = int(np.median([encoder.encode([t]).tensors["attention_mask"].shape[1] for t in texts]))
@@ -227,8 +248,10 @@ def run(artifacts: Path, data: str | None = None, limit: int | None = None, out:
     bare_hops = 3 * bare["stream"]  # TierClient and the tiers all send their calls on streams
     result = {
         "samples": len(texts), "chain_ms": chain, "placement": next(iter(placements)), "cpus": cpus, **headline,
-        "slice_compute_p50_ms": {"chain": percentiles_ms(chain_compute)["p50"],
-                                 "three_tier": headline["slice_compute_p50_ms"]},
+        "slice_compute_p50_ms": {"chain": percentiles_ms(measured.chain_compute)["p50"],
+                                 "three_tier": headline["slice_compute_p50_ms"],
+                                 "bare_relay": percentiles_ms(measured.relay_compute)["p50"]},
+        "bare_relay_ms": relay, "bare_relay_ratio": relay["p50"] / chain["p50"],
         "by_placement": by_placement,
         "bare_grpc_round_trip_ms": bare["unary"], "bare_grpc_stream_round_trip_ms": bare["stream"],
         "bare_grpc_stream_round_trip_after_idle_ms": bare["stream_after_idle"],
@@ -238,6 +261,8 @@ def run(artifacts: Path, data: str | None = None, limit: int | None = None, out:
     rows = [["in-process chain", chain["p50"], chain["p99"], chain["mean"], None]]
     rows += [[f"three tiers (gRPC), {name}", r["three_tier_ms"]["p50"], r["three_tier_ms"]["p99"],
               r["three_tier_ms"]["mean"], r["overhead_ratio"]] for name, r in by_placement.items()]
+    rows += [[f"bare relay (bench.relay), {result['placement']}", relay["p50"], relay["p99"], relay["mean"],
+              result["bare_relay_ratio"]]]
     print(table(["system", "p50 ms", "p99 ms", "mean ms", "ratio p50"], rows))
     print("tiers spread: " + (", ".join(f"{t} on CPU {c}" for t, c in cpus.items()) if cpus else
                               "no (one CPU)") + "; floating: where the kernel puts them")
@@ -245,8 +270,13 @@ def run(artifacts: Path, data: str | None = None, limit: int | None = None, out:
         print(f"{name}: overhead ratio p50 {r['overhead_ratio']:.3f} (p99 {r['overhead_ratio_p99']:.3f}); "
               f"per hop {r['per_hop_overhead_ms']:.3f} ms; hop p50 (RPC time outside the callee): "
               + ", ".join(f"{k} {v:.3f} ms" for k, v in r["hop_p50_ms"].items()))
-    print(f"the three slices' onnxruntime runs alone, p50: {result['slice_compute_p50_ms']['chain']:.3f} ms in the "
-          f"chain, {result['slice_compute_p50_ms']['three_tier']:.3f} ms in the tiers ({result['placement']})")
+    compute = result["slice_compute_p50_ms"]
+    print(f"the three slices' onnxruntime runs alone, p50: {compute['chain']:.3f} ms in the chain, "
+          f"{compute['three_tier']:.3f} ms in the tiers ({result['placement']}), "
+          f"{compute['bare_relay']:.3f} ms in the relay")
+    print(f"bare relay: three processes running the same slices on grpc.aio, passing raw bytes on streams, no "
+          f"tier code: ratio {result['bare_relay_ratio']:.3f}, the floor of Python + gRPC + processes here; "
+          f"the tiers' own work per request: {headline['three_tier_ms']['p50'] - relay['p50']:.3f} ms over it")
     print(f"bare grpc.aio round trip ({tokens} tokens of hidden state): {bare['unary']:.3f} ms as a unary call, "
           f"{bare['stream']:.3f} ms on an open stream; with three such hops on streams and no tier "
           f"code the ratio would be {result['ratio_if_hops_were_bare']:.3f}")

@@ -83,3 +83,32 @@ def test_overhead_forces_every_request_through_both_hops(tiny_artifacts: Path, t
     assert result["ratio_if_hops_were_bare"] > 1
     assert result["bare_grpc_stream_round_trip_after_idle_ms"] > 0
     assert result["ratio_if_hops_were_bare_after_idle"] > 1
+    assert result["bare_relay_ms"]["n"] == 30
+    assert result["bare_relay_ratio"] == pytest.approx(result["bare_relay_ms"]["p50"] / result["chain_ms"]["p50"])
+
+
+def test_bare_relay_computes_what_the_chain_computes(tiny_artifacts: Path, tiny_data: Path) -> None:
+    """bench.relay's three processes answer with the last slice's logits of the in-process chain."""
+    from bench.common import dev_set
+    from bench.overhead import Chain
+    from bench.relay import Relay, pack, unpack
+
+    manifest = load_manifest(tiny_artifacts)
+    chain = Chain(tiny_artifacts, manifest)
+    relay = Relay(tiny_artifacts, manifest)
+    try:
+        texts, _ = dev_set(manifest, str(tiny_data), 5)
+        for text in [*texts, " ".join(texts)]:
+            feed = chain.encoder.encode([text]).tensors
+            logits, seconds = relay.call(feed)
+            for spec, runner in zip(manifest.slices, chain.runners, strict=True):
+                outputs = runner.run_sync(feed).outputs
+                feed = {name: outputs.get(source, feed.get(source)) for name, source in spec.forwards.items()}
+            np.testing.assert_allclose(logits, outputs["logits"], rtol=1e-5, atol=1e-6)
+            assert seconds > 0
+    finally:
+        chain.close()
+        relay.close()
+    arrays = [np.arange(6, dtype=np.float32).reshape(1, 2, 3), np.ones((1, 2), np.int64)]
+    for sent, received in zip(arrays, unpack(pack(arrays)), strict=True):
+        assert received.dtype == sent.dtype and np.array_equal(received, sent)
