@@ -17,7 +17,9 @@ another process, sent the bytes of a median forwarded hidden state and answering
 round trip on a stream (the client and the tiers all send their calls on streams). The same round
 trip after IDLE_SECONDS of idleness (`bare_grpc_stream_round_trip_after_idle_ms`) is what a hop
 meets in the chain of tiers, where each process waits while the others run their slices: on a
-shared VM, code that ran moments ago is out of the caches by then.
+shared VM, code that ran moments ago is out of the caches by then. The floor of the whole stack,
+measured in the same blocks: the bare relay (bench.relay), three Python processes running the same
+slices on grpc.aio and passing raw bytes, no tier code (`bare_relay_ratio`).
 """
 
 from __future__ import annotations
