@@ -137,7 +137,6 @@ def measure(artifacts: Path, manifest: Manifest, texts: list[str], placements: M
     chain = Chain(artifacts, manifest)
     measured = Measured(tiers={name: TierRuns() for name in placements})
     relay = Relay(artifacts, manifest, next(iter(placements.values())))
-    encode = chain.encoder.encode
     try:
         with tiers(artifacts) as cluster, TierClient(cluster.entry_address) as client:
             def place(name: str) -> None:
@@ -145,7 +144,7 @@ def measure(artifacts: Path, manifest: Manifest, texts: list[str], placements: M
                     pin_process(parse_cpu_list(cpus), cluster.tiers[tier].process.pid)
 
             chain.latencies(texts[:WARMUP])
-            relay_latencies(relay, encode, texts[:WARMUP])
+            relay_latencies(relay, chain.encoder, texts[:WARMUP])
             for name in placements:
                 place(name)
                 tier_latencies(client, texts[:WARMUP])
@@ -156,7 +155,7 @@ def measure(artifacts: Path, manifest: Manifest, texts: list[str], placements: M
                 for name in names if i % 2 == 0 else names[::-1]:
                     place(name)
                     measured.tiers[name].add(client, list(block))
-                seconds, compute = relay_latencies(relay, encode, list(block))
+                seconds, compute = relay_latencies(relay, chain.encoder, list(block))
                 measured.relay += seconds
                 measured.relay_compute += compute
     finally:

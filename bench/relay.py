@@ -23,6 +23,7 @@ import numpy as np
 
 from shared.manifest import TIERS, Manifest, verified_slice_path
 from shared.placement import parse_cpu_list, pin_process
+from shared.text import TextEncoder
 
 METHOD = "/relay.Relay/Stream"
 _DTYPES = [np.dtype(np.float32), np.dtype(np.int64)]  # what the slices take and give
@@ -113,8 +114,10 @@ class Relay:
             if cpus and tier in cpus:
                 pin_process(parse_cpu_list(cpus[tier]), process.pid)
             self.processes.append(process)
+        for port in reversed(ports):  # each listens once its slice is loaded: wait for all three
+            with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+                grpc.channel_ready_future(channel).result(timeout=120)
         self.channel = grpc.insecure_channel(f"127.0.0.1:{ports[0]}", channel_options())
-        grpc.channel_ready_future(self.channel).result(timeout=120)
         self.requests: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         self.responses = self.channel.stream_stream(METHOD)(iter(self.requests.get, None))
 
@@ -133,13 +136,13 @@ class Relay:
             process.wait(10)
 
 
-def latencies(relay: Relay, encode: object, texts: Sequence[str]) -> tuple[list[float], list[float]]:
+def latencies(relay: Relay, encoder: TextEncoder, texts: Sequence[str]) -> tuple[list[float], list[float]]:
     """Seconds per text through the relay (tokenising included, as in the chain and the tiers),
     and the slices' onnxruntime seconds."""
     seconds, compute = [], []
     for text in texts:
         started = time.perf_counter()
-        _, spent = relay.call(encode([text]).tensors)  # type: ignore[operator]
+        _, spent = relay.call(encoder.encode([text]).tensors)
         seconds.append(time.perf_counter() - started)
         compute.append(spent)
     return seconds, compute
