@@ -127,6 +127,16 @@ class Measured:
     tiers: dict[str, TierRuns] = field(default_factory=dict)  # per placement
     relay: list[float] = field(default_factory=list)  # bench.relay: the floor of this stack
     relay_compute: list[float] = field(default_factory=list)
+    block_sizes: list[int] = field(default_factory=list)  # texts per alternating block, in order
+
+    def ratio_by_block(self, seconds: Sequence[float]) -> list[float]:
+        """p50 of `seconds` / p50 of the chain, per alternating block."""
+        ratios, start = [], 0
+        for size in self.block_sizes:
+            end = start + size
+            ratios.append(float(np.median(seconds[start:end]) / np.median(self.chain[start:end])))
+            start = end
+        return ratios
 
 
 def measure(artifacts: Path, manifest: Manifest, texts: list[str], placements: Mapping[str, Mapping[str, str]]
@@ -151,6 +161,7 @@ def measure(artifacts: Path, manifest: Manifest, texts: list[str], placements: M
             chain.compute_seconds.clear()
             names = list(placements)
             for i, block in enumerate(np.array_split(np.array(texts, dtype=object), ROUNDS)):
+                measured.block_sizes.append(len(block))
                 measured.chain += chain.latencies(list(block))
                 for name in names if i % 2 == 0 else names[::-1]:
                     place(name)
@@ -240,7 +251,8 @@ def run(artifacts: Path, data: str | None = None, limit: int | None = None, out:
     placements["floating"] = {tier: everywhere for tier in TIERS}
     measured = measure(artifacts, manifest, texts, placements)
     chain = percentiles_ms(measured.chain)
-    by_placement = {placement: _summary(chain, r) for placement, r in measured.tiers.items()}
+    by_placement = {placement: _summary(chain, r) | {"overhead_ratio_by_block": measured.ratio_by_block(r.seconds)}
+                    for placement, r in measured.tiers.items()}
     relay = percentiles_ms(measured.relay)
     headline = next(iter(by_placement.values()))
     encoder = TextEncoder.for_manifest(manifest, artifacts)
@@ -253,6 +265,7 @@ def run(artifacts: Path, data: str | None = None, limit: int | None = None, out:
                                  "three_tier": headline["slice_compute_p50_ms"],
                                  "bare_relay": percentiles_ms(measured.relay_compute)["p50"]},
         "bare_relay_ms": relay, "bare_relay_ratio": relay["p50"] / chain["p50"],
+        "bare_relay_ratio_by_block": measured.ratio_by_block(measured.relay), "block_sizes": measured.block_sizes,
         "by_placement": by_placement,
         "bare_grpc_round_trip_ms": bare["unary"], "bare_grpc_stream_round_trip_ms": bare["stream"],
         "bare_grpc_stream_round_trip_after_idle_ms": bare["stream_after_idle"],
@@ -271,6 +284,10 @@ def run(artifacts: Path, data: str | None = None, limit: int | None = None, out:
         print(f"{name}: overhead ratio p50 {r['overhead_ratio']:.3f} (p99 {r['overhead_ratio_p99']:.3f}); "
               f"per hop {r['per_hop_overhead_ms']:.3f} ms; hop p50 (RPC time outside the callee): "
               + ", ".join(f"{k} {v:.3f} ms" for k, v in r["hop_p50_ms"].items()))
+    blocks = {**{f"tiers {name}": r["overhead_ratio_by_block"] for name, r in by_placement.items()},
+              "bare relay": result["bare_relay_ratio_by_block"]}
+    print(f"ratio per block ({ROUNDS} blocks alternating with the chain; the machine's drift between minutes): "
+          + "; ".join(f"{name} {min(r):.3f}..{max(r):.3f}" for name, r in blocks.items()))
     compute = result["slice_compute_p50_ms"]
     print(f"the three slices' onnxruntime runs alone, p50: {compute['chain']:.3f} ms in the chain, "
           f"{compute['three_tier']:.3f} ms in the tiers ({result['placement']}), "

@@ -61,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         "bare_grpc_stream_round_trip_after_idle_ms": o["bare_grpc_stream_round_trip_after_idle_ms"],
         "overhead_ratio_if_hops_were_bare_after_idle": o["ratio_if_hops_were_bare_after_idle"],
         "bare_relay_ratio": o["bare_relay_ratio"],
+        "overhead_ratio_block_range": [min(o["overhead_ratio_by_block"]), max(o["overhead_ratio_by_block"])],
+        "bare_relay_ratio_block_range": [min(o["bare_relay_ratio_by_block"]), max(o["bare_relay_ratio_by_block"])],
         "throughput_ratio_c32": t["throughput_ratio_c32"], "throughput_ratio_by_concurrency": t["ratio_by_concurrency"],
         "cost_reduction": tr["cost_reduction"], "accuracy_drop_points": tr["accuracy_drop_points"],
         "headline_thresholds": tr["thresholds"]["calibrated"], "cloud_only_accuracy": tr["cloud_only_accuracy"],

@@ -85,6 +85,17 @@ def test_overhead_forces_every_request_through_both_hops(tiny_artifacts: Path, t
     assert result["ratio_if_hops_were_bare_after_idle"] > 1
     assert result["bare_relay_ms"]["n"] == 30
     assert result["bare_relay_ratio"] == pytest.approx(result["bare_relay_ms"]["p50"] / result["chain_ms"]["p50"])
+    assert sum(result["block_sizes"]) == 30 and len(result["block_sizes"]) == overhead.ROUNDS
+    for ratios in [result["bare_relay_ratio_by_block"], *(r["overhead_ratio_by_block"]
+                                                          for r in result["by_placement"].values())]:
+        assert len(ratios) == overhead.ROUNDS and all(ratio > 0 for ratio in ratios)
+
+
+def test_ratio_by_block_divides_each_blocks_medians() -> None:
+    from bench.overhead import Measured
+
+    measured = Measured(chain=[1.0, 1.0, 3.0, 2.0, 2.0], block_sizes=[2, 3])
+    assert measured.ratio_by_block([2.0, 2.0, 2.0, 2.0, 1.0]) == [2.0, 1.0]
 
 
 def test_bare_relay_computes_what_the_chain_computes(tiny_artifacts: Path, tiny_data: Path) -> None:
