@@ -8,7 +8,8 @@ measured placed two ways: "spread", consecutive tiers pinned to different cores 
 the tiers' `cpus` setting: as on machines of their own; the headline), and "floating", every tier
 free to run on every core, where the kernel puts it. The chain and the two placements are measured
 in alternating blocks of texts: this shared machine's speed drifts by up to 10% between minutes,
-which measured one after the other moved the ratio by as much.
+which measured one after the other moved the ratio by as much. The ratio of each block
+(`overhead_ratio_by_block`, `bare_relay_ratio_by_block`) shows how far the drift moves it within a run.
 
 For scale, the bare cost of a hop in this stack: the p50 round trip of a grpc.aio echo server in
 another process, sent the bytes of a median forwarded hidden state and answering them back
