@@ -11,6 +11,7 @@ work; what is left between the relay and the in-process chain is Python, gRPC an
 
 from __future__ import annotations
 
+import os
 import queue
 import struct
 import subprocess
@@ -23,6 +24,7 @@ import numpy as np
 
 from shared.manifest import TIERS, Manifest, verified_slice_path
 from shared.placement import parse_cpu_list, pin_process
+from shared.processes import PARENT_PID_ENV, exit_with_parent
 from shared.text import TextEncoder
 
 METHOD = "/relay.Relay/Stream"
@@ -53,6 +55,7 @@ def unpack(data: bytes) -> list[np.ndarray]:
 
 def serve(artifacts: Path, tier: str, port: int, next_port: int) -> None:
     """One relay process: run the tier's slice on what arrives, forward or answer (uvloop)."""
+    exit_with_parent()  # as a tier does: no relay outlives a bench that was killed
     import grpc
     import uvloop
 
@@ -106,17 +109,21 @@ class Relay:
 
         self.manifest = manifest
         ports = [free_port() for _ in TIERS]
-        self.processes = []
-        for i, tier in enumerate(TIERS):
-            next_port = ports[i + 1] if i + 1 < len(TIERS) else 0
-            process = subprocess.Popen([sys.executable, "-m", "bench.relay", str(artifacts), tier,
-                                        str(ports[i]), str(next_port)])
-            if cpus and tier in cpus:
-                pin_process(parse_cpu_list(cpus[tier]), process.pid)
-            self.processes.append(process)
-        for port in reversed(ports):  # each listens once its slice is loaded: wait for all three
-            with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-                grpc.channel_ready_future(channel).result(timeout=120)
+        self.processes: list[subprocess.Popen] = []
+        env = {**os.environ, PARENT_PID_ENV: str(os.getpid())}
+        try:
+            for i, tier in enumerate(TIERS):
+                next_port = ports[i + 1] if i + 1 < len(TIERS) else 0
+                self.processes.append(subprocess.Popen([sys.executable, "-m", "bench.relay", str(artifacts), tier,
+                                                        str(ports[i]), str(next_port)], env=env))
+                if cpus and tier in cpus:
+                    pin_process(parse_cpu_list(cpus[tier]), self.processes[-1].pid)
+            for port in reversed(ports):  # each listens once its slice is loaded: wait for all three
+                with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+                    grpc.channel_ready_future(channel).result(timeout=120)
+        except BaseException:  # none left running behind a failed start
+            self._stop_processes()
+            raise
         self.channel = grpc.insecure_channel(f"127.0.0.1:{ports[0]}", channel_options())
         self.requests: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         self.responses = self.channel.stream_stream(METHOD)(iter(self.requests.get, None))
@@ -130,6 +137,9 @@ class Relay:
     def close(self) -> None:
         self.requests.put(None)
         self.channel.close()
+        self._stop_processes()
+
+    def _stop_processes(self) -> None:
         for process in self.processes:
             process.terminate()
         for process in self.processes:
