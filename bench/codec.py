@@ -16,7 +16,7 @@ import numpy as np
 
 from bench.common import FORCE_CLOUD, base_parser, classify_all, dev_set, load, predictions, scrape, table, tiers
 from bench.common import write_result as save
-from shared.codec import FLOAT_ENCODINGS
+from shared.wire.codec import FLOAT_ENCODINGS
 
 ENCODINGS = tuple(FLOAT_ENCODINGS)  # fp32, fp16, int8 (per token), int8_tensor
 

@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from shared.manifest import TIERS, Manifest, load_manifest
-from shared.placement import usable_cpus
+from shared.contract.manifest import TIERS, Manifest, load_manifest
+from shared.serving.placement import usable_cpus
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS = REPO_ROOT / "bench" / "results"
@@ -35,7 +35,7 @@ def base_parser(description: str) -> argparse.ArgumentParser:
 
 def dev_set(manifest: Manifest, data: str | None = None, limit: int | None = None) -> tuple[list[str], np.ndarray]:
     """Texts and labels (manifest label order) of the evaluation split: SST-2 dev by default."""
-    from shared.demo import load_labeled
+    from shared.tools.demo import load_labeled
 
     texts, labels, _ = load_labeled(data, limit, manifest)
     return texts, labels
@@ -95,8 +95,8 @@ def percentiles_ms(seconds: Sequence[float]) -> dict[str, float]:
 
 @contextmanager
 def tiers(artifacts: Path, flags: Mapping[str, Mapping[str, object]] | None = None) -> Iterator[Any]:
-    """The three tiers as processes on 127.0.0.1 (shared.processes), logs in a temporary folder."""
-    from shared.processes import running_tiers
+    """The three tiers as processes on 127.0.0.1 (shared.tools.processes), logs in a temporary folder."""
+    from shared.tools.processes import running_tiers
 
     with running_tiers(artifacts, flags=flags or {}) as cluster:
         yield cluster
@@ -136,7 +136,7 @@ def exit_probabilities(address: str, texts: Sequence[str]) -> list[np.ndarray]:
 
 def uncalibrated(probs: list[np.ndarray], manifest: Manifest) -> list[np.ndarray]:
     """softmax(z) from softmax(z / T): softmax(T * log p), exact up to float rounding."""
-    from shared.calibration import softmax
+    from shared.contract.calibration import softmax
 
     return [softmax(np.log(np.clip(p, 1e-300, None)) * e.temperature) for p, e in zip(probs, manifest.exits,
                                                                                          strict=True)]
@@ -172,7 +172,7 @@ def link_model_files(artifacts: Path, out: Path, manifest: Manifest) -> None:
 def uncalibrated_artifact(artifacts: Path, out: Path) -> Path:
     """A copy of the build (slices hard-linked) whose exits all have temperature 1: the uncalibrated
     model. Thresholds stay the manifest's; benches pass their own per request."""
-    from shared.manifest import save_manifest
+    from shared.contract.manifest import save_manifest
 
     manifest = load_manifest(artifacts)
     link_model_files(artifacts, out, manifest)
@@ -185,8 +185,8 @@ def uncalibrated_artifact(artifacts: Path, out: Path) -> Path:
 def calibration_probs(artifacts: Path, manifest: Manifest, calibrated: bool = True
                       ) -> tuple[list[np.ndarray], np.ndarray]:
     """The calibration split's probabilities per exit (the build's held-out logits), and its labels."""
-    from shared.calibration import softmax
-    from shared.manifest import load_calibration_logits
+    from shared.contract.calibration import softmax
+    from shared.contract.manifest import load_calibration_logits
 
     logits, labels = load_calibration_logits(artifacts)
     temps = [e.temperature if calibrated else 1.0 for e in manifest.exits]

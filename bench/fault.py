@@ -3,7 +3,7 @@
     python -m bench.fault --requests 2000 --concurrency 16 --kill edge
     python -m bench.fault --requests 1000 --concurrency 4 --deadline-ms 50 --slow-next-ms 100
 
-Starts mobile, edge and cloud on 127.0.0.1 (shared.processes), sends Classify requests with real
+Starts mobile, edge and cloud on 127.0.0.1 (shared.tools.processes), sends Classify requests with real
 texts (SST-2 dev, else generated ones), optionally SIGKILLs a tier after --kill-at of the requests
 and restarts it on the same address --down-s later, and reports answered (full / degraded) and
 failed requests, latency p50/p99 and the time from the restart to the first answer through the
@@ -25,18 +25,18 @@ if str(REPO_ROOT) not in sys.path:  # `python bench/fault.py` as well as `python
     sys.path.insert(0, str(REPO_ROOT))
 
 from bench.common import machine  # noqa: E402
+from shared.contract.manifest import TIERS  # noqa: E402
 from shared.errors import BuildInputError  # noqa: E402
-from shared.loadgen import FaultPlan, drive  # noqa: E402
-from shared.manifest import TIERS  # noqa: E402
-from shared.processes import TierCluster  # noqa: E402
+from shared.tools.loadgen import FaultPlan, drive  # noqa: E402
+from shared.tools.processes import TierCluster  # noqa: E402
 
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "sst2"
 RESULTS = REPO_ROOT / "bench" / "results"
 
 
 def load_texts(data: Path | None, limit: int = 5000) -> tuple[list[str], str]:
-    """SST-2 dev sentences (or any dataset shared.data reads), else generated sentences."""
-    from shared.data import load_split
+    """SST-2 dev sentences (or any dataset shared.data.text reads), else generated sentences."""
+    from shared.data.text import load_split
 
     if data is not None and data.exists():
         try:

@@ -2,9 +2,9 @@
 
 End-to-end latency at the client (real SST-2 dev sentences, one per request, thresholds > 1 so
 every sample crosses both hops) versus the same three slices chained in one process with
-onnxruntime, with the tiers' thread settings (shared.runner.SliceRunner, 1 intra-op thread) and the
+onnxruntime, with the tiers' thread settings (shared.serving.runner.SliceRunner, 1 intra-op thread) and the
 same tokeniser and calibration. Per-hop overhead from the answers' per-tier timings. The tiers are
-measured placed two ways: "spread", consecutive tiers pinned to different cores (shared.placement,
+measured placed two ways: "spread", consecutive tiers pinned to different cores (shared.serving.placement,
 the tiers' `cpus` setting: as on machines of their own; the headline), and "floating", every tier
 free to run on every core, where the kernel puts it. The chain and the two placements are measured
 in alternating blocks of texts: this shared machine's speed drifts by up to 10% between minutes,
@@ -40,12 +40,12 @@ import numpy as np
 from bench.common import FORCE_CLOUD, base_parser, dev_set, load, percentiles_ms, table, tiers, write_result
 from bench.relay import Relay
 from bench.relay import latencies as relay_latencies
-from shared.calibration import softmax_rows
 from shared.client import TierClient
-from shared.manifest import TIERS, Manifest, verified_slice_path
-from shared.placement import format_cpu_list, parse_cpu_list, pin_process, spread, usable_cpus
-from shared.runner import SliceRunner
-from shared.text import TextEncoder
+from shared.contract.calibration import softmax_rows
+from shared.contract.manifest import TIERS, Manifest, verified_slice_path
+from shared.contract.text import TextEncoder
+from shared.serving.placement import format_cpu_list, parse_cpu_list, pin_process, spread, usable_cpus
+from shared.serving.runner import SliceRunner
 
 WARMUP = 20
 IDLE_SECONDS = 0.003  # about one slice's run: how long a tier waits between its messages
@@ -205,7 +205,7 @@ def bare_round_trips_ms(payload_bytes: int, calls: int = 2000) -> dict[str, floa
     such a message after IDLE_SECONDS of sleep ("stream_after_idle")."""
     import grpc
 
-    from shared.processes import free_port
+    from shared.tools.processes import free_port
 
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "bench.overhead", "--echo-server", str(port)])

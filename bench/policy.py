@@ -26,7 +26,7 @@ from bench.common import (
     tiers,
     write_result,
 )
-from shared.policy import choose_policy, relative_cost, route
+from shared.contract.policy import choose_policy, relative_cost, route
 
 P_TAR_SWEEP = np.round(np.arange(0.80, 0.995, 0.005), 3)
 

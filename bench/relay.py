@@ -1,6 +1,6 @@
 """The floor of this stack: three Python processes that run the same slices and pass raw bytes on.
 
-Each relay process runs its slice with tierserve's thread settings (shared.runner.SliceRunner) on
+Each relay process runs its slice with tierserve's thread settings (shared.serving.runner.SliceRunner) on
 a grpc.aio server under uvloop, as the tiers do, and forwards the next slice's inputs on one open
 grpc.aio stream as raw bytes: no protobuf messages, no codec, no checks, no metrics, no exits.
 The client sends the tokenised text on an open blocking stream and reads the answer (the last
@@ -22,10 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
-from shared.manifest import TIERS, Manifest, verified_slice_path
-from shared.placement import parse_cpu_list, pin_process
-from shared.processes import PARENT_PID_ENV, exit_with_parent
-from shared.text import TextEncoder
+from shared.contract.manifest import TIERS, Manifest, verified_slice_path
+from shared.contract.text import TextEncoder
+from shared.serving.placement import parse_cpu_list, pin_process
+from shared.serving.process import PARENT_PID_ENV, exit_with_parent
 
 METHOD = "/relay.Relay/Stream"
 _DTYPES = [np.dtype(np.float32), np.dtype(np.int64)]  # what the slices take and give
@@ -59,9 +59,9 @@ def serve(artifacts: Path, tier: str, port: int, next_port: int) -> None:
     import grpc
     import uvloop
 
-    from shared.manifest import load_manifest
-    from shared.rpc import channel_options, server_options
-    from shared.runner import SliceRunner
+    from shared.contract.manifest import load_manifest
+    from shared.serving.runner import SliceRunner
+    from shared.wire.rpc import channel_options, server_options
 
     manifest = load_manifest(artifacts)
     spec = manifest.slice(tier)  # type: ignore[arg-type]
@@ -104,8 +104,8 @@ class Relay:
     def __init__(self, artifacts: Path, manifest: Manifest, cpus: Mapping[str, str] | None = None) -> None:
         import grpc
 
-        from shared.processes import free_port
-        from shared.rpc import channel_options
+        from shared.tools.processes import free_port
+        from shared.wire.rpc import channel_options
 
         self.manifest = manifest
         ports = [free_port() for _ in TIERS]

@@ -66,7 +66,7 @@ def measure(address: str, texts: list[str], levels: tuple[int, ...], seconds: fl
 
 @contextmanager
 def cloud_only(whole: Path, flags: Mapping[str, object]) -> Iterator[str]:
-    from shared.processes import start_tier, wait_until_serving
+    from shared.tools.processes import start_tier, wait_until_serving
 
     with tempfile.TemporaryDirectory(prefix="tierserve-cloud-only-") as logs:
         tier = start_tier("mobile", whole, Path(logs), next_address="127.0.0.1:9",

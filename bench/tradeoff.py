@@ -2,12 +2,12 @@
 
 The tiers answer the dev set three times (every sample answered at mobile, at edge, at cloud: the
 calibrated probabilities of every exit); any threshold pair's answers follow from those by the tier
-rule (shared.policy.route, the rule shared.tier applies online). The sweep covers a grid of
+rule (shared.contract.policy.route, the rule shared.serving.tier applies online). The sweep covers a grid of
 threshold pairs for hop costs o in 0.1..0.6 and draws the frontier against cloud-only,
 mobile-only, edge-only and the uncalibrated model (temperatures 1, its thresholds chosen its own
-way). The headline: thresholds from shared.policy.cost_aware_thresholds on the calibration split
+way). The headline: thresholds from shared.contract.policy.cost_aware_thresholds on the calibration split
 (never dev) for an accuracy drop <= 0.3 points at o = 0.3, held with the policy's default confidence
-(shared.policy.DROP_CONFIDENCE), then the dev set through the running tiers with those thresholds,
+(shared.contract.policy.DROP_CONFIDENCE), then the dev set through the running tiers with those thresholds,
 cost and accuracy counted from the answers' exit tiers. "best on dev" picks thresholds on dev
 itself with no margin: an upper bound on what any choice could reach, not a result.
 """
@@ -33,8 +33,8 @@ from bench.common import (
     uncalibrated_artifact,
     write_result,
 )
-from shared.manifest import NEVER_EXIT, TIERS, CostModel, Manifest
-from shared.policy import DROP_CONFIDENCE, candidate_thresholds, cost_aware_thresholds, relative_cost, route
+from shared.contract.manifest import NEVER_EXIT, TIERS, CostModel, Manifest
+from shared.contract.policy import DROP_CONFIDENCE, candidate_thresholds, cost_aware_thresholds, relative_cost, route
 
 HOP_COSTS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
 HEADLINE_O = 0.3

@@ -15,7 +15,7 @@ import argparse
 from pathlib import Path
 
 from bench.common import link_model_files
-from shared.manifest import TIERS, ExitSpec, SliceSpec, load_manifest, save_manifest, sha256_file
+from shared.contract.manifest import TIERS, ExitSpec, SliceSpec, load_manifest, save_manifest, sha256_file
 
 WHOLE_FILE = "whole.onnx"
 
@@ -27,7 +27,7 @@ def compose_slices(artifacts: Path) -> object:
 
     manifest = load_manifest(artifacts)
     models = {s.tier: compose.add_prefix(onnx.load(str(artifacts / s.file)), f"{s.tier}/") for s in manifest.slices}
-    # manifest names -> prefixed graph names, by position (as shared.runner matches them)
+    # manifest names -> prefixed graph names, by position (as shared.serving.runner matches them)
     ins = {t: dict(zip(manifest.slice(t).inputs, (i.name for i in models[t].graph.input), strict=True)) for t in TIERS}
     outs = {t: dict(zip(manifest.slice(t).outputs, (o.name for o in models[t].graph.output), strict=True))
             for t in TIERS}

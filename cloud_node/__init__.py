@@ -1,1 +1,1 @@
-"""The cloud tier: thin wiring over shared/ (the tier loop lives in shared.tier)."""
+"""The cloud tier: thin wiring over shared/ (the tier loop lives in shared.serving.tier)."""

@@ -1,1 +1,1 @@
-"""The edge tier: thin wiring over shared/ (the tier loop lives in shared.tier)."""
+"""The edge tier: thin wiring over shared/ (the tier loop lives in shared.serving.tier)."""

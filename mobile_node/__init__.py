@@ -1,1 +1,1 @@
-"""The mobile tier: thin wiring over shared/ (the tier loop lives in shared.tier)."""
+"""The mobile tier: thin wiring over shared/ (the tier loop lives in shared.serving.tier)."""

@@ -1,4 +1,4 @@
-"""Errors a user can cause, each with the gRPC status it maps to (mapped in one place: shared.tier)."""
+"""Errors a user can cause, each with the gRPC status it maps to (mapped in one place: shared.serving.tier)."""
 
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from shared.client import TierClient
-from shared.processes import TierCluster, running_tiers
+from shared.tools.processes import TierCluster, running_tiers
 from tests.tiny_model import make_checkpoint, make_dataset
 
 TINY_LABELS = ["negative", "positive"]

@@ -9,9 +9,9 @@ from collections.abc import Mapping
 import numpy as np
 import pytest
 
-from shared.batching import Batcher, merge
-from shared.manifest import SliceSpec
-from shared.runner import SliceResult, SliceRunner, TensorSignature
+from shared.contract.manifest import SliceSpec
+from shared.serving.batching import Batcher, merge
+from shared.serving.runner import SliceResult, SliceRunner, TensorSignature
 
 TOLERANCE = 1e-5
 VOCAB = 60
@@ -265,11 +265,11 @@ def test_tensors_without_a_mask_are_concatenated_and_other_shapes_kept_apart() -
 def test_tier_loop_answers_each_sample_of_concurrent_requests_on_its_own(
         slices: dict[str, SliceRunner]) -> None:
     """Through TierLoop with a batcher: the same exits and answers as without one, per sample."""
-    from shared.calibration import softmax
-    from shared.manifest import ExitSpec, Manifest, Provenance
-    from shared.metrics import TierMetrics
-    from shared.rpc import pb2
-    from shared.tier import TierLoop
+    from shared.contract.calibration import softmax
+    from shared.contract.manifest import ExitSpec, Manifest, Provenance
+    from shared.serving.metrics import TierMetrics
+    from shared.serving.tier import TierLoop
+    from shared.wire.rpc import pb2
 
     wiring = {"hidden": "hidden_out", "attention_mask": "attention_mask"}
     specs = [SliceSpec(tier=t, file=f"{t}.onnx", sha256="0" * 64, inputs=[s.name for s in r.inputs],

@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from shared.manifest import TIERS, load_manifest
-from shared.placement import spread
-from shared.policy import relative_cost
+from shared.contract.manifest import TIERS, load_manifest
+from shared.contract.policy import relative_cost
+from shared.serving.placement import spread
 
 
 def test_tradeoff_headline_is_what_the_tiers_answered(tiny_artifacts: Path, tiny_data: Path,
@@ -23,7 +23,7 @@ def test_tradeoff_headline_is_what_the_tiers_answered(tiny_artifacts: Path, tiny
 
     result = tradeoff.run(tiny_artifacts, str(tiny_data), limit=80, out=tmp_path)
     live = result["live"]["calibrated"]
-    assert live["route_agrees"]  # the running tiers route exactly like shared.policy.route
+    assert live["route_agrees"]  # the running tiers route exactly like shared.contract.policy.route
     points = tuple(result["split_points"])
     cost = tradeoff.cost_model(load_manifest(tiny_artifacts), result["headline_o"])
     fractions = np.array([live["exit_fractions"][t] for t in ("mobile", "edge", "cloud")])

@@ -10,10 +10,10 @@ import onnxruntime as ort
 import pytest
 
 from shared.builder.build import BuildConfig, build, check_split_points
-from shared.data import load_splits, read_table
+from shared.contract.manifest import TIERS, load_manifest, verified_slice_path
+from shared.contract.text import TextEncoder
+from shared.data.text import load_splits, read_table
 from shared.errors import ArtifactError, BuildInputError
-from shared.manifest import TIERS, load_manifest, verified_slice_path
-from shared.text import TextEncoder
 from tests.tiny_model import make_dataset
 
 REPORT_EXIT_KEYS = {"tier", "layer", "accuracy", "ece_before", "ece_after", "temperature", "threshold",
@@ -69,7 +69,7 @@ def test_second_build_with_same_config_is_cached(tiny_artifacts: Path, capsys: p
 
 
 def test_manifest_round_trips(tiny_artifacts: Path, tmp_path: Path) -> None:
-    from shared.manifest import Manifest, save_manifest
+    from shared.contract.manifest import Manifest, save_manifest
 
     manifest = load_manifest(tiny_artifacts)
     save_manifest(manifest, tmp_path)
@@ -136,7 +136,7 @@ def test_missing_backbone_is_reported(tmp_path: Path, tiny_data: Path) -> None:
 
 
 def test_calibration_hold_out_leaves_no_phrase_of_it_in_training() -> None:
-    from shared.data import TextDataset, hold_out_calibration
+    from shared.data.text import TextDataset, hold_out_calibration
 
     sentences = [f"s{i} has a rather good plot and w{i} cast" for i in range(50)]
     phrases = [p for s in sentences for p in (s.split(" and ")[0], "a rather good plot", s.split()[-2])]
@@ -154,7 +154,7 @@ def test_calibration_hold_out_leaves_no_phrase_of_it_in_training() -> None:
 def test_retune_switches_policy_without_retraining(tiny_artifacts: Path, tmp_path: Path) -> None:
     import shutil
 
-    from shared.cli import main
+    from shared.tools.cli import main
 
     copy = tmp_path / "retuned"
     shutil.copytree(tiny_artifacts, copy)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from shared.calibration import (
+from shared.contract.calibration import (
     calibrate_exit,
     expected_calibration_error,
     fit_temperature,

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from shared.codec import decode_tensors, encode_tensors, from_tensor, to_tensor
 from shared.errors import InvalidInput
-from shared.rpc import pb2
+from shared.wire.codec import decode_tensors, encode_tensors, from_tensor, to_tensor
+from shared.wire.rpc import pb2
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "float64", "int64", "int32", "int8",

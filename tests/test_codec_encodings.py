@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from shared.codec import (
+from shared.errors import InvalidInput
+from shared.wire.codec import (
     FLOAT_ENCODINGS,
     decode_tensors,
     encode_tensors,
@@ -15,8 +16,7 @@ from shared.codec import (
     unpadded_mask,
     wire_bytes,
 )
-from shared.errors import InvalidInput
-from shared.rpc import pb2
+from shared.wire.rpc import pb2
 
 RNG = np.random.default_rng(0)
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from shared.config import CloudSettings, EdgeSettings, MobileSettings, parse_settings
 from shared.errors import TierServeError
-from shared.server import GC_GEN0_THRESHOLD, run_event_loop, settle_garbage_collector
+from shared.serving.server import GC_GEN0_THRESHOLD, run_event_loop, settle_garbage_collector
+from shared.serving.settings import CloudSettings, EdgeSettings, MobileSettings, parse_settings
 
 
 def test_local_defaults_chain_mobile_to_edge_to_cloud(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from shared.cli import main
-from shared.manifest import TIERS
+from shared.contract.manifest import TIERS
+from shared.tools.cli import main
 
 
 def _tier_processes() -> list[str]:

@@ -21,7 +21,7 @@ import pytest
 import yaml
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from shared.metrics import SPECS, metric_names
+from shared.serving.metrics import SPECS, metric_names
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -134,10 +134,10 @@ def test_dockerfile_copies_only_paths_that_exist_in_the_context() -> None:
 
 def test_dockerignore_keeps_bulky_and_generated_paths_out() -> None:
     patterns = dockerignore_patterns()
-    for path in (".venv", ".git", "artifacts/default/mobile.onnx", "shared/gen",
+    for path in (".venv", ".git", "artifacts/default/mobile.onnx", "shared/wire/gen",
                  "shared/__pycache__", ".pytest_cache"):
         assert ignored(path, patterns), path
-    assert not ignored("shared/metrics.py", patterns)
+    assert not ignored("shared/serving/metrics.py", patterns)
 
 
 def test_dockerfile_stages() -> None:
@@ -152,8 +152,8 @@ def test_dockerfile_stages() -> None:
     serve_text = " ".join(rest for name in ("serve", "deps", "wheel") for _, rest in stages[name])
     assert chain["serve"] == "deps" and "torch" not in serve_text, "no torch in the serving image"
     assert "torch" in " ".join(rest for _, rest in stages["builder"])
-    assert "python -m shared.rpc" in serve_text, "stubs are generated at build time"
-    assert (ROOT / "shared" / "rpc.py").is_file()
+    assert "python -m shared.wire.stubs" in serve_text, "stubs are generated at build time"
+    assert (ROOT / "shared" / "wire" / "stubs.py").is_file()
 
 
 # ---- the compose file's wiring
@@ -208,7 +208,7 @@ def probe_in_image() -> str:
 
 
 def test_tier_environment_matches_the_settings_classes(compose: dict[str, Any]) -> None:
-    config = pytest.importorskip("shared.config", reason="shared/config.py not written yet")
+    config = pytest.importorskip("shared.serving.settings", reason="shared/serving/settings.py not written yet")
     expected = {"mobile": (50051, 9101, "edge"), "edge": (50052, 9102, "cloud"),
                 "cloud": (50053, 9103, None)}
     for name in TIERS:
@@ -410,7 +410,7 @@ def dockerfile_env() -> dict[str, str]:
 
 
 def test_image_defaults_are_valid_settings() -> None:
-    config = pytest.importorskip("shared.config", reason="shared/config.py not written yet")
+    config = pytest.importorskip("shared.serving.settings", reason="shared/serving/settings.py not written yet")
     image_env = dockerfile_env()
     for name in TIERS:
         cls = config.SETTINGS_BY_TIER[name]

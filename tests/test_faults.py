@@ -17,13 +17,14 @@ import grpc
 import numpy as np
 import pytest
 
-from shared.client import NextTierError, TierClient
-from shared.codec import to_tensor
-from shared.loadgen import FaultPlan, drive
-from shared.manifest import load_manifest
-from shared.processes import TierCluster, running_tiers
-from shared.resilience import CircuitBreaker, GuardedNextTier, RetryPolicy
-from shared.rpc import pb2, pb2_grpc
+from shared.client import TierClient
+from shared.contract.manifest import load_manifest
+from shared.serving.next_tier import NextTierError
+from shared.serving.resilience import CircuitBreaker, GuardedNextTier, RetryPolicy
+from shared.tools.loadgen import FaultPlan, drive
+from shared.tools.processes import TierCluster, running_tiers
+from shared.wire.codec import to_tensor
+from shared.wire.rpc import pb2, pb2_grpc
 from tests.tiny_model import sentence
 
 TO_THE_CLOUD = {"mobile": 1.01, "edge": 1.01}  # every sample goes through all three tiers

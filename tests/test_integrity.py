@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from shared.contract.manifest import load_manifest, verified_slice_path
+from shared.contract.text import TextEncoder
 from shared.errors import ArtifactError
-from shared.manifest import load_manifest, verified_slice_path
-from shared.text import TextEncoder
 
 
 @pytest.fixture

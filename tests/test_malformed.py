@@ -17,10 +17,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from shared.client import health_status
-from shared.codec import DTYPES, to_tensor
-from shared.manifest import Manifest, load_manifest
-from shared.processes import TierCluster, running_tiers
-from shared.rpc import pb2
+from shared.contract.manifest import Manifest, load_manifest
+from shared.tools.processes import TierCluster, running_tiers
+from shared.wire.codec import DTYPES, to_tensor
+from shared.wire.rpc import pb2
 
 MAX_MESSAGE = 1 << 20  # the tiers run with a 1 MiB message limit here
 INVALID = grpc.StatusCode.INVALID_ARGUMENT

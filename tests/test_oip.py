@@ -3,8 +3,8 @@
 The three tiers run as real processes on the tiny built model; every answer must equal the
 project's own API (TierClient.classify) for the same texts and thresholds.
 
-shared.oip is never imported here: its messages clash with tritonclient's in one process
-(see shared.rpc.inference_stubs).
+shared.serving.oip is never imported here: its messages clash with tritonclient's in one process
+(see shared.wire.stubs.inference_stubs).
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from shared.client import TierClient
-from shared.manifest import TIERS
-from shared.processes import TierCluster
-from shared.rpc import pb2
+from shared.contract.manifest import TIERS
+from shared.tools.processes import TierCluster
+from shared.wire.rpc import pb2
 from tests.tiny_model import sentence
 
 MODEL = "tierserve"
@@ -242,7 +242,7 @@ def _messages(file: descriptor_pb2.FileDescriptorProto) -> dict[str, list[tuple[
 
 def test_our_proto_has_the_field_numbers_tritonclient_uses() -> None:
     """Our generated descriptors (in a subprocess: they cannot share a process) against tritonclient's."""
-    dump = ("import sys; from shared.rpc import inference_stubs; from google.protobuf import descriptor_pb2; "
+    dump = ("import sys; from shared.wire.stubs import inference_stubs; from google.protobuf import descriptor_pb2; "
             "f = descriptor_pb2.FileDescriptorProto(); inference_stubs()[0].DESCRIPTOR.CopyToProto(f); "
             "sys.stdout.buffer.write(f.SerializeToString())")
     ours = descriptor_pb2.FileDescriptorProto.FromString(

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from shared.config import parse_settings
-from shared.manifest import TIERS
-from shared.placement import format_cpu_list, parse_cpu_list, spread
-from shared.processes import start_tier, wait_until_serving
+from shared.contract.manifest import TIERS
+from shared.serving.placement import format_cpu_list, parse_cpu_list, spread
+from shared.serving.settings import parse_settings
+from shared.tools.processes import start_tier, wait_until_serving
 
 linux_only = pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="CPU affinity is Linux-only")
 

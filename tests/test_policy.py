@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from shared.manifest import NEVER_EXIT, CostModel
-from shared.policy import (
+from shared.contract.manifest import NEVER_EXIT, CostModel
+from shared.contract.policy import (
     cloud_only_cost,
     exit_costs,
     p_tar_thresholds,
@@ -90,7 +90,7 @@ def synthetic_exits(n: int = 2000, seed: int = 0) -> tuple[list[np.ndarray], np.
 
 
 def test_cost_aware_choice_respects_accuracy_floor_and_beats_p_tar() -> None:
-    from shared.policy import cost_aware_thresholds
+    from shared.contract.policy import cost_aware_thresholds
 
     probs, labels = synthetic_exits()
     points, cost = (2, 4, 6), CostModel()
@@ -108,7 +108,7 @@ def test_cost_aware_choice_respects_accuracy_floor_and_beats_p_tar() -> None:
 
 
 def test_drop_upper_bound_adds_the_paired_standard_error() -> None:
-    from shared.policy import drop_upper_bound
+    from shared.contract.policy import drop_upper_bound
 
     final = np.array([1, 1, 1, 1, 0, 1, 1, 1], dtype=bool)
     system = np.array([1, 0, 1, 1, 1, 0, 1, 1], dtype=bool)  # differences 0,1,0,0,-1,1,0,0: mean 1/8
@@ -120,7 +120,7 @@ def test_drop_upper_bound_adds_the_paired_standard_error() -> None:
 
 
 def test_cost_aware_confidence_keeps_a_margin_on_the_drop() -> None:
-    from shared.policy import cost_aware_thresholds, drop_upper_bound
+    from shared.contract.policy import cost_aware_thresholds, drop_upper_bound
 
     probs, labels = synthetic_exits(seed=2)
     points, cost = (2, 4, 6), CostModel()
@@ -136,7 +136,7 @@ def test_cost_aware_confidence_keeps_a_margin_on_the_drop() -> None:
 
 
 def test_cost_aware_with_zero_budget_keeps_final_accuracy() -> None:
-    from shared.policy import cost_aware_thresholds
+    from shared.contract.policy import cost_aware_thresholds
 
     probs, labels = synthetic_exits(seed=1)
     choice = cost_aware_thresholds(probs, labels, (2, 4, 6), CostModel(), max_drop_points=0.0)

@@ -25,9 +25,9 @@ import pytest
 import yaml
 
 from shared.client import TierClient
-from shared.manifest import TIERS, load_manifest
-from shared.metrics import HOPS
-from shared.processes import TierCluster, free_port
+from shared.contract.manifest import TIERS, load_manifest
+from shared.serving.metrics import HOPS
+from shared.tools.processes import TierCluster, free_port
 from tests.tiny_model import NEGATIVE, NEUTRAL, POSITIVE
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -1,7 +1,7 @@
 """The three tiers as real processes on free 127.0.0.1 ports, on the tiny built model.
 
 Every answer is checked against the in-process chained onnxruntime result of its sample and the
-offline tier rule (shared.policy.route).
+offline tier rule (shared.contract.policy.route).
 """
 
 from __future__ import annotations
@@ -17,14 +17,14 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from shared.calibration import softmax
 from shared.client import TierClient, health_status
-from shared.codec import encode_tensors, to_tensor
-from shared.manifest import TIERS, Manifest, load_manifest
-from shared.policy import route
-from shared.processes import TierCluster, start_tier, wait_until_serving
-from shared.rpc import pb2, pb2_grpc
-from shared.text import TextEncoder
+from shared.contract.calibration import softmax
+from shared.contract.manifest import TIERS, Manifest, load_manifest
+from shared.contract.policy import route
+from shared.contract.text import TextEncoder
+from shared.tools.processes import TierCluster, start_tier, wait_until_serving
+from shared.wire.codec import encode_tensors, to_tensor
+from shared.wire.rpc import pb2, pb2_grpc
 from tests.tiny_model import sentence
 
 PROB_TOLERANCE = 1e-5
@@ -278,7 +278,7 @@ def _metric(cluster: TierCluster, tier: str, series: str) -> float | None:
 def test_classify_command_reads_args_files_and_stdin(
         cluster: TierCluster, tmp_path: Path, capsys: pytest.CaptureFixture[str],
         monkeypatch: pytest.MonkeyPatch) -> None:
-    from shared.cli import main
+    from shared.tools.cli import main
 
     listing = tmp_path / "texts.txt"
     listing.write_text("a good film\n\nbad dull plot\n")
@@ -296,7 +296,7 @@ def test_classify_command_reads_args_files_and_stdin(
 def test_free_ports_avoid_the_ephemeral_range_and_never_repeat() -> None:
     """Outgoing connections take their source ports from the ephemeral range: a tier's port picked
     there could be taken before the tier binds it (seen in CI as 'Failed to bind')."""
-    from shared.processes import _ephemeral_low, free_port
+    from shared.tools.processes import _ephemeral_low, free_port
 
     ports = [free_port() for _ in range(200)]
     assert len(set(ports)) == len(ports)

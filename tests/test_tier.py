@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from shared.codec import decode_tensors, encode_tensors
 from shared.errors import InvalidInput
-from shared.tier import check_thresholds, forwarded_tensors
+from shared.serving.tier import check_thresholds, forwarded_tensors
+from shared.wire.codec import decode_tensors, encode_tensors
 
 
 def test_forwarded_rows_keep_their_order_and_lose_padding_only() -> None:

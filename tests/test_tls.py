@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 from shared.client import TierClient, health_status
-from shared.codec import encode_tensors
-from shared.manifest import load_manifest
-from shared.processes import TierCluster, running_tiers
-from shared.rpc import pb2, pb2_grpc
-from shared.tls import ClientTLS, secure_or_insecure_channel
+from shared.contract.manifest import load_manifest
+from shared.tools.processes import TierCluster, running_tiers
+from shared.wire.codec import encode_tensors
+from shared.wire.rpc import pb2, pb2_grpc
+from shared.wire.tls import ClientTLS, secure_or_insecure_channel
 from tests.certs import PKI, make_pki
 
 TO_THE_CLOUD = {"mobile": 1.01, "edge": 1.01}  # every sample goes through all three tiers

@@ -22,12 +22,13 @@ import numpy as np
 import pytest
 
 from shared import LOW_LATENCY_EXPERIMENTS
-from shared.client import ContinuationClient, NextTierError, TierClient
-from shared.codec import encode_tensors
-from shared.manifest import load_manifest
-from shared.processes import TierCluster, TierProcess, free_port, running_tiers, start_tier, wait_until_serving
-from shared.rpc import pb2, pb2_grpc
-from shared.streaming import ReadPause, start_eagerly
+from shared.client import TierClient
+from shared.contract.manifest import load_manifest
+from shared.serving.next_tier import ContinuationClient, NextTierError
+from shared.serving.streaming import ReadPause, start_eagerly
+from shared.tools.processes import TierCluster, TierProcess, free_port, running_tiers, start_tier, wait_until_serving
+from shared.wire.codec import encode_tensors
+from shared.wire.rpc import pb2, pb2_grpc
 from tests.tiny_model import sentence
 
 TO_THE_CLOUD = {"mobile": 1.01, "edge": 1.01}
@@ -248,7 +249,7 @@ def test_start_eagerly_runs_the_first_step_at_once_then_behaves_as_a_task() -> N
 def test_deadlines_hold_with_the_lean_server_and_channel_options() -> None:
     """server_options drops the deadline filter, channel_options the client's: a handler still
     sees the caller's deadline, and a call to a slow handler still fails at its deadline."""
-    from shared.rpc import channel_options, server_options
+    from shared.wire.rpc import channel_options, server_options
 
     async def remaining(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         return str(context.time_remaining()).encode()

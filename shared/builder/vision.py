@@ -2,7 +2,7 @@
 
 "Layers" of the cost model are blocks: the mobile slice runs pixel normalisation, the stem and
 blocks 1..m, the edge m+1..n, the cloud n+1..L; every slice ends in an exit (global average
-pooling + linear). The mobile slice takes pixels in 0..255 (shared.images' input contract).
+pooling + linear). The mobile slice takes pixels in 0..255 (shared.data.images' input contract).
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from shared.builder.export import MAX_LOGIT_DIFF, ExportMismatch
-from shared.images import PIXEL_MAX, PIXELS
-from shared.manifest import TIERS, SliceSpec, sha256_file
+from shared.contract.images import PIXEL_MAX, PIXELS
+from shared.contract.manifest import TIERS, SliceSpec, sha256_file
 
 SLICE_IO = {
     "mobile": ([PIXELS], ["logits", "hidden_out"]),

@@ -21,7 +21,7 @@ from shared.errors import BuildInputError
 
 TEXT_COLUMNS = ("sentence", "text", "review")
 LABEL_COLUMNS = ("label", "labels")
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_SST2 = REPO_ROOT.parent / "shared" / "data" / "sst2"
 GLUE_SST2_URL = "https://dl.fbaipublicfiles.com/glue/data/SST-2.zip"
 CACHE_DIR = Path.home() / ".cache" / "tierserve" / "data"

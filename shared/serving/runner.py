@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from shared.codec import ATTENTION_MASK, is_all_ones
+from shared.contract.manifest import SliceSpec
 from shared.errors import ArtifactError, InvalidInput
-from shared.manifest import SliceSpec
+from shared.wire.codec import ATTENTION_MASK, is_all_ones
 
 __all__ = ["ATTENTION_MASK", "SliceResult", "SliceRunner", "TensorSignature"]
 _ORT_DTYPES = {

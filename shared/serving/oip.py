@@ -3,7 +3,7 @@
 Transport only: the texts come out of the request's one BYTES input and go down the same path as
 Classify (ClassifierServicer.classify_texts: checks, tokeniser, tier loop); the answers go back as
 raw output contents, which is all tritonclient reads. Failures become statuses in
-shared.tier.answer_rpc. Only the specification's six RPCs have handlers: Triton's others
+shared.serving.tier.answer_rpc. Only the specification's six RPCs have handlers: Triton's others
 (RepositoryIndex, ModelStatistics, shared memory, trace, log settings) answer UNIMPLEMENTED.
 
 Model "tierserve" (MobileSettings.model_name), version "1":
@@ -29,8 +29,9 @@ from grpc_health.v1 import health, health_pb2
 
 import shared
 from shared.errors import InvalidInput, NotFound
-from shared.rpc import inference_stubs, pb2
-from shared.tier import ClassifierServicer, answer_rpc
+from shared.serving.tier import ClassifierServicer, answer_rpc
+from shared.wire.rpc import pb2
+from shared.wire.stubs import inference_stubs
 
 oip_pb2, oip_pb2_grpc = inference_stubs()
 SERVICE_NAME: str = oip_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name

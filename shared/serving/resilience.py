@@ -5,7 +5,7 @@
   where one probe call decides between closed and open again. While open, no call is made.
 - GuardedNextTier: a next tier (shared.client.ContinuationClient) behind both. A failure raises
   NextTierError with `kind` (unavailable, deadline, overloaded, circuit_open, error) and a reason
-  naming the tier; shared.tier answers those samples degraded with this tier's own exit.
+  naming the tier; shared.serving.tier answers those samples degraded with this tier's own exit.
 - InflightLimit: at most N requests in a tier at once; beyond it Overloaded (RESOURCE_EXHAUSTED).
 """
 
@@ -18,9 +18,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-from shared.client import NextTierError
 from shared.errors import Overloaded
-from shared.rpc import pb2
+from shared.serving.next_tier import NextTierError
+from shared.wire.rpc import pb2
 
 BreakerState = Literal["closed", "open", "half_open"]
 # next-tier statuses that say the tier is unhealthy (count towards opening the breaker);
@@ -103,7 +103,7 @@ class NextTierClient(Protocol):
 
 
 class GuardedNextTier:
-    """The next tier behind retries and a circuit breaker (shared.tier.NextTier)."""
+    """The next tier behind retries and a circuit breaker (shared.serving.tier.NextTier)."""
 
     def __init__(self, client: NextTierClient, name: str, retry: RetryPolicy | None = None,
                  breaker: CircuitBreaker | None = None, min_attempt_seconds: float = 0.002) -> None:

@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
-from shared.codec import unpadded_mask
+from shared.contract.manifest import Manifest, sha256_file
 from shared.errors import ArtifactError
-from shared.manifest import Manifest, sha256_file
+from shared.wire.codec import unpadded_mask
 
 PAD_ID = 0
 

@@ -12,7 +12,8 @@ import sys
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
-from shared.config import SETTINGS_BY_TIER, add_settings_arguments, settings_from_args
+from shared.serving.settings import SETTINGS_BY_TIER, add_settings_arguments, settings_from_args
+from shared.tools.arguments import threshold_argument
 
 DEFAULT_ENTRY = "127.0.0.1:50051"
 CLASSIFY_BATCH = 64
@@ -31,7 +32,7 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from shared.server import run_tier
+    from shared.serving.server import run_tier
 
     return run_tier(settings_from_args(SETTINGS_BY_TIER[args.tier], args, args.parser))
 
@@ -44,7 +45,7 @@ def add_classify_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("-f", "--file", action="append", default=[], metavar="FILE",
                    help="read texts from FILE, one per line ('-': stdin); repeatable")
     p.add_argument("--address", default=DEFAULT_ENTRY, help="the mobile tier (default %(default)s)")
-    p.add_argument("--threshold", action="append", default=[], type=_threshold,
+    p.add_argument("--threshold", action="append", default=[], type=threshold_argument,
                    metavar="TIER=VALUE", help="per-request threshold override, e.g. mobile=0.95")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
     p.add_argument("--json", action="store_true", help="print one JSON object per text")
@@ -53,15 +54,6 @@ def add_classify_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--tls-cert", type=Path, help="PEM client certificate, for mutual TLS")
     p.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
     p.set_defaults(handler=run_classify)
-
-
-def _threshold(text: str) -> tuple[str, float]:
-    tier, _, value = text.partition("=")
-    try:
-        return tier.strip(), float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected TIER=VALUE like mobile=0.9, got {text!r}") from None
 
 
 def read_texts(texts: Iterable[str], files: Iterable[str]) -> list[str]:
@@ -97,7 +89,7 @@ def run_classify(args: argparse.Namespace) -> int:
     thresholds = dict(args.threshold)
     tls = None
     if args.tls or args.tls_ca or args.tls_cert:
-        from shared.tls import ClientTLS
+        from shared.wire.tls import ClientTLS
 
         tls = ClientTLS(args.tls_ca, args.tls_cert, args.tls_key)
     with TierClient(args.address, timeout=args.timeout, tls=tls) as client:
@@ -129,8 +121,8 @@ def run_classify(args: argparse.Namespace) -> int:
 
 def _command_parsers() -> list[Callable[[argparse._SubParsersAction], None]]:
     from shared.builder.cli import add_build_parser
-    from shared.demo import add_demo_parser
-    from shared.retune import add_retune_parser
+    from shared.tools.demo import add_demo_parser
+    from shared.tools.retune import add_retune_parser
 
     return [add_build_parser, add_retune_parser, add_serve_parser, add_classify_parser, add_demo_parser]
 

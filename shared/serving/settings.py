@@ -14,9 +14,9 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from shared.manifest import TIERS, Tier
-from shared.placement import format_cpu_list, parse_cpu_list
-from shared.tls import ClientTLS
+from shared.contract.manifest import TIERS, Tier
+from shared.serving.placement import format_cpu_list, parse_cpu_list
+from shared.wire.tls import ClientTLS
 
 MiB = 1 << 20
 
@@ -51,7 +51,7 @@ class TierSettings(BaseSettings):
     cpus: str | None = Field(
         None, description="the CPUs this tier runs on, a Linux CPU list such as 0 or 2-3 (every thread, the "
         "slice's included; Linux only); unset: any. Where tiers share a machine, consecutive tiers can go on "
-        "different cores (shared.placement.spread; bench/overhead.py measures both)")
+        "different cores (shared.serving.placement.spread; bench/overhead.py measures both)")
     event_loop: Literal["auto", "uvloop", "asyncio"] = Field(
         "auto", description="the tier's event loop: uvloop (libuv, in C: each hop's hand-offs and task "
         "switches cost less), asyncio (the standard library's), auto: uvloop where it is installed")

@@ -19,8 +19,8 @@ import grpc
 import numpy as np
 
 from shared.client import AsyncTierClient
-from shared.processes import TierCluster
-from shared.tls import ClientTLS
+from shared.tools.processes import TierCluster
+from shared.wire.tls import ClientTLS
 
 
 @dataclass

@@ -8,7 +8,6 @@ Linux a tier also gets SIGTERM if the process that started it dies.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import random
 import signal
@@ -22,12 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from shared.client import health_status
-from shared.manifest import TIERS
-from shared.tls import ClientTLS
+from shared.contract.manifest import TIERS
+from shared.serving.process import PARENT_PID_ENV
+from shared.wire.tls import ClientTLS
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-_PR_SET_PDEATHSIG = 1
-PARENT_PID_ENV = "TIERSERVE_PARENT_PID"
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 _PORTS_BELOW_EPHEMERAL = 12000  # how many ports under the ephemeral range free_port picks from
@@ -64,21 +62,6 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:  # that range is full: any free port
         sock.bind((host, 0))
         return sock.getsockname()[1]
-
-
-def exit_with_parent() -> None:
-    """In a tier started by start_tier: get SIGTERM when the starting process dies (Linux).
-
-    Done in the child at startup rather than in a preexec_fn, which is unsafe in a parent with
-    threads (gRPC's).
-    """
-    parent = os.environ.get(PARENT_PID_ENV)
-    if not parent or sys.platform != "linux":
-        return
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    if os.getppid() != int(parent):  # it died before prctl took effect
-        os.kill(os.getpid(), signal.SIGTERM)
 
 
 @dataclass

@@ -35,9 +35,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from shared.codec import ATTENTION_MASK
-from shared.metrics import TierMetrics
-from shared.runner import SliceResult, SliceRunner
+from shared.serving.metrics import TierMetrics
+from shared.serving.runner import SliceResult, SliceRunner
+from shared.wire.codec import ATTENTION_MASK
 
 MAX_PADDING = 0.15
 

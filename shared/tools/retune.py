@@ -10,10 +10,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from shared.calibration import softmax
+from shared.contract.calibration import softmax
+from shared.contract.manifest import CostModel, Manifest, load_calibration_logits, load_manifest, save_manifest
+from shared.contract.policy import DROP_CONFIDENCE, choose_policy
 from shared.errors import ArtifactError
-from shared.manifest import CostModel, Manifest, load_calibration_logits, load_manifest, save_manifest
-from shared.policy import DROP_CONFIDENCE, choose_policy
 
 
 def retune(folder: Path, policy: str, p_tar: tuple[float, float], max_drop_points: float,

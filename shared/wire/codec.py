@@ -19,7 +19,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from shared.errors import InvalidInput
-from shared.rpc import pb2
+from shared.wire.rpc import pb2
 
 ATTENTION_MASK = "attention_mask"
 # forward_encoding setting -> the encoding of float tensors

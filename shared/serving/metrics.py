@@ -19,7 +19,7 @@ from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from shared.manifest import TIERS
+from shared.contract.manifest import TIERS
 
 PREFIX = "tierserve"
 OK_OUTCOME = "ok"  # outcome label of a successful RPC (else the status code, lower case)

@@ -1,4 +1,4 @@
-"""Labeled image data (IDX files or .npz) and the mobile tier's image input contract; numpy only.
+"""Labeled image data (IDX files or .npz) for the builder, the demo and bench/; numpy only.
 
 Accepted data:
 - a folder of IDX files as Fashion-MNIST/MNIST ship them: train-images-idx3-ubyte, train-labels-idx1-ubyte,
@@ -6,10 +6,6 @@ Accepted data:
 - a folder with train.npz and test.npz, each holding `images` (uint8 [N, H, W] or [N, C, H, W]) and
   `labels` (integers 0..K-1), optionally `label_names` (K strings, in train.npz).
 With no path, Debian's `dataset-fashion-mnist` package (/usr/share/datasets/fashion-mnist) is used.
-
-The input contract of an image model (manifest.input_shape [C, H, W]): the mobile slice takes
-`pixels`, float32 [B, C, H, W] with values in 0..255 (the uint8 range) and normalises inside the
-slice. Clients send uint8 or float32, [N, C, H, W] or [N, H, W] for one channel.
 """
 
 from __future__ import annotations
@@ -20,14 +16,12 @@ from pathlib import Path
 
 import numpy as np
 
-from shared.errors import BuildInputError, InvalidInput
+from shared.errors import BuildInputError
 
 DEFAULT_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_LABELS = ["t-shirt/top", "trouser", "pullover", "dress", "coat",
                         "sandal", "shirt", "sneaker", "bag", "ankle boot"]
 IDX_SPLITS = {"train": "train", "test": "t10k"}
-PIXELS = "pixels"  # the mobile slice's input
-PIXEL_MAX = 255.0
 _IDX_UBYTE = 0x08
 
 
@@ -140,31 +134,3 @@ def hold_out(data: ImageDataset, n: int, seed: int) -> tuple[ImageDataset, Image
     n = min(n, max(1, len(data) // 5))
     order = np.random.default_rng(seed).permutation(len(data))
     return data.subset(order[n:]), data.subset(order[:n])
-
-
-@dataclass(frozen=True)
-class ImageInput:
-    """Checks a client's image batch against the model's input shape; gives the mobile slice's input."""
-
-    input_shape: tuple[int, int, int]  # C, H, W
-
-    def tensors(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        """{"pixels": float32 [N, C, H, W] in 0..255}, or InvalidInput naming the problem."""
-        c, h, w = self.input_shape
-        expected = f"[N, {c}, {h}, {w}]" + (f" or [N, {h}, {w}]" if c == 1 else "")
-        if images.dtype not in (np.uint8, np.float32):
-            raise InvalidInput(f"images have dtype {images.dtype}; send uint8 or float32 (values 0..255)")
-        if images.ndim == 3 and c == 1:
-            images = images[:, None]
-        if images.ndim != 4 or tuple(images.shape[1:]) != self.input_shape:
-            raise InvalidInput(f"images have shape {list(images.shape)}; this model takes {expected}")
-        if len(images) == 0:
-            raise InvalidInput("no images: send at least one")
-        if images.dtype == np.float32:
-            if not np.isfinite(images).all():
-                raise InvalidInput("images hold NaN or infinite values")
-            low, high = float(images.min()), float(images.max())
-            if low < 0 or high > PIXEL_MAX:
-                raise InvalidInput(f"float images must hold pixel values in 0..255 (the uint8 range), "
-                                   f"got {low:g}..{high:g}")
-        return {PIXELS: np.ascontiguousarray(images, dtype=np.float32)}

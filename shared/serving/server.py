@@ -19,21 +19,21 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from shared.batching import Batcher
-from shared.client import ContinuationClient
-from shared.config import ForwardingSettings, MobileSettings, TierSettings, parse_settings
-from shared.decoding import UndecodableRequests
+from shared.contract.manifest import TIERS, load_manifest, verified_slice_path
+from shared.contract.text import TextEncoder
 from shared.errors import TierServeError
-from shared.manifest import TIERS, load_manifest, verified_slice_path
-from shared.metrics import TierMetrics
-from shared.placement import parse_cpu_list, pin_process
-from shared.processes import exit_with_parent
-from shared.resilience import CircuitBreaker, GuardedNextTier, InflightLimit, RetryPolicy
-from shared.rpc import SERVICE_NAMES, pb2, pb2_grpc, server_options
-from shared.runner import SliceRunner
-from shared.text import TextEncoder
-from shared.tier import ClassifierServicer, ContinuationServicer, TierLoop
-from shared.tls import server_credentials
+from shared.serving.batching import Batcher
+from shared.serving.decoding import UndecodableRequests
+from shared.serving.metrics import TierMetrics
+from shared.serving.next_tier import ContinuationClient
+from shared.serving.placement import parse_cpu_list, pin_process
+from shared.serving.process import exit_with_parent
+from shared.serving.resilience import CircuitBreaker, GuardedNextTier, InflightLimit, RetryPolicy
+from shared.serving.runner import SliceRunner
+from shared.serving.settings import ForwardingSettings, MobileSettings, TierSettings, parse_settings
+from shared.serving.tier import ClassifierServicer, ContinuationServicer, TierLoop
+from shared.wire.rpc import SERVICE_NAMES, pb2, pb2_grpc, server_options
+from shared.wire.tls import server_credentials
 
 log = logging.getLogger("tierserve.server")
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -97,7 +97,9 @@ async def serve(settings: TierSettings, stop: asyncio.Event) -> None:
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     extra_services: list[str] = []
     if isinstance(servicer, ClassifierServicer):  # the Open Inference Protocol beside Classify
-        from shared.oip import add_inference_service  # imported here only: see shared.rpc.inference_stubs
+        from shared.serving.oip import (
+            add_inference_service,  # imported here only: see shared.wire.stubs.inference_stubs
+        )
 
         assert isinstance(settings, MobileSettings)
         extra_services.append(add_inference_service(server, servicer, settings.model_name, health_servicer))

@@ -20,8 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from shared.manifest import TIERS, Manifest, load_manifest
-from shared.policy import relative_cost
+from shared.contract.manifest import TIERS, Manifest, load_manifest
+from shared.contract.policy import relative_cost
+from shared.tools.arguments import threshold_argument
 
 DEFAULT_ARTIFACTS = Path("artifacts/default")
 DEFAULT_OUT = Path("artifacts/demo.json")
@@ -50,11 +51,10 @@ def add_demo_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_demo_command(args: argparse.Namespace) -> int:
-    from shared.cli import _threshold
     from shared.errors import TierServeError
 
     try:
-        thresholds = dict(_threshold(t) for t in args.threshold)
+        thresholds = dict(threshold_argument(t) for t in args.threshold)
         results = run_demo(args.artifacts, args.data, args.batch_size, args.latency_samples,
                            args.limit, thresholds, args.out)
     except (TierServeError, ValueError, RuntimeError, TimeoutError,
@@ -86,7 +86,7 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 def load_labeled(data: str | None, limit: int | None, manifest: Manifest
                  ) -> tuple[list[str] | np.ndarray, np.ndarray, str]:
     """Texts (image model: images) and label indices in the manifest's label order, and the data's source."""
-    from shared.data import DEFAULT_SST2, load_split, load_splits
+    from shared.data.text import DEFAULT_SST2, load_split, load_splits
 
     if manifest.family == "image":
         return _load_labeled_images(data, limit, manifest)
@@ -113,7 +113,7 @@ def load_labeled(data: str | None, limit: int | None, manifest: Manifest
 def _load_labeled_images(data: str | None, limit: int | None, manifest: Manifest
                          ) -> tuple[np.ndarray, np.ndarray, str]:
     """The test split of an image dataset (default Fashion-MNIST's), uint8 [N, C, H, W]."""
-    from shared.images import load_image_splits
+    from shared.data.images import load_image_splits
 
     test = load_image_splits(data)[1]
     if len(test.label_names) > len(manifest.labels):
@@ -126,7 +126,7 @@ def run_demo(artifacts: Path, data: str | None = None, batch_size: int = 32,
              thresholds: dict[str, float] | None = None, out: Path | None = DEFAULT_OUT
              ) -> dict[str, Any]:
     from shared.client import TierClient
-    from shared.processes import TierCluster
+    from shared.tools.processes import TierCluster
 
     manifest = load_manifest(artifacts)
     texts, labels, source = load_labeled(data, limit, manifest)
@@ -249,7 +249,7 @@ def format_summary(results: dict[str, Any]) -> str:
         f"{results['samples']} samples from {results['data']}; thresholds "
         + ", ".join(f"{t} {'never' if v > 1 else f'{v:.4f}'}" for t, v in fmt.items()),
         f"accuracy {results['accuracy']:.4f}; cost {results['relative_cost']:.3f} of cloud-only "
-        "(shared.policy cost model, from the exit shares)",
+        "(shared.contract.policy cost model, from the exit shares)",
     ]
     report = results.get("builder_report")
     if report and report["comparable"]:

@@ -2,7 +2,7 @@
 
 gRPC parses a request before any servicer code runs and answers a parse failure with a bare
 INTERNAL "Exception deserializing request!". This server interceptor parses leniently instead
-and hands the failure to shared.tier.answer_rpc, the one place errors become statuses, so the
+and hands the failure to shared.serving.tier.answer_rpc, the one place errors become statuses, so the
 caller gets INVALID_ARGUMENT with a message saying what was wrong. Unknown fields parse fine and
 are ignored (proto3's forward compatibility), so newer clients keep working.
 """
@@ -15,8 +15,8 @@ from typing import Any
 import grpc
 
 from shared.errors import InvalidInput, Undecodable
-from shared.metrics import TierMetrics
-from shared.tier import answer_rpc
+from shared.serving.metrics import TierMetrics
+from shared.serving.tier import answer_rpc
 
 
 def lenient(deserializer: Callable[[bytes], Any]) -> Callable[[bytes], Any]:

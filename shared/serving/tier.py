@@ -3,7 +3,7 @@
 Per request: run the slice, softmax(logits / T) with this exit's temperature, answer the samples
 whose confidence >= threshold (the last tier answers all), forward the rest as one smaller batch
 to the next tier, merge the answers back in request order. This is the online form of
-shared.policy.route, and gives the same decisions.
+shared.contract.policy.route, and gives the same decisions.
 """
 
 from __future__ import annotations
@@ -20,19 +20,19 @@ from typing import Any, Protocol, TypeVar, cast
 import grpc
 import numpy as np
 
-from shared.batching import Batcher
-from shared.calibration import softmax_rows
-from shared.client import NextTierError
-from shared.codec import decode_tensors, encode_tensors, from_tensor, is_unpadded_mask, wire_bytes
+from shared.contract.calibration import softmax_rows
+from shared.contract.images import ImageInput
+from shared.contract.manifest import TIERS, Manifest, Tier
+from shared.contract.text import TextEncoder
 from shared.errors import ArtifactError, DeadlineExceeded, InvalidInput, NotReady, TierServeError, Undecodable
-from shared.images import ImageInput
-from shared.manifest import TIERS, Manifest, Tier
-from shared.metrics import FLUSH_AFTER_FORWARD, OK_OUTCOME, TierMetrics
-from shared.resilience import InflightLimit
-from shared.rpc import pb2, pb2_grpc
-from shared.runner import ATTENTION_MASK, SliceRunner
-from shared.streaming import NEXT_READ_DELAY, ReadPause
-from shared.text import TextEncoder
+from shared.serving.batching import Batcher
+from shared.serving.metrics import FLUSH_AFTER_FORWARD, OK_OUTCOME, TierMetrics
+from shared.serving.next_tier import NextTierError
+from shared.serving.resilience import InflightLimit
+from shared.serving.runner import ATTENTION_MASK, SliceRunner
+from shared.serving.streaming import NEXT_READ_DELAY, ReadPause
+from shared.wire.codec import decode_tensors, encode_tensors, from_tensor, is_unpadded_mask, wire_bytes
+from shared.wire.rpc import pb2, pb2_grpc
 
 LOGITS = "logits"
 DEFAULT_MAX_INFLIGHT = 64
@@ -44,7 +44,7 @@ Streamed = Any
 
 class NextTier(Protocol):
     """Where a tier sends what it cannot answer (shared.client.ContinuationClient over gRPC), the
-    tensors encoded already (shared.codec.encode_tensors)."""
+    tensors encoded already (shared.wire.codec.encode_tensors)."""
 
     async def continue_batch(self, tensors: Mapping[str, pb2.Tensor], request_ids: Sequence[str],
                              thresholds: Mapping[str, float], timeout: float | None
@@ -102,8 +102,8 @@ class TierLoop:
     hop_timeout: float = 10.0
     deadline_margin: float = 0.010  # seconds kept back from the caller's deadline for our own answer
     min_forward_seconds: float = 0.002  # less time than this left for the next tier: answer degraded
-    batcher: Batcher | None = None  # dynamic batching of concurrent requests (shared.batching)
-    forward_encoding: str = "fp32"  # how forwarded float tensors travel (shared.codec.FLOAT_ENCODINGS)
+    batcher: Batcher | None = None  # dynamic batching of concurrent requests (shared.serving.batching)
+    forward_encoding: str = "fp32"  # how forwarded float tensors travel (shared.wire.codec.FLOAT_ENCODINGS)
 
     def __post_init__(self) -> None:
         self.exit = self.manifest.exit(self.tier)
@@ -483,7 +483,7 @@ class ClassifierServicer(_Servicer, pb2_grpc.ClassifierServicer):
 
     async def classify_images(self, images: np.ndarray, thresholds: Mapping[str, float],
                               request_id: str, time_left: float | None) -> list[pb2.Answer]:
-        """Check the images against the model's input shape (shared.images), run the tier loop."""
+        """Check the images against the model's input shape (shared.data.images), run the tier loop."""
         loop = self.ready_loop()
         manifest = loop.manifest
         if manifest.family != "image" or manifest.input_shape is None:

@@ -12,7 +12,7 @@ from statistics import NormalDist
 
 import numpy as np
 
-from shared.manifest import NEVER_EXIT, TIERS, CostModel, PolicySpec
+from shared.contract.manifest import NEVER_EXIT, TIERS, CostModel, PolicySpec
 
 
 def exit_costs(split_points: tuple[int, int, int], cost: CostModel) -> np.ndarray:
@@ -45,7 +45,7 @@ class Routing:
 
 
 def route(probs: list[np.ndarray], thresholds: list[float]) -> Routing:
-    """Where each sample answers under the tier rule (the same rule shared.tier applies online).
+    """Where each sample answers under the tier rule (the same rule shared.serving.tier applies online).
 
     probs: calibrated probabilities per exit, each [N, C]; thresholds for the non-last exits.
     """
