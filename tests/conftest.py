@@ -30,7 +30,8 @@ def tiny_artifacts(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Pa
     from shared.builder.build import BuildConfig, build
 
     config = BuildConfig(backbone=str(tiny_checkpoint), data=str(tiny_data), profile="tiny",
-                         split_points=(1, 2, 3), label_names=TINY_LABELS, max_length=32, p_tar=(0.8, 0.8))
+                         split_points=(1, 2, 3), label_names=TINY_LABELS, max_length=32, policy="p_tar",
+                         p_tar=(0.8, 0.8))
     return build(config, tmp_path_factory.mktemp("tiny_build") / "model")
 
 
@@ -48,7 +49,7 @@ def tiny_cnn_artifacts(tmp_path_factory: pytest.TempPathFactory, tiny_image_data
     from shared.builder.build import BuildConfig, build
 
     config = BuildConfig(family="image", data=str(tiny_image_data), profile="tiny", split_points=(1, 2, 3),
-                         p_tar=(0.9, 0.9))
+                         policy="p_tar", p_tar=(0.9, 0.9))
     return build(config, tmp_path_factory.mktemp("tiny_cnn_build") / "model")
 
 

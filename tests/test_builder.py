@@ -161,15 +161,60 @@ def test_retune_switches_policy_without_retraining(tiny_artifacts: Path, tmp_pat
     assert main(["retune", "--artifacts", str(copy), "--policy", "cost", "--max-drop", "0.5"]) == 0
     manifest = load_manifest(copy)
     assert manifest.policy.kind == "cost" and manifest.policy.max_drop_points == 0.5
-    assert manifest.policy.drop_confidence == 0.9  # the default margin, recorded
+    assert manifest.policy.delta == 0.1  # the default guarantee, recorded
+    assert manifest.policy.drop_bound_points is not None and manifest.policy.drop_bound_points <= 0.5
     assert main(["retune", "--artifacts", str(copy), "--policy", "cost", "--max-drop", "0.5",
-                 "--confidence", "0.5"]) == 0
-    assert load_manifest(copy).policy.drop_confidence == 0.5
-    with pytest.raises(SystemExit):  # argparse: "confidence 1.0 must be in [0.5, 1)"
-        main(["retune", "--artifacts", str(copy), "--policy", "cost", "--confidence", "1"])
+                 "--delta", "0.3"]) == 0
+    assert load_manifest(copy).policy.delta == 0.3
+    with pytest.raises(SystemExit):  # argparse: "delta 1.0 must be in (0, 1)"
+        main(["retune", "--artifacts", str(copy), "--policy", "cost", "--delta", "1"])
     for spec in manifest.slices:
         verified_slice_path(copy, spec)  # slices untouched
     assert main(["retune", "--artifacts", str(copy), "--policy", "p_tar", "--p-tar", "0.99", "0.99"]) == 0
     strict = load_manifest(copy)
-    assert strict.policy.kind == "p_tar"
+    assert strict.policy.kind == "p_tar" and strict.policy.p_tar == {"mobile": 0.99, "edge": 0.99}
     assert strict.exits[0].threshold >= manifest.exits[0].threshold or strict.exits[0].threshold > 1
+    assert main(["retune", "--artifacts", str(copy), "--policy", "p_tar", "--p-tar", "0.7,0.75",
+                 "--target", "consistency"]) == 0
+    agree = load_manifest(copy).policy
+    assert agree.target == "consistency" and agree.p_tar == {"mobile": 0.7, "edge": 0.75}
+    assert all(b >= agree.p_tar[t] for t, b in agree.bound.items())
+
+
+def test_manifest_without_the_guarantee_fields_still_loads(tiny_artifacts: Path, tmp_path: Path) -> None:
+    """A manifest written before delta and the bounds existed (it had drop_confidence instead)."""
+    from shared.contract.manifest import Manifest
+
+    data = json.loads((tiny_artifacts / "manifest.json").read_text())
+    data["policy"] = {"kind": "cost", "p_tar": {}, "max_drop_points": 0.3, "drop_confidence": 0.9,
+                      "expected_cost": 0.6, "expected_accuracy": 0.85}
+    old = Manifest.model_validate(data)
+    assert old.policy.kind == "cost" and old.policy.delta is None and old.policy.bound == {}
+    assert old.policy.target == "accuracy" and old.policy.drop_bound_points is None
+
+
+def test_report_records_the_guarantee_and_calibration_intervals(tiny_artifacts: Path) -> None:
+    report = json.loads((tiny_artifacts / "report.json").read_text())
+    policy = report["policy"]
+    assert policy["kind"] == "p_tar" and policy["delta"] == 0.1 and policy["target"] == "accuracy"
+    for tier, bound in policy["bound"].items():
+        assert bound >= policy["p_tar"][tier]
+    for e in report["exits"]:
+        lo, hi = e["ece_after_interval"]
+        assert lo <= e["ece_after"] <= hi
+        assert len(e["temperature_folds"]) == 5
+        assert e["temperature_kept"] == (e["calibration_nll_after"] < e["calibration_nll_before"])
+
+
+def test_default_policy_is_dimee_operating_point() -> None:
+    from shared.builder.config import BuildConfig
+    from shared.builder.report import summary_text
+    from shared.contract.manifest import PolicySpec
+
+    config = BuildConfig()
+    assert config.policy == "cost" and config.max_drop_points == 0.3 and config.delta == 0.1
+    spec = PolicySpec(kind="cost", max_drop_points=0.3, delta=0.1, drop_bound_points=0.27)
+    report = {"exits": [], "system_accuracy": 0.9, "final_accuracy": 0.9, "accuracy_drop_points": 0.0,
+              "relative_cost": 0.7, "build_seconds": 1.0, "test_split": "dev", "policy": spec.model_dump()}
+    text = summary_text(report)
+    assert "cost-aware (DIMEE): accuracy drop <= 0.3 points" in text and "delta 0.1" in text

@@ -5,11 +5,19 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from shared.contract.bounds import binomial_tail, clopper_pearson_lower, clopper_pearson_upper
 from shared.contract.manifest import NEVER_EXIT, CostModel
 from shared.contract.policy import (
+    candidate_counts,
+    choose_policy,
     cloud_only_cost,
+    cost_aware_thresholds,
+    describe_policy,
+    drop_upper_bound,
     exit_costs,
+    guaranteed_threshold,
     p_tar_thresholds,
+    path_thresholds,
     relative_cost,
     route,
     threshold_for_target,
@@ -65,12 +73,98 @@ def test_p_tar_thresholds_meet_target_on_their_data() -> None:
         p[np.arange(n), pred] = conf
         p[np.arange(n), 1 - pred] = 1 - conf
         probs.append(p)
-    taus = p_tar_thresholds(probs, labels, [0.9, 0.9])
-    r = route(probs, taus)
-    for i in range(2):
+    chosen = p_tar_thresholds(probs, labels, [0.9, 0.9])
+    r = route(probs, [g.threshold for g in chosen])
+    for i, g in enumerate(chosen):
+        exited = r.exit_index == i
+        assert exited.sum() == g.exits > 0
+        accuracy = np.mean(r.prediction[exited] == labels[exited])
+        assert accuracy >= g.bound >= 0.9  # the bound is below what it bounds, and above the target
+
+
+def test_clopper_pearson_known_values() -> None:
+    # every one of k right: the lower bound solves p**k = delta
+    assert clopper_pearson_lower(30, 30, 0.1) == pytest.approx(0.1 ** (1 / 30), abs=1e-12)
+    # none of n wrong... the upper bound on a rate with no events solves (1 - p)**n = delta
+    assert clopper_pearson_upper(0, 100, 0.05) == pytest.approx(1 - 0.05 ** (1 / 100), abs=1e-12)
+    # 24 of 25: P(X >= 24 | p) = p**25 + 25 p**24 (1 - p) = 0.1 at the bound
+    lb = clopper_pearson_lower(24, 25, 0.1)
+    assert lb**25 + 25 * lb**24 * (1 - lb) == pytest.approx(0.1, abs=1e-9)
+    assert binomial_tail(5, 10, 0.5) == pytest.approx(638 / 1024)
+    assert clopper_pearson_lower(0, 10, 0.1) == 0.0 and clopper_pearson_upper(10, 10, 0.1) == 1.0
+
+
+def calibrated_draw(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Confidence uniform on [0.5, 1], right with probability equal to it (a calibrated binary exit):
+    the samples at or above tau are (1 + tau) / 2 accurate, so p_tar 0.9 is met exactly from tau 0.8."""
+    conf = rng.uniform(0.5, 1.0, size=n)
+    return conf, rng.random(n) < conf
+
+
+def test_guarantee_holds_in_at_least_one_minus_delta_of_calibration_draws() -> None:
+    rng = np.random.default_rng(20261203)
+    p_tar, delta, draws = 0.9, 0.1, 1000
+    safe_tau = 2 * p_tar - 1  # population accuracy above tau is (1 + tau) / 2
+    met = uncorrected_met = exits = 0
+    for _ in range(draws):
+        conf, right = calibrated_draw(rng, 1000)
+        g = guaranteed_threshold(conf, right, p_tar, delta)
+        met += g.threshold >= safe_tau  # never exiting meets any target
+        exits += g.threshold <= 1
+        uncorrected_met += threshold_for_target(conf, right, p_tar) >= safe_tau
+    assert met / draws >= 1 - delta
+    assert exits / draws > 0.95  # and it is not met by refusing to exit
+    # the rule without the guarantee misses about half the time: the test can tell them apart
+    assert uncorrected_met / draws < 0.75
+
+
+def test_consistency_target_needs_no_labels_and_bounds_agreement() -> None:
+    rng = np.random.default_rng(7)
+    n = 4000
+    final_pred = rng.integers(0, 2, size=n)
+    probs = []
+    for agreement_at_top in (0.9, 0.97):
+        conf = rng.uniform(0.5, 1.0, size=n)
+        agree = rng.random(n) < np.clip(conf * agreement_at_top / 0.9, 0, 1)
+        pred = np.where(agree, final_pred, 1 - final_pred)
+        p = np.zeros((n, 2))
+        p[np.arange(n), pred] = conf
+        p[np.arange(n), 1 - pred] = 1 - conf
+        probs.append(p)
+    final = np.eye(2)[final_pred] * 0.9 + 0.05
+    chosen = p_tar_thresholds([*probs, final], None, [0.95, 0.95], target="consistency")
+    r = route([*probs, final], [g.threshold for g in chosen])
+    for i, g in enumerate(chosen):
         exited = r.exit_index == i
         assert exited.any()
-        assert np.mean(r.prediction[exited] == labels[exited]) >= 0.9
+        assert np.mean(r.prediction[exited] == final_pred[exited]) >= g.bound >= 0.95
+    with pytest.raises(ValueError, match="labels"):
+        p_tar_thresholds([*probs, final], None, [0.9, 0.9], target="accuracy")
+
+
+def test_fixed_sequence_stops_at_the_first_failed_threshold() -> None:
+    # by confidence: 100 right, then 100 wrong, then 2,000 right. Taking all 2,200 is 95% right,
+    # so a search that skipped failures would go to the bottom; fixed-sequence testing must not.
+    n = 2200
+    conf = np.linspace(0.999, 0.5, n)
+    right = np.ones(n, dtype=bool)
+    right[100:200] = False
+    g = guaranteed_threshold(conf, right, 0.9, 0.1)
+    counts = candidate_counts(n, 0.9, 0.1)
+    assert counts[1] < 100 < counts[2] and counts[2] - counts[1] == 44  # steps of n / GRID
+    assert g.tested == [conf[k - 1] for k in counts[:3]]
+    assert g.failed_at == conf[counts[2] - 1]  # 100 right of the top 140: the first failure
+    assert g.threshold == conf[counts[1] - 1] and g.exits == g.hits == counts[1]
+    assert g.bound == pytest.approx(0.1 ** (1 / counts[1]))
+    assert threshold_for_target(conf, right, 0.9) == conf[-1]  # the uncorrected rule takes them all
+
+
+def test_threshold_ties_are_one_candidate() -> None:
+    conf = np.array([0.9] * 60 + [0.6] * 40)
+    right = np.array([True] * 60 + [False] * 40)
+    g = guaranteed_threshold(conf, right, 0.9, 0.1, grid=10)
+    assert g.threshold == 0.9 and g.exits == 60  # every 0.9 exits together, the 0.6s fail
+    assert g.tested == [0.9, 0.6] and g.failed_at == 0.6
 
 
 def synthetic_exits(n: int = 2000, seed: int = 0) -> tuple[list[np.ndarray], np.ndarray]:
@@ -89,55 +183,73 @@ def synthetic_exits(n: int = 2000, seed: int = 0) -> tuple[list[np.ndarray], np.
     return probs, labels
 
 
-def test_cost_aware_choice_respects_accuracy_floor_and_beats_p_tar() -> None:
-    from shared.contract.policy import cost_aware_thresholds
-
-    probs, labels = synthetic_exits()
+def test_cost_aware_choice_respects_its_bound_and_saves() -> None:
+    probs, labels = synthetic_exits(n=6000)
     points, cost = (2, 4, 6), CostModel()
-    choice = cost_aware_thresholds(probs, labels, points, cost, max_drop_points=1.0, confidence=0.5)
+    choice = cost_aware_thresholds(probs, labels, points, cost, max_drop_points=1.0)
     r = route(probs, choice.thresholds)
     assert np.mean(r.prediction == labels) == pytest.approx(choice.accuracy)
-    assert choice.accuracy >= choice.final_accuracy - 0.01
+    assert choice.drop_bound <= 0.01
+    assert choice.accuracy >= choice.final_accuracy - choice.drop_bound
     assert relative_cost(r.fractions(), points, cost) == pytest.approx(choice.relative_cost)
-    assert choice.relative_cost < relative_cost(np.array([0, 0, 1.0]), points, cost)
-    # any p_tar policy that is at least as accurate costs at least as much
-    for p_tar in (0.85, 0.9, 0.95, 0.98):
-        rp = route(probs, p_tar_thresholds(probs, labels, [p_tar, p_tar]))
-        if np.mean(rp.prediction == labels) >= choice.final_accuracy - 0.01:
-            assert relative_cost(rp.fractions(), points, cost) >= choice.relative_cost - 1e-9
+    assert choice.relative_cost < 1.0  # cheaper than cloud-only
 
 
-def test_drop_upper_bound_adds_the_paired_standard_error() -> None:
-    from shared.contract.policy import drop_upper_bound
-
+def test_drop_upper_bound_is_exact_on_known_counts() -> None:
+    # 8 samples: final right and system wrong twice, the reverse once
     final = np.array([1, 1, 1, 1, 0, 1, 1, 1], dtype=bool)
-    system = np.array([1, 0, 1, 1, 1, 0, 1, 1], dtype=bool)  # differences 0,1,0,0,-1,1,0,0: mean 1/8
-    diff = final.astype(float) - system
-    assert drop_upper_bound(final, system, 0.5) == pytest.approx(0.125)
-    z90 = 1.2815515655446004
-    assert drop_upper_bound(final, system, 0.9) == pytest.approx(0.125 + z90 * diff.std(ddof=1) / np.sqrt(8))
-    assert drop_upper_bound(final, final, 0.99) == 0.0  # identical answers: no drop, no doubt
+    system = np.array([1, 0, 1, 1, 1, 0, 1, 1], dtype=bool)
+    expected = clopper_pearson_upper(2, 8, 0.09) - clopper_pearson_lower(1, 8, 0.01)
+    assert drop_upper_bound(final, system, 0.1) == pytest.approx(expected)
+    assert drop_upper_bound(final, system, 0.1) > 1 / 8  # above the measured drop
+    # identical answers: nothing lost, and the bound is the rate no loss in n rules out
+    assert drop_upper_bound(final, final, 0.1) == pytest.approx(1 - 0.09 ** (1 / 8))
 
 
-def test_cost_aware_confidence_keeps_a_margin_on_the_drop() -> None:
-    from shared.contract.policy import cost_aware_thresholds, drop_upper_bound
+def test_drop_bound_covers_the_true_drop_in_at_least_one_minus_delta_of_draws() -> None:
+    rng = np.random.default_rng(11)
+    p_lost, p_gained, n, delta = 0.02, 0.01, 1500, 0.1  # true drop: 1 point
+    covered = 0
+    for _ in range(1000):
+        u = rng.random(n)
+        gained = u < p_gained  # final wrong, system right
+        lost = (u >= p_gained) & (u < p_gained + p_lost)  # final right, system wrong
+        covered += drop_upper_bound(~gained, ~lost, delta) >= p_lost - p_gained
+    assert covered / 1000 >= 1 - delta
 
-    probs, labels = synthetic_exits(seed=2)
+
+def test_cost_aware_path_stops_at_first_failure_and_smaller_delta_is_more_careful() -> None:
+    probs, labels = synthetic_exits(seed=2, n=4000)
     points, cost = (2, 4, 6), CostModel()
+    loose = cost_aware_thresholds(probs, labels, points, cost, max_drop_points=1.0, delta=0.5)
+    careful = cost_aware_thresholds(probs, labels, points, cost, max_drop_points=1.0, delta=0.01)
+    assert careful.relative_cost >= loose.relative_cost
+    assert careful.thresholds[0] >= loose.thresholds[0]
     final_correct = probs[-1].argmax(-1) == labels
-    plain = cost_aware_thresholds(probs, labels, points, cost, max_drop_points=1.0, confidence=0.5)
-    careful = cost_aware_thresholds(probs, labels, points, cost, max_drop_points=1.0, confidence=0.95)
-    bound = {name: drop_upper_bound(final_correct, route(probs, c.thresholds).prediction == labels, 0.95)
-             for name, c in (("plain", plain), ("careful", careful))}
-    assert bound["careful"] <= 0.01 < bound["plain"]  # the margin changed the choice, and holds
-    assert careful.relative_cost > plain.relative_cost
-    with pytest.raises(ValueError, match="confidence"):
-        cost_aware_thresholds(probs, labels, points, cost, confidence=1.0)
+    correct = [p.argmax(-1) == labels for p in probs]
+    # the candidate after the chosen one failed its test (or the path ended)
+    taus = list(path_thresholds(probs))
+    i = taus.index(careful.thresholds[0])
+    assert careful.tested in (i + 1, i + 2)
+    if careful.tested == i + 2:
+        r = route(probs, [taus[i + 1]] * 2)
+        assert drop_upper_bound(final_correct, np.choose(r.exit_index, correct), 0.01) > 0.01
+    with pytest.raises(ValueError, match="delta"):
+        cost_aware_thresholds(probs, labels, points, cost, delta=1.0)
 
 
 def test_cost_aware_with_zero_budget_keeps_final_accuracy() -> None:
-    from shared.contract.policy import cost_aware_thresholds
-
     probs, labels = synthetic_exits(seed=1)
     choice = cost_aware_thresholds(probs, labels, (2, 4, 6), CostModel(), max_drop_points=0.0)
     assert choice.accuracy >= choice.final_accuracy
+
+
+def test_choose_policy_records_delta_and_bounds() -> None:
+    probs, labels = synthetic_exits(n=4000)
+    taus, spec = choose_policy("p_tar", probs, labels, (2, 4, 6), CostModel(), p_tar=(0.85, 0.9), delta=0.05)
+    assert spec.delta == 0.05 and spec.target == "accuracy"
+    assert set(spec.bound) <= {"mobile", "edge"} and all(b >= 0.85 for b in spec.bound.values())
+    assert "probability >= 0.95" in describe_policy(spec)
+    taus, spec = choose_policy("cost", probs, labels, (2, 4, 6), CostModel(), max_drop_points=1.0)
+    assert spec.delta == 0.1 and spec.drop_bound_points is not None and spec.drop_bound_points <= 1.0
+    assert "cost-aware" in describe_policy(spec)

@@ -27,7 +27,14 @@ from shared.builder.family import TrainedModel
 from shared.builder.model import EarlyExitBert, load_encoder
 from shared.builder.report import plot_reliability, plot_tradeoff, summary_text, write_report
 from shared.builder.train import TrainSettings, predict_logits, train
-from shared.contract.calibration import calibrate_exit, expected_calibration_error, fit_temperature, softmax
+from shared.contract.calibration import (
+    TemperatureFit,
+    calibrate_exit,
+    ece_interval,
+    expected_calibration_error,
+    fit_temperature,
+    softmax,
+)
 from shared.contract.manifest import (
     TIERS,
     ExitSpec,
@@ -98,7 +105,7 @@ def build(config: BuildConfig, out: str | Path, force: bool = False) -> Path:
     temperatures = [f.temperature for f in fits]
     calib_probs = [softmax(z, t) for z, t in zip(calib_logits, temperatures, strict=True)]
     thresholds, policy = choose_policy(config.policy, calib_probs, calib_labels, points, config.cost_model,
-                                       config.p_tar, config.max_drop_points, config.drop_confidence)
+                                       config.p_tar, config.max_drop_points, config.delta, config.target)
     global_t = fit_temperature(np.concatenate(calib_logits), np.tile(calib_labels, len(calib_logits)))
 
     with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None) as tmp:
@@ -122,7 +129,8 @@ def build(config: BuildConfig, out: str | Path, force: bool = False) -> Path:
         report = _report(manifest, test_logits, test_probs, test_labels, fits, global_t, thresholds)
         report.update(build_seconds=time.perf_counter() - started, max_logit_difference=max_diff,
                       training=trained.training, test_split=trained.test_source)
-        plot_reliability(staging / "reliability.png", list(TIERS), test_logits, test_labels, temperatures)
+        plot_reliability(staging / "reliability.png", list(TIERS), test_logits, test_labels, temperatures,
+                         [e["ece_after_interval"] for e in report["exits"]])
         plot_tradeoff(staging / "tradeoff.png", test_probs, test_labels, thresholds, points, config.cost_model)
         write_report(staging, report)
         (staging / CONFIG_FILE).write_text(config_json)
@@ -211,7 +219,7 @@ def _mixed_length_sample(ids: list[list[int]], seed: int, n: int = 96) -> list[l
 
 
 def _report(manifest: Manifest, test_logits: list[np.ndarray], test_probs: list[np.ndarray],
-            labels: np.ndarray, fits: list, global_t: float, thresholds: list[float]) -> dict:
+            labels: np.ndarray, fits: list[TemperatureFit], global_t: float, thresholds: list[float]) -> dict:
     r = route(test_probs, thresholds)
     exits = []
     for i, (spec, z, fit) in enumerate(zip(manifest.exits, test_logits, fits, strict=True)):
@@ -221,9 +229,14 @@ def _report(manifest: Manifest, test_logits: list[np.ndarray], test_probs: list[
             "accuracy": float(np.mean(z.argmax(-1) == labels)),
             "ece_before": expected_calibration_error(softmax(z), labels),
             "ece_after": expected_calibration_error(test_probs[i], labels),
+            # 90% percentile-bootstrap intervals over the test split
+            "ece_before_interval": list(ece_interval(softmax(z), labels, seed=i)),
+            "ece_after_interval": list(ece_interval(test_probs[i], labels, seed=i)),
             "ece_global_temperature": expected_calibration_error(softmax(z, global_t), labels),
             "temperature": spec.temperature, "temperature_fitted": fit.fitted, "temperature_kept": fit.kept,
+            # mean held-out NLL over the calibration split's folds, T = 1 and cross-validated T
             "calibration_nll_before": fit.nll_before, "calibration_nll_after": fit.nll_after,
+            "temperature_folds": list(fit.fold_temperatures),
             "threshold": spec.threshold if i < len(thresholds) else 0.0,
             "exit_fraction": float(exited.mean()),
             "exited_accuracy": float(np.mean(r.prediction[exited] == labels[exited])) if exited.any() else None,

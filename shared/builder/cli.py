@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from shared.errors import BuildInputError
+from shared.tools.arguments import add_policy_arguments
 
 DEFAULT_OUT = Path("artifacts/default")
 DEFAULT_IMAGE_OUT = Path("artifacts/fashion-mnist")
@@ -32,8 +33,7 @@ def add_build_parser(subparsers: argparse._SubParsersAction) -> None:
                         "image: block indices, L is the CNN's depth (default: 2,4,6)")
     p.add_argument("--profile", choices=["quick", "full", "tiny"], default="quick")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--p-tar", type=_two_floats, metavar="MOBILE[,EDGE]", default=(0.9, 0.9),
-                   help="target accuracy of the samples exiting at mobile and edge (default: 0.9)")
+    add_policy_arguments(p)
     p.add_argument("--max-length", type=int, default=128, help="tokens per text after truncation")
     p.add_argument("--freeze-encoder", action="store_true", help="train the exit heads only")
     p.add_argument("--labels", type=lambda s: s.split(","), help="class names, comma-separated, in label order")
@@ -50,7 +50,8 @@ def run_build(args: argparse.Namespace) -> int:
     config = BuildConfig(
         family=args.family, backbone=args.backbone, data=args.data, split_points=args.split_points,
         profile=args.profile,
-        seed=args.seed, p_tar=args.p_tar, max_length=args.max_length, freeze_encoder=args.freeze_encoder,
+        seed=args.seed, policy=args.policy, p_tar=args.p_tar, target=args.target, max_drop_points=args.max_drop,
+        delta=args.delta, max_length=args.max_length, freeze_encoder=args.freeze_encoder,
         label_names=args.labels, train_samples=args.train_samples, epochs=args.epochs,
     )
     try:
@@ -73,15 +74,3 @@ def _split_points(text: str) -> tuple[int, int, int]:
     if len(values) != 3:
         raise argparse.ArgumentTypeError(f"need three split points (mobile,edge,cloud), got {text!r}")
     return values  # type: ignore[return-value]
-
-
-def _two_floats(text: str) -> tuple[float, float]:
-    try:
-        values = [float(x) for x in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected one or two numbers like 0.9 or 0.9,0.92, got {text!r}") from None
-    if len(values) == 1:
-        values *= 2
-    if len(values) != 2 or not all(0 < v <= 1 for v in values):
-        raise argparse.ArgumentTypeError(f"targets must be one or two numbers in (0, 1], got {text!r}")
-    return values[0], values[1]

@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from shared.contract.manifest import CostModel
-from shared.contract.policy import DROP_CONFIDENCE
+from shared.contract.policy import DEFAULT_DELTA
 
 Profile = Literal["quick", "full", "tiny"]
 CONFIG_FILE = "build_config.json"
@@ -44,11 +44,15 @@ class BuildConfig(BaseModel):
     split_points: tuple[int, int, int] | None = Field(None, description="last layer (image: block) of each tier")
     profile: Profile = "quick"
     seed: int = 0
-    policy: Literal["p_tar", "cost"] = "p_tar"
+    # DIMEE's operating point by default: the cheapest thresholds within a 0.3-point drop
+    policy: Literal["p_tar", "cost"] = "cost"
     p_tar: tuple[float, float] = (0.9, 0.9)
+    target: Literal["accuracy", "consistency"] = Field(
+        "accuracy", description="p_tar policy: bound the exiting answers' accuracy, or their agreement with the "
+        "final exit")
     max_drop_points: float = Field(0.3, ge=0, description="cost policy: accuracy drop allowed vs final exit")
-    drop_confidence: float = Field(DROP_CONFIDENCE, ge=0.5, lt=1, description="cost policy: confidence that the "
-                                   "drop stays within max_drop_points on new data")
+    delta: float = Field(DEFAULT_DELTA, gt=0, lt=1, description="the thresholds' guarantees hold with probability "
+                         ">= 1 - delta over the calibration draw")
     max_length: int = Field(128, ge=8)
     freeze_encoder: bool = False
     label_names: list[str] | None = None

@@ -90,28 +90,62 @@ def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, n_bins: in
     return float(np.sum(gaps * bins.count[filled]) / bins.count.sum())
 
 
+def ece_interval(probs: np.ndarray, labels: np.ndarray, level: float = 0.9, resamples: int = 1000, seed: int = 0,
+                 n_bins: int = ECE_BINS) -> tuple[float, float]:
+    """Percentile bootstrap interval of the ECE: how far a few hundred test samples pin it down
+    (a 0.01 difference between two exits is often inside it)."""
+    rng = np.random.default_rng(seed)
+    n = len(labels)
+    if n == 0:
+        return (float("nan"), float("nan"))
+    values = [expected_calibration_error(probs[idx], labels[idx], n_bins)
+              for idx in rng.integers(0, n, size=(resamples, n))]
+    tail = (1 - level) / 2 * 100
+    lo, hi = np.percentile(values, [tail, 100 - tail])
+    return float(lo), float(hi)
+
+
+DEFAULT_FOLDS = 5
+
+
 @dataclass(frozen=True)
 class TemperatureFit:
     temperature: float  # the temperature to ship (1.0 when the fit was rejected)
-    fitted: float  # what the search found
+    fitted: float  # fitted on the whole calibration split
     kept: bool
-    nll_before: float  # on the check half, T = 1
-    nll_after: float  # on the check half, T = fitted
+    nll_before: float  # mean held-out NLL over the folds, T = 1
+    nll_after: float  # mean held-out NLL over the folds, each fold at the T fitted without it
+    fold_temperatures: tuple[float, ...] = ()
 
 
-def calibrate_exit(
-    logits: np.ndarray, labels: np.ndarray, seed: int = 0, check_fraction: float = 0.3
-) -> TemperatureFit:
-    """Fit T on one part of the calibration split; keep it only if it lowers NLL on the rest.
+def fold_indices(n: int, folds: int, seed: int = 0) -> list[np.ndarray]:
+    """The cross-validation folds calibrate_exit uses: a seeded permutation cut into `folds` parts."""
+    return np.array_split(np.random.default_rng(seed).permutation(n), min(folds, n))
 
-    Temperature scaling can make things worse (too few samples, a shifted split): then T = 1
-    ships and the fit is reported as rejected.
+
+def calibrate_exit(logits: np.ndarray, labels: np.ndarray, seed: int = 0, folds: int = DEFAULT_FOLDS
+                   ) -> TemperatureFit:
+    """Fit T on the calibration split; keep it only if k-fold cross-validation says it helps.
+
+    Each fold's held-out NLL is measured at T = 1 and at the T fitted on the other folds; T ships
+    when the mean held-out NLL improves. Every sample is judged once, so the verdict rests on the
+    whole split rather than on one half: a single half-split rejected temperatures of 1.02-1.08 on
+    a news dataset because its check half's NLL rose by 1-2e-4, noise of that half alone. Temperature
+    scaling can still make things worse (too few samples, a shifted split): then T = 1 ships and
+    the fit is reported as rejected.
     """
-    order = np.random.default_rng(seed).permutation(len(labels))
-    n_check = max(1, int(len(labels) * check_fraction))
-    check, fit = order[:n_check], order[n_check:]
-    fitted = fit_temperature(logits[fit], labels[fit])
-    before = nll(logits[check], labels[check], 1.0)
-    after = nll(logits[check], labels[check], fitted)
+    n = len(labels)
+    fitted = fit_temperature(logits, labels) if n else 1.0
+    if n < 2:
+        return TemperatureFit(1.0, fitted, False, float("nan"), float("nan"))
+    before = after = 0.0
+    fold_ts = []
+    for held in fold_indices(n, folds, seed):
+        rest = np.setdiff1d(np.arange(n), held, assume_unique=True)
+        t = fit_temperature(logits[rest], labels[rest])
+        fold_ts.append(t)
+        before += nll(logits[held], labels[held], 1.0) * len(held)
+        after += nll(logits[held], labels[held], t) * len(held)
+    before, after = before / n, after / n
     kept = after < before
-    return TemperatureFit(fitted if kept else 1.0, fitted, kept, before, after)
+    return TemperatureFit(fitted if kept else 1.0, fitted, kept, before, after, tuple(fold_ts))

@@ -57,10 +57,21 @@ class CostModel(BaseModel):
 
 
 class PolicySpec(BaseModel):
+    """How the thresholds were chosen and what they promise. Fields added later default to None or
+    empty, so manifests written before them still load (their thresholds carry no recorded guarantee)."""
+
     kind: Literal["p_tar", "cost"] = "p_tar"
-    p_tar: dict[Tier, float] = {}
+    p_tar: dict[Tier, float] = Field({}, description="p_tar policy: target per early exit")
+    target: Literal["accuracy", "consistency"] = Field(
+        "accuracy", description="p_tar policy: what p_tar bounds, the exiting answers' accuracy or their "
+        "agreement with the final exit")
     max_drop_points: float | None = None
-    drop_confidence: float | None = Field(None, description="cost policy: the drop holds with this confidence")
+    delta: float | None = Field(None, description="each guarantee holds with probability >= 1 - delta over "
+                                "the calibration draw; None: no guarantee recorded")
+    bound: dict[Tier, float] = Field({}, description="p_tar policy: Clopper-Pearson lower bound (1 - delta) "
+                                     "on the exiting answers' accuracy (or agreement) per early exit that answers")
+    drop_bound_points: float | None = Field(None, description="cost policy: upper bound (1 - delta) on the "
+                                            "accuracy drop against the final exit, points")
     expected_cost: float | None = Field(None, description="relative to cloud-only, calibration split")
     expected_accuracy: float | None = None
 

@@ -3,16 +3,34 @@
 L layers; mobile runs 1..m, edge m+1..n, cloud n+1..L. A sample exiting at mobile costs
 m*lam_mobile; at edge adds o_me + (n-m)*lam_edge; at cloud adds o_ec + (L-n)*lam_cloud.
 Cloud-only (the baseline) costs o_mc + L*lam_cloud.
+
+Both policies choose thresholds with a guarantee over the calibration draw (Learn-then-Test,
+Angelopoulos et al. 2021, as CALM does for early exits): candidate thresholds are tested in a
+fixed order, from the most to the least conservative, each with an exact binomial test at level
+delta, and the search stops at the first one that fails. Fixed-sequence testing spends no extra
+error on the number of candidates, so with probability >= 1 - delta no accepted threshold breaks
+its target on the population the calibration split was drawn from.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from statistics import NormalDist
+from typing import Literal
 
 import numpy as np
 
+from shared.contract.bounds import binomial_tail, clopper_pearson_lower, clopper_pearson_upper
 from shared.contract.manifest import NEVER_EXIT, TIERS, CostModel, PolicySpec
+
+DEFAULT_DELTA = 0.1
+# candidate thresholds per tier: one per 1/GRID of the samples reaching it. Finer steps cost no
+# error but give the fixed sequence more chances to stop early on a local run of errors.
+GRID = 50
+START_ERRORS = 2
+Target = Literal["accuracy", "consistency"]
+# drop_upper_bound: the share of delta spent on the answers the early exits gain
+_GAIN_SHARE = 0.1
 
 
 def exit_costs(split_points: tuple[int, int, int], cost: CostModel) -> np.ndarray:
@@ -62,7 +80,9 @@ def route(probs: list[np.ndarray], thresholds: list[float]) -> Routing:
 
 
 def threshold_for_target(confidence: np.ndarray, correct: np.ndarray, p_tar: float) -> float:
-    """The smallest threshold such that the samples with confidence >= it are >= p_tar accurate.
+    """The uncorrected rule (Pacheco et al.): the smallest threshold such that the samples with
+    confidence >= it are >= p_tar accurate on this sample. No guarantee: kept to measure what the
+    guarantee costs (bench.calibration).
 
     NEVER_EXIT when no threshold reaches the target.
     """
@@ -77,17 +97,120 @@ def threshold_for_target(confidence: np.ndarray, correct: np.ndarray, p_tar: flo
     return float(conf[ok[-1]]) if len(ok) else NEVER_EXIT
 
 
-def p_tar_thresholds(probs: list[np.ndarray], labels: np.ndarray, p_tar: list[float]) -> list[float]:
-    """Per tier, in order, the p_tar threshold over the samples that reach that tier."""
-    thresholds: list[float] = []
-    reaching = np.ones(len(labels), dtype=bool)
+@dataclass(frozen=True)
+class GuaranteedThreshold:
+    threshold: float  # NEVER_EXIT when no candidate passed
+    bound: float | None  # Clopper-Pearson lower bound (1 - delta) on the exiting samples' hit rate
+    exits: int  # calibration samples at or above the threshold
+    hits: int  # of those, correct (or agreeing with the final exit)
+    tested: list[float]  # candidates in the order tested; the last one failed unless all passed
+    failed_at: float | None  # the first candidate that failed (where the search stopped)
+
+
+def candidate_counts(n: int, target: float, delta: float, grid: int = GRID) -> list[int]:
+    """How many of the most confident samples each candidate threshold lets exit, in test order.
+
+    Steps of n/grid. The first failure ends the search, so the first candidate must not be one
+    that a couple of errors sink: it is no smaller than the least count at which a set with
+    START_ERRORS errors passes. (Starting where only a flawless set passes, a calibrated exit
+    never answered in 9% of simulated draws at p_tar 0.9; from two errors, in 3%.)
+    """
+    if n == 0:
+        return []
+    step = max(1, math.ceil(n / grid))
+    first = next((k for k in range(START_ERRORS + 1, n + 1)
+                  if binomial_tail(k - START_ERRORS, k, target) <= delta), n + 1)
+    counts = list(range(max(step, first), n + 1, step))
+    if counts and counts[-1] != n:
+        counts.append(n)
+    return counts
+
+
+def guaranteed_threshold(confidence: np.ndarray, hits: np.ndarray, target: float, delta: float = DEFAULT_DELTA,
+                         grid: int = GRID) -> GuaranteedThreshold:
+    """The lowest threshold whose exiting samples reach `target` (hit rate) with probability >= 1 - delta.
+
+    Fixed-sequence testing from the most confident candidate down: H0 "the hit rate of samples at
+    or above tau is below target" is rejected when the exact binomial tail P(X >= hits | exits,
+    target) <= delta (equivalently, the Clopper-Pearson lower bound >= target); the first candidate
+    not rejected stops the search, even if a lower one would pass again: continuing past a failure
+    is what would spend the error budget twice.
+    """
+    if not 0 < target <= 1:
+        raise ValueError(f"target {target} must be in (0, 1]")
+    order = np.argsort(-confidence, kind="stable")
+    conf, hit = confidence[order], hits[order].astype(np.int64)
+    cum_hits = np.cumsum(hit)
+    accepted: tuple[float, int, int] | None = None
+    tested: list[float] = []
+    failed_at = None
+    last_tau = None
+    for k in candidate_counts(len(conf), target, delta, grid):
+        tau = float(conf[k - 1])
+        if tau == last_tau:
+            continue  # ties: this candidate is the previous one
+        last_tau = tau
+        exits = int(np.searchsorted(-conf, -tau, side="right"))  # every sample at or above tau
+        k_hits = int(cum_hits[exits - 1])
+        tested.append(tau)
+        if binomial_tail(k_hits, exits, target) > delta:
+            failed_at = tau
+            break
+        accepted = (tau, exits, k_hits)
+    if accepted is None:
+        return GuaranteedThreshold(NEVER_EXIT, None, 0, 0, tested, failed_at)
+    tau, exits, k_hits = accepted
+    return GuaranteedThreshold(tau, clopper_pearson_lower(k_hits, exits, delta), exits, k_hits, tested, failed_at)
+
+
+def p_tar_thresholds(probs: list[np.ndarray], labels: np.ndarray | None, p_tar: list[float],
+                     delta: float = DEFAULT_DELTA, target: Target = "accuracy") -> list[GuaranteedThreshold]:
+    """Per tier, in order, the guaranteed threshold over the samples that reach that tier.
+
+    target "accuracy": the exiting samples' accuracy >= p_tar (needs labels); "consistency": their
+    agreement with the final exit's answer >= p_tar (needs no labels: it can be checked online).
+    Each tier's guarantee holds with probability >= 1 - delta.
+    """
+    final = probs[-1].argmax(axis=-1)
+    if target == "accuracy":
+        if labels is None:
+            raise ValueError("the accuracy target needs labels; the consistency target does not")
+        reference = labels
+    elif target == "consistency":
+        reference = final
+    else:
+        raise ValueError(f"unknown target {target!r}: expected 'accuracy' or 'consistency'")
+    chosen: list[GuaranteedThreshold] = []
+    reaching = np.ones(len(final), dtype=bool)
     for i in range(len(probs) - 1):
-        conf = probs[i].max(axis=-1)[reaching]
-        correct = probs[i].argmax(axis=-1)[reaching] == labels[reaching]
-        tau = threshold_for_target(conf, correct, p_tar[i])
-        thresholds.append(tau)
-        reaching &= probs[i].max(axis=-1) < tau
-    return thresholds
+        conf = probs[i].max(axis=-1)
+        hits = probs[i].argmax(axis=-1) == reference
+        g = guaranteed_threshold(conf[reaching], hits[reaching], p_tar[i], delta)
+        chosen.append(g)
+        reaching &= conf < g.threshold
+    return chosen
+
+
+def drop_upper_bound(final_correct: np.ndarray, system_correct: np.ndarray, delta: float = DEFAULT_DELTA) -> float:
+    """Exact upper bound (probability >= 1 - delta), in accuracy (not points), on the accuracy drop
+    of the system against the final exit, from paired per-sample outcomes.
+
+    drop = P(final right, system wrong) - P(final wrong, system right): an upper Clopper-Pearson
+    bound on the first rate minus a lower one on the second, the two levels summing to delta.
+    Exact for any distribution, and wider than the normal approximation it replaced: the two
+    counts are bounded apart, so their negative correlation is not credited. Most of delta goes to
+    the answers lost: at a budget of a few tenths of a point they are a handful, and their bound
+    decides; the gained ones are only a credit.
+    """
+    final_correct = np.asarray(final_correct, dtype=bool)
+    system_correct = np.asarray(system_correct, dtype=bool)
+    n = len(final_correct)
+    if n == 0:
+        return 0.0
+    lost = int(np.sum(final_correct & ~system_correct))
+    gained = int(np.sum(~final_correct & system_correct))
+    return (clopper_pearson_upper(lost, n, (1 - _GAIN_SHARE) * delta)
+            - clopper_pearson_lower(gained, n, _GAIN_SHARE * delta))
 
 
 @dataclass(frozen=True)
@@ -96,83 +219,95 @@ class CostAwareChoice:
     relative_cost: float
     accuracy: float
     final_accuracy: float
+    drop_bound: float  # upper bound (1 - delta) on the drop at these thresholds, accuracy units
+    tested: int  # candidates tested
 
 
 def candidate_thresholds(confidence: np.ndarray, n: int = 60) -> np.ndarray:
-    """Quantiles of the observed confidences, plus 'never exit'."""
+    """Quantiles of the observed confidences, ascending, plus 'never exit'."""
     qs = np.unique(np.quantile(confidence, np.linspace(0.0, 1.0, n)))
     return np.append(qs, NEVER_EXIT)
 
 
-DROP_CONFIDENCE = 0.9
-
-
-def drop_upper_bound(final_correct: np.ndarray, system_correct: np.ndarray, confidence: float) -> float:
-    """One-sided upper confidence bound, in accuracy (not points), on the accuracy drop of the
-    system against the final exit, from paired per-sample outcomes (normal approximation).
-
-    confidence 0.5 gives the drop measured on these samples, without any margin.
-    """
-    diff = final_correct.astype(np.float64) - system_correct
-    if len(diff) < 2 or confidence == 0.5:
-        return float(diff.mean()) if len(diff) else 0.0
-    z = NormalDist().inv_cdf(confidence)
-    return float(diff.mean() + z * diff.std(ddof=1) / np.sqrt(len(diff)))
+def path_thresholds(probs: list[np.ndarray], grid: int = 4 * GRID) -> np.ndarray:
+    """The cost policy's candidates, most conservative first: NEVER_EXIT, then quantiles of the
+    early exits' calibrated confidences, descending."""
+    return candidate_thresholds(np.concatenate([p.max(-1) for p in probs[:-1]]), grid)[::-1]
 
 
 def cost_aware_thresholds(
     probs: list[np.ndarray], labels: np.ndarray, split_points: tuple[int, int, int], cost: CostModel,
-    max_drop_points: float = 0.3, grid: int = 60, confidence: float = DROP_CONFIDENCE,
+    max_drop_points: float = 0.3, delta: float = DEFAULT_DELTA, grid: int = 4 * GRID,
 ) -> CostAwareChoice:
-    """Mobile and edge thresholds of least expected cost whose accuracy stays within
-    `max_drop_points` of the final exit's (DIMEE's objective, searched exhaustively on a grid).
+    """The cheapest thresholds whose accuracy drop against the final exit stays within
+    `max_drop_points` with probability >= 1 - delta (DIMEE's objective, with CALM's guarantee).
 
-    The drop must hold with `confidence` (drop_upper_bound), not just on the split it is chosen on:
-    the cheapest thresholds on a sample are the ones that sample flatters, and they overshoot the
-    budget on new data (on SST-2 by ~1 point with 1,500 calibration sentences and no margin).
+    One threshold on the calibrated confidence serves both early exits (calibration is what makes
+    the exits' confidences comparable), lowered step by step: the cost can only fall along that
+    path, so fixed-sequence testing finds its cheapest safe point. A search over every threshold
+    pair picks the pair its sample flatters, and without a correction for that choice the drop
+    overshot the budget on new data (on SST-2 by ~1 point with 1,500 calibration sentences).
     """
-    if not 0.5 <= confidence < 1:
-        raise ValueError(f"confidence {confidence} must be in [0.5, 1)")
+    if not 0 < delta < 1:
+        raise ValueError(f"delta {delta} must be in (0, 1)")
     final_correct = probs[-1].argmax(-1) == labels
     final = float(np.mean(final_correct))
     costs = exit_costs(split_points, cost)
     baseline = cloud_only_cost(split_points, cost)
-    conf = [p.max(-1) for p in probs[:2]]
     correct = [p.argmax(-1) == labels for p in probs]
-    best = CostAwareChoice([NEVER_EXIT, NEVER_EXIT], float(costs[2] / baseline), final, final)
-    for tau_m in candidate_thresholds(conf[0], grid):
-        at_mobile = conf[0] >= tau_m
-        for tau_e in candidate_thresholds(conf[1][~at_mobile], grid) if (~at_mobile).any() else [NEVER_EXIT]:
-            at_edge = ~at_mobile & (conf[1] >= tau_e)
-            at_cloud = ~at_mobile & ~at_edge
-            system_correct = np.where(at_mobile, correct[0], np.where(at_edge, correct[1], correct[2]))
-            if drop_upper_bound(final_correct, system_correct, confidence) > max_drop_points / 100.0:
-                continue
-            accuracy = float(np.mean(system_correct))
-            fractions = np.array([at_mobile.mean(), at_edge.mean(), at_cloud.mean()])
-            rel = float(fractions @ costs / baseline)
-            if rel < best.relative_cost - 1e-12:
-                best = CostAwareChoice([float(tau_m), float(tau_e)], rel, accuracy, final)
-    return best
+    best = CostAwareChoice([NEVER_EXIT, NEVER_EXIT], float(costs[-1] / baseline), final, final, 0.0, 0)
+    tested = 0
+    for tau in path_thresholds(probs, grid):
+        r = route(probs, [float(tau), float(tau)])
+        system_correct = np.choose(r.exit_index, correct)
+        bound = drop_upper_bound(final_correct, system_correct, delta)
+        tested += 1
+        if bound > max_drop_points / 100.0:
+            break
+        best = CostAwareChoice([float(tau), float(tau)], float(r.fractions() @ costs / baseline),
+                               float(np.mean(system_correct)), final, bound, tested)
+    return CostAwareChoice(best.thresholds, best.relative_cost, best.accuracy, final, best.drop_bound, tested)
 
 
 def choose_policy(
     kind: str, probs: list[np.ndarray], labels: np.ndarray, split_points: tuple[int, int, int],
     cost: CostModel, p_tar: tuple[float, float] = (0.9, 0.9), max_drop_points: float = 0.3,
-    confidence: float = DROP_CONFIDENCE,
+    delta: float = DEFAULT_DELTA, target: Target = "accuracy",
 ) -> tuple[list[float], PolicySpec]:
     """Thresholds for the mobile and edge exits from calibrated probabilities of a held-out split,
-    with the policy record the manifest stores (expected cost and accuracy on that split)."""
+    with the policy record the manifest stores (delta, the bounds, expected cost and accuracy on
+    that split)."""
     if kind == "p_tar":
-        thresholds = p_tar_thresholds(probs, labels, list(p_tar))
-        spec = PolicySpec(kind="p_tar", p_tar={"mobile": p_tar[0], "edge": p_tar[1]})
+        chosen = p_tar_thresholds(probs, labels, list(p_tar), delta, target)
+        thresholds = [g.threshold for g in chosen]
+        spec = PolicySpec(kind="p_tar", p_tar={"mobile": p_tar[0], "edge": p_tar[1]}, target=target, delta=delta,
+                          bound={t: g.bound for t, g in zip(TIERS, chosen, strict=False) if g.bound is not None})
     elif kind == "cost":
-        thresholds = cost_aware_thresholds(probs, labels, split_points, cost, max_drop_points,
-                                           confidence=confidence).thresholds
-        spec = PolicySpec(kind="cost", max_drop_points=max_drop_points, drop_confidence=confidence)
+        choice = cost_aware_thresholds(probs, labels, split_points, cost, max_drop_points, delta)
+        thresholds = choice.thresholds
+        spec = PolicySpec(kind="cost", max_drop_points=max_drop_points, delta=delta,
+                          drop_bound_points=100.0 * choice.drop_bound)
     else:
         raise ValueError(f"unknown policy {kind!r}: expected 'p_tar' or 'cost'")
     r = route(probs, thresholds)
     spec.expected_cost = relative_cost(r.fractions(), split_points, cost)
     spec.expected_accuracy = float(np.mean(r.prediction == labels))
     return thresholds, spec
+
+
+def describe_policy(spec: PolicySpec) -> str:
+    """One line for people: what the thresholds promise, and with what probability."""
+    sure = f"with probability >= {1 - spec.delta:.2f} over the calibration draw (delta {spec.delta:g})" \
+        if spec.delta is not None else "on the calibration split only (no guarantee recorded)"
+    if spec.kind == "cost":
+        line = (f"policy cost-aware (DIMEE): accuracy drop <= {spec.max_drop_points:g} points against the final "
+                f"exit {sure}")
+        if spec.drop_bound_points is not None:
+            line += f"; bound at the chosen thresholds {spec.drop_bound_points:.2f} points"
+        return line
+    what = "agreement with the final exit" if spec.target == "consistency" else "accuracy"
+    targets = " / ".join(f"{spec.p_tar[t]:g}" for t in TIERS[:-1] if t in spec.p_tar)
+    line = f"policy p_tar: {what} of the answers at mobile / edge >= {targets}, each tier {sure}"
+    if spec.bound:
+        line += "; lower bounds " + ", ".join(f"{t} {b:.4f}" for t, b in spec.bound.items())
+    return line

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from shared.contract.policy import DEFAULT_DELTA
+
 
 def threshold_argument(text: str) -> tuple[str, float]:
     """TIER=VALUE (a per-request threshold override), as (tier, value)."""
@@ -13,3 +15,54 @@ def threshold_argument(text: str) -> tuple[str, float]:
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"expected TIER=VALUE like mobile=0.9, got {text!r}") from None
+
+
+def add_policy_arguments(p: argparse.ArgumentParser) -> None:
+    """The threshold policy's flags, shared by `tierserve build` and `tierserve retune`."""
+    p.add_argument("--policy", choices=["cost", "p_tar"], default="cost",
+                   help="cost: the cheapest thresholds within --max-drop points of the final exit's accuracy "
+                        "(DIMEE's operating point); p_tar: a target per early exit (default: %(default)s)")
+    p.add_argument("--max-drop", type=float, default=0.3,
+                   help="cost policy: accuracy drop allowed against the final exit, points (default: %(default)s)")
+    p.add_argument("--p-tar", nargs="+", action=_Targets, metavar="MOBILE[,EDGE]", default=(0.9, 0.9),
+                   help="p_tar policy: target of the answers at mobile and edge, one value for both "
+                        "(default: 0.9); `0.9,0.95` and `0.9 0.95` both work")
+    p.add_argument("--target", choices=["accuracy", "consistency"], default="accuracy",
+                   help="p_tar policy: what --p-tar bounds, the answers' accuracy or their agreement with the "
+                        "final exit, which needs no labels (default: %(default)s)")
+    p.add_argument("--delta", type=_delta, default=DEFAULT_DELTA,
+                   help="each guarantee holds with probability >= 1 - delta over the calibration split's draw "
+                        "(default: %(default)s)")
+
+
+class _Targets(argparse.Action):
+    """--p-tar as one or two numbers, comma- or space-separated (build took the first, retune the second)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object,
+                 option_string: str | None = None) -> None:
+        try:
+            setattr(namespace, self.dest, _two_floats(",".join(values)))  # type: ignore[arg-type]
+        except argparse.ArgumentTypeError as exc:
+            parser.error(f"{option_string}: {exc}")
+
+
+def _delta(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"delta must be a number in (0, 1), got {text!r}") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"delta {value} must be in (0, 1)")
+    return value
+
+
+def _two_floats(text: str) -> tuple[float, float]:
+    try:
+        values = [float(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected one or two numbers like 0.9 or 0.9,0.92, got {text!r}") from None
+    if len(values) == 1:
+        values *= 2
+    if len(values) != 2 or not all(0 < v <= 1 for v in values):
+        raise argparse.ArgumentTypeError(f"targets must be one or two numbers in (0, 1], got {text!r}")
+    return values[0], values[1]
