@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import gc
 import sys
 from pathlib import Path
 
 import pytest
 
 from shared.errors import TierServeError
-from shared.serving.server import GC_GEN0_THRESHOLD, run_event_loop, settle_garbage_collector
+from shared.serving.server import run_event_loop
 from shared.serving.settings import CloudSettings, EdgeSettings, MobileSettings, parse_settings
 
 
@@ -68,13 +67,3 @@ def test_auto_falls_back_to_asyncio_and_uvloop_without_the_package_says_so(monke
     assert _loop_kind("auto") == "asyncio"
     with pytest.raises(TierServeError, match="uvloop package is not installed"):
         _loop_kind("uvloop")
-
-
-def test_a_loaded_tier_freezes_its_objects_and_collects_young_garbage_less_often() -> None:
-    threshold = gc.get_threshold()
-    try:
-        settle_garbage_collector()
-        assert gc.get_freeze_count() > 0 and gc.get_threshold() == (GC_GEN0_THRESHOLD, *threshold[1:])
-    finally:
-        gc.unfreeze()
-        gc.set_threshold(*threshold)

@@ -19,8 +19,7 @@ import pytest
 
 from shared.client import TierClient
 from shared.contract.manifest import load_manifest
-from shared.serving.next_tier import NextTierError
-from shared.serving.resilience import CircuitBreaker, GuardedNextTier, RetryPolicy
+from shared.serving.next_tier import CircuitBreaker, GuardedNextTier, NextTierError, RetryPolicy
 from shared.tools.loadgen import FaultPlan, drive
 from shared.tools.processes import TierCluster, running_tiers
 from shared.wire.codec import to_tensor
@@ -93,7 +92,7 @@ class ScriptedNextTier:
         self.timeouts.append(timeout)
         if self.failures:
             status = self.failures.pop(0)
-            raise NextTierError(f"scripted {status}", status, next_status=status)
+            raise NextTierError(f"scripted {status}", status)
         return [pb2.Answer(request_id=i) for i in request_ids]
 
     async def close(self) -> None: ...

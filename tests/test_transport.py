@@ -1,17 +1,16 @@
-"""Calls on one long-lived stream (ContinueStream between tiers, ClassifyStream from the clients:
-the default) and as unary calls (Continue, Classify).
-
-All against real servers on 127.0.0.1: tier processes, or an in-process gRPC server standing in
-for an older tier that has no streaming method.
+"""Tier to tier over standard gRPC: unary calls, deadlines and cancellation that travel downstream,
+replicas balanced round_robin, a restarted replica found again at its new address, and a
+start-up that tells the truth. All against real tier processes on 127.0.0.x.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
+import contextlib
+import socket
 import subprocess
 import sys
-import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from concurrent import futures
@@ -21,160 +20,291 @@ import grpc
 import numpy as np
 import pytest
 
-from shared import LOW_LATENCY_EXPERIMENTS
+from bench.common import scrape
 from shared.client import TierClient
 from shared.contract.manifest import load_manifest
 from shared.serving.next_tier import ContinuationClient, NextTierError
-from shared.serving.streaming import ReadPause, start_eagerly
-from shared.tools.processes import TierCluster, TierProcess, free_port, running_tiers, start_tier, wait_until_serving
+from shared.tools.processes import REPO_ROOT, TierCluster, TierProcess, free_port, start_tier, wait_until_serving
 from shared.wire.codec import encode_tensors
 from shared.wire.rpc import pb2, pb2_grpc
+from shared.wire.targets import AddressError, grpc_target
+from tests.dns_stub import DnsStub
+from tests.test_serving import reference_probs
 from tests.tiny_model import sentence
 
 TO_THE_CLOUD = {"mobile": 1.01, "edge": 1.01}
 _rng = np.random.default_rng(11)
 TEXTS = [sentence(_rng, i % 2, 3) for i in range(24)]
-UNARY = {"forward_transport": "unary"}
 
 
-def _hidden(artifacts: Path, tokens: int = 5) -> dict[str, pb2.Tensor]:
-    """A valid input of the cloud slice, encoded: one sample's hidden state and its mask."""
-    size = load_manifest(artifacts).hidden_size
-    return encode_tensors({"hidden": np.random.default_rng(0).normal(size=(1, tokens, size)).astype(np.float32),
-                           "attention_mask": np.ones((1, tokens), dtype=np.int64)})
+def _samples(process: TierProcess) -> float:
+    return scrape(process.metrics_port)[("tierserve_samples_total", (("tier", process.tier),))]
 
 
-@pytest.fixture(scope="module")
-def slow_cloud(tiny_artifacts: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TierProcess]:
-    """A cloud tier that takes 300 ms per call."""
-    cloud = start_tier("cloud", tiny_artifacts, tmp_path_factory.mktemp("slow_cloud"),
-                       flags={"inject_delay_ms": 300})
+def _errors(process: TierProcess, code: str) -> float:
+    return scrape(process.metrics_port)[("tierserve_errors_total", (("code", code), ("tier", process.tier)))]
+
+
+@contextlib.contextmanager
+def _tiers(*processes: TierProcess) -> Iterator[list[TierProcess]]:
+    started = list(processes)
     try:
-        wait_until_serving([cloud], timeout=60)
-        yield cloud
+        wait_until_serving(started, timeout=60)
+        yield started
     finally:
-        cloud.stop()
+        for process in started:
+            process.stop()
 
 
-def test_stream_and_unary_forwarding_give_the_same_answers(
-        cluster: TierCluster, client: TierClient, tiny_artifacts: Path) -> None:
-    streamed = client.classify(TEXTS, TO_THE_CLOUD)
-    with (running_tiers(tiny_artifacts, flags={"mobile": UNARY, "edge": UNARY}) as unary_cluster,
-          TierClient(unary_cluster.entry_address) as unary_client):
-        unary = unary_client.classify(TEXTS, TO_THE_CLOUD)
-    assert [a.tier for a in streamed] == ["cloud"] * len(TEXTS)
-    assert [(a.label, a.tier, a.degraded) for a in streamed] == [(a.label, a.tier, a.degraded) for a in unary]
-    assert np.allclose([list(a.probabilities) for a in streamed], [list(a.probabilities) for a in unary])
+def _start(tier: str, artifacts: Path, log_dir: Path, next_address: str | None = None,
+           **kwargs: object) -> TierProcess:
+    """start_tier with a log folder of its own (replicas of one tier each write <tier>.log)."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    return start_tier(tier, artifacts, log_dir, next_address, **kwargs)  # type: ignore[arg-type]
 
 
-def test_concurrent_calls_share_one_stream_and_a_cancelled_caller_leaves_the_others_alone(
-        slow_cloud: TierProcess, tiny_artifacts: Path) -> None:
-    tensors = _hidden(tiny_artifacts)
+def _targets(processes: list[TierProcess]) -> str:
+    return ",".join(p.address for p in processes)
 
-    async def scenario() -> tuple[list[list[str]], list[str]]:
-        next_tier = ContinuationClient(slow_cloud.address)
+
+def test_targets_name_one_address_a_list_of_replicas_or_a_dns_name() -> None:
+    assert grpc_target("127.0.0.1:50052") == "dns:///127.0.0.1:50052"
+    assert grpc_target("edge.svc:50052") == "dns:///edge.svc:50052"
+    assert grpc_target("127.0.0.1:1, 127.0.0.2:2") == "ipv4:127.0.0.1:1,127.0.0.2:2"
+    assert grpc_target("[::1]:1,[::1]:2") == "ipv6:[::1]:1,[::1]:2"
+    assert grpc_target("dns://10.0.0.1:53/edge:1") == "dns://10.0.0.1:53/edge:1"
+    for bad, says in [("50199", "has no host"), ("edge:http", "expected a number"), ("edge:0", "1..65535"),
+                      ("a:1,b:2", "a list of replicas takes IP addresses"), ("ipv4:", "names no address"),
+                      ("::1:5", "in brackets")]:
+        with pytest.raises(AddressError, match=says):
+            grpc_target(bad)
+
+
+def test_two_replicas_of_edge_and_cloud_share_the_calls_and_survive_losing_one(
+        tiny_artifacts: Path, tmp_path: Path) -> None:
+    clouds = [_start("cloud", tiny_artifacts, tmp_path / f"cloud{i}") for i in range(2)]
+    edges = [_start("edge", tiny_artifacts, tmp_path / f"edge{i}", _targets(clouds)) for i in range(2)]
+    mobile = _start("mobile", tiny_artifacts, tmp_path / "mobile", _targets(edges))
+    manifest = load_manifest(tiny_artifacts)
+    expected = reference_probs(tiny_artifacts, manifest, TEXTS)[-1]
+    with _tiers(*clouds, *edges, mobile), TierClient(mobile.address, timeout=30) as client:
+        for i in range(400):
+            answer, = client.classify([TEXTS[i % len(TEXTS)]], TO_THE_CLOUD)
+            assert answer.tier == "cloud" and not answer.degraded, answer.degraded_reason
+        for replicas in (edges, clouds):
+            shares = [_samples(p) / 400 for p in replicas]
+            assert all(0.3 <= share <= 0.7 for share in shares), shares
+
+        # one edge and one cloud replica die (SIGKILL) a quarter of the way into 400 requests at concurrency 16
+        done = threading.Semaphore(0)
+
+        def classify(i: int) -> pb2.Answer:
+            try:
+                return client.classify([TEXTS[i % len(TEXTS)]], TO_THE_CLOUD, request_id=f"r{i}")[0]
+            finally:
+                done.release()
+
+        with futures.ThreadPoolExecutor(16) as pool:
+            pending = [pool.submit(classify, i) for i in range(400)]
+            for _ in range(100):
+                done.acquire()
+            edges[0].kill()
+            clouds[0].kill()
+            answers = [future.result() for future in pending]  # raises if any call failed
+    assert len(answers) == 400
+    for i, answer in enumerate(answers):
+        assert answer.request_id == f"r{i}/0"
+        assert answer.tier == "cloud" and not answer.degraded, answer.degraded_reason
+        np.testing.assert_allclose(answer.probabilities, expected[i % len(TEXTS)], atol=1e-5)
+
+
+def _until_full_answers(client: TierClient, what: str, timeout: float = 10.0) -> None:
+    """Send requests until one is answered in full (a tier that just started may still be
+    connecting to the next: its first answers may be degraded)."""
+    started = time.monotonic()
+    while client.classify(TEXTS[:1], TO_THE_CLOUD)[0].degraded:
+        assert time.monotonic() - started < timeout, f"{what} never got calls"
+        time.sleep(0.02)
+
+
+def test_a_replica_restarted_at_a_new_address_gets_calls_within_two_seconds_of_serving(
+        tiny_artifacts: Path, tmp_path: Path) -> None:
+    """The edge behind a DNS name moves from 127.0.0.2 to 127.0.0.3 (as a pod does); the name
+    is served by a DNS server of the test's own, which the mobile tier's target names."""
+    port = free_port("127.0.0.2")
+    with DnsStub() as dns:
+        dns.set("edge.tierserve.test", ["127.0.0.2"])
+        cloud = start_tier("cloud", tiny_artifacts, tmp_path)
+        edge = start_tier("edge", tiny_artifacts, tmp_path, cloud.address, address=f"127.0.0.2:{port}")
+        mobile = start_tier("mobile", tiny_artifacts, tmp_path, f"dns://{dns.authority()}/edge.tierserve.test:{port}")
+        with _tiers(cloud, edge, mobile) as started, TierClient(mobile.address, timeout=10) as client:
+            _until_full_answers(client, "the edge at 127.0.0.2")
+            assert edge.stop() == 0
+            assert all(a.degraded for a in client.classify(TEXTS[:2], TO_THE_CLOUD))
+            dns.set("edge.tierserve.test", ["127.0.0.3"])
+            moved = start_tier("edge", tiny_artifacts, tmp_path, cloud.address, address=f"127.0.0.3:{port}")
+            started.append(moved)
+            wait_until_serving([moved], timeout=60)
+            serving = time.monotonic()
+            _until_full_answers(client, "the moved edge")
+            resumed = time.monotonic() - serving
+            answers = [a for _ in range(20) for a in client.classify(TEXTS[:2], TO_THE_CLOUD)]
+    assert resumed < 2.0, f"full answers {resumed:.2f} s after the moved edge was SERVING"
+    assert all(a.tier == "cloud" and not a.degraded for a in answers)
+
+
+def test_a_replica_that_reports_not_serving_gets_no_calls(tiny_artifacts: Path, tmp_path: Path) -> None:
+    """Client-side health checking: a replica that reports NOT_SERVING (loading its model, or
+    draining) gets no calls; here a stand-in that would fail every call it got."""
+    cloud = _start("cloud", tiny_artifacts, tmp_path / "cloud")
+    edge = _start("edge", tiny_artifacts, tmp_path / "edge", cloud.address)
+    with _tiers(cloud, edge):
+        not_serving = _health_server("NOT_SERVING")
         try:
-            calls = [asyncio.create_task(next_tier.continue_batch(tensors, [f"call{i}/0"], {}, 10.0))
-                     for i in range(6)]
-            await asyncio.sleep(0.1)
-            calls[0].cancel()
-            answered = [[a.request_id for a in await call] for call in calls[1:]]
-            after = await next_tier.continue_batch(tensors, ["after/0"], {}, 10.0)
-            return answered, [a.request_id for a in after]
+            target = f"{edge.address},127.0.0.1:{not_serving[1]}"
+            mobile = _start("mobile", tiny_artifacts, tmp_path / "mobile", target)
+            with _tiers(mobile), TierClient(mobile.address, timeout=10) as client:
+                answers = [a for _ in range(20) for a in client.classify(TEXTS[:2], TO_THE_CLOUD)]
+            edge_samples = _samples(edge)
         finally:
-            await next_tier.close()
-
-    answered, after = asyncio.run(scenario())
-    assert answered == [[f"call{i}/0"] for i in range(1, 6)]
-    assert after == ["after/0"]
+            not_serving[0].stop(0)
+    assert all(a.tier == "cloud" and not a.degraded for a in answers)
+    assert edge_samples == 40
 
 
-def test_a_call_past_its_deadline_fails_alone(slow_cloud: TierProcess, tiny_artifacts: Path) -> None:
-    tensors = _hidden(tiny_artifacts)
+def _health_server(status: str) -> tuple[grpc.Server, int]:
+    """A Continuation server that reports `status` to health checks and fails every call."""
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-    async def scenario() -> tuple[BaseException | list[pb2.Answer], ...]:
-        next_tier = ContinuationClient(slow_cloud.address)
-        try:
-            return tuple(await asyncio.gather(next_tier.continue_batch(tensors, ["short/0"], {}, 0.05),
-                                              next_tier.continue_batch(tensors, ["long/0"], {}, 10.0),
-                                              return_exceptions=True))
-        finally:
-            await next_tier.close()
+    class Failing(pb2_grpc.ContinuationServicer):
+        def Continue(self, request: pb2.ContinueRequest, context: grpc.ServicerContext) -> pb2.ContinueResponse:
+            context.abort(grpc.StatusCode.INTERNAL, "a NOT_SERVING replica was called")
 
-    short, long = asyncio.run(scenario())
-    assert isinstance(short, NextTierError) and short.code == "DEADLINE_EXCEEDED", short
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    checker = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(checker, server)
+    pb2_grpc.add_ContinuationServicer_to_server(Failing(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    value = health_pb2.HealthCheckResponse.ServingStatus.Value(status)
+    checker.set("", value)
+    checker.set("tierserve.v1.Continuation", value)
+    return server, port
+
+
+def test_a_cancelled_call_stops_the_work_at_the_next_tiers(tiny_artifacts: Path, tmp_path: Path) -> None:
+    flags = {"cloud": {"inject_delay_ms": 20_000}}
+    with TierCluster(tiny_artifacts, flags=flags, log_dir=tmp_path) as cluster:
+        assert _samples(cluster.tiers["cloud"]) == 0
+        with grpc.insecure_channel(cluster.entry_address) as channel:
+            call = pb2_grpc.ClassifierStub(channel).Classify.future(
+                pb2.ClassifyRequest(texts=TEXTS[:2], thresholds=TO_THE_CLOUD))  # no deadline
+            time.sleep(1.0)  # the request is waiting at the cloud
+            assert call.cancel()
+        stopped_at = {}
+        started = time.monotonic()
+        while len(stopped_at) < 3 and time.monotonic() - started < 10:
+            for tier, process in cluster.tiers.items():
+                if tier not in stopped_at and _errors(process, "CANCELLED") >= 1:
+                    stopped_at[tier] = time.monotonic() - started
+            time.sleep(0.05)
+        cloud_samples = _samples(cluster.tiers["cloud"])
+    assert set(stopped_at) == {"mobile", "edge", "cloud"}, stopped_at
+    assert max(stopped_at.values()) < 5, stopped_at  # not the cloud's 20 s
+    assert cloud_samples == 0, "the cloud ran its slice for a cancelled call"
+
+
+def test_the_deadline_travels_downstream_shorter_at_each_hop(tiny_artifacts: Path, tmp_path: Path) -> None:
+    """A slow cloud: the caller's deadline reaches it as a gRPC deadline, less the margins of the
+    tiers before it, so the edge still answers degraded in time and the client gets its answer."""
+    flags = {"cloud": {"inject_delay_ms": 20_000}}
+    with TierCluster(tiny_artifacts, flags=flags, log_dir=tmp_path) as cluster, \
+            TierClient(cluster.entry_address) as client:
+        started = time.monotonic()
+        answers = client.classify(TEXTS[:2], TO_THE_CLOUD, timeout=1.0)
+        waited = time.monotonic() - started
+        time.sleep(0.2)
+        cloud_deadlines = _errors(cluster.tiers["cloud"], "DEADLINE_EXCEEDED")
+    assert waited < 1.0 and all(a.tier == "edge" and a.degraded for a in answers)
+    assert "too slow" in answers[0].degraded_reason
+    assert cloud_deadlines == 1
+
+
+def test_a_call_to_a_next_tier_past_its_deadline_fails_with_deadline_exceeded(
+        tiny_artifacts: Path, tmp_path: Path) -> None:
+    size = load_manifest(tiny_artifacts).hidden_size
+    tensors = encode_tensors({"hidden": np.zeros((1, 5, size), np.float32),
+                              "attention_mask": np.ones((1, 5), np.int64)})
+    with _tiers(start_tier("cloud", tiny_artifacts, tmp_path, flags={"inject_delay_ms": 2000})) as (cloud,):
+
+        async def scenario() -> tuple[BaseException | list[pb2.Answer], ...]:
+            next_tier = ContinuationClient(cloud.address)
+            try:
+                return tuple(await asyncio.gather(next_tier.continue_batch(tensors, ["short/0"], {}, 0.2),
+                                                  next_tier.continue_batch(tensors, ["long/0"], {}, 10.0),
+                                                  return_exceptions=True))
+            finally:
+                await next_tier.close()
+
+        short, long = asyncio.run(scenario())
+    assert isinstance(short, NextTierError) and short.next_status == "DEADLINE_EXCEEDED", short
     assert isinstance(long, list) and [a.request_id for a in long] == ["long/0"]
 
 
-class OnlyUnaryContinue(pb2_grpc.ContinuationServicer):
-    """A next tier from before ContinueStream: the generated base answers it UNIMPLEMENTED."""
-
-    def __init__(self) -> None:
-        self.calls = 0
-
-    async def Continue(self, request: pb2.ContinueRequest, context: grpc.aio.ServicerContext) -> pb2.ContinueResponse:
-        self.calls += 1
-        return pb2.ContinueResponse(answers=[pb2.Answer(request_id=i, tier="cloud") for i in request.request_ids])
+def _run_tier(tier: str, *flags: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", f"{tier}_node", *flags], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=timeout)
 
 
-def test_a_next_tier_without_streams_is_called_with_continue(tiny_artifacts: Path) -> None:
-    tensors = _hidden(tiny_artifacts)
-
-    async def scenario() -> tuple[list[str], list[str], int]:
-        servicer = OnlyUnaryContinue()
-        server = grpc.aio.server()
-        pb2_grpc.add_ContinuationServicer_to_server(servicer, server)
-        port = server.add_insecure_port(f"127.0.0.1:{free_port()}")
-        await server.start()
-        next_tier = ContinuationClient(f"127.0.0.1:{port}")
-        try:
-            first = await next_tier.continue_batch(tensors, ["a/0"], {}, 10.0)
-            second = await next_tier.continue_batch(tensors, ["b/0"], {}, 10.0)
-            return [a.request_id for a in first], [a.request_id for a in second], servicer.calls
-        finally:
-            await next_tier.close()
-            await server.stop(0)
-
-    first, second, calls = asyncio.run(scenario())
-    assert (first, second, calls) == (["a/0"], ["b/0"], 2)
+@pytest.mark.parametrize(("flags", "says"), [
+    (["--listen", "50199"], "'50199' has no host"),
+    (["--listen", "127.0.0.1:http"], "expected a number"),
+    (["--next", "a.example:1,b.example:2"], "a list of replicas takes IP addresses"),
+])
+def test_a_malformed_address_is_a_one_line_error(flags: list[str], says: str) -> None:
+    result = _run_tier("mobile", *flags, "--metrics-port", "0")
+    assert result.returncode == 2
+    assert says in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
-def test_an_undecodable_message_on_the_stream_is_invalid_argument(cluster: TierCluster) -> None:
-    with grpc.insecure_channel(cluster.tiers["edge"].address) as channel:
-        stream = channel.stream_stream("/tierserve.v1.Continuation/ContinueStream")
-        responses = stream(iter([b"\x12\x02\xff\xfe"]), timeout=10)  # request_ids[0]: invalid UTF-8
-        with pytest.raises(grpc.RpcError) as caught:
-            list(responses)
-    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "not a valid tierserve.v1.ContinueRequest" in caught.value.details()
+def test_a_grpc_port_in_use_is_an_error_not_a_shared_port(tiny_artifacts: Path, tmp_path: Path) -> None:
+    with _tiers(start_tier("cloud", tiny_artifacts, tmp_path)) as (cloud,):
+        result = _run_tier("cloud", "--listen", cloud.address, "--metrics-port", "0",
+                           "--artifacts", str(tiny_artifacts))
+        assert result.returncode == 2
+        assert f"cannot listen on {cloud.address}: the port is in use" in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
 
 
-def test_a_stopping_tier_ends_its_streams_without_waiting_out_the_grace(
-        tiny_artifacts: Path, tmp_path: Path) -> None:
-    """An open stream from the mobile tier must not hold the edge's shutdown for its whole grace
-    period; requests sent meanwhile are answered (degraded, by the mobile exit), none lost."""
-    flags = {"edge": {"grace_seconds": 60}}
-    with (running_tiers(tiny_artifacts, flags=flags, log_dir=tmp_path) as started,
-          TierClient(started.entry_address) as tier_client):
-        assert tier_client.classify(TEXTS[:4], TO_THE_CLOUD)[0].tier == "cloud"  # the stream is open
-        # stop() sends SIGKILL (exit status -9) if the tier has not exited 30 s after SIGTERM
-        assert started.tiers["edge"].stop(timeout=30) == 0, "the edge waited on the open stream"
-        answers = tier_client.classify(TEXTS[:4], TO_THE_CLOUD)
-    assert [a.tier for a in answers] == ["mobile"] * 4 and all(a.degraded for a in answers)
+def test_a_metrics_port_in_use_is_a_one_line_error(tiny_artifacts: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = _run_tier("cloud", "--listen", f"127.0.0.1:{free_port()}", "--metrics-port", str(port),
+                           "--artifacts", str(tiny_artifacts))
+    assert result.returncode == 2
+    assert f"cannot serve metrics on 127.0.0.1:{port}" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_the_client_gives_the_same_answers_and_errors_on_a_stream_and_unary(
-        cluster: TierCluster, client: TierClient) -> None:
-    with TierClient(cluster.entry_address, transport="unary") as unary:
-        for thresholds in (TO_THE_CLOUD, {"mobile": 0.0}, None):
-            streamed, called = client.classify(TEXTS, thresholds), unary.classify(TEXTS, thresholds)
-            assert [(a.label, a.tier, a.index) for a in streamed] == [(a.label, a.tier, a.index) for a in called]
-        errors = []
-        for tier_client in (client, unary):
-            with pytest.raises(grpc.RpcError) as caught:
-                tier_client.classify(["fine", "  "])
-            errors.append((caught.value.code(), caught.value.details()))
-    assert errors[0] == errors[1] == (grpc.StatusCode.INVALID_ARGUMENT, "text 1 is empty")
+def test_an_unreachable_next_tier_is_a_warning_naming_it(tiny_artifacts: Path, tmp_path: Path) -> None:
+    nowhere = f"127.0.0.1:{free_port()}"
+    with _tiers(start_tier("edge", tiny_artifacts, tmp_path, nowhere)) as (edge,):
+        started = time.monotonic()
+        while "WARNING" not in edge.log_tail() and time.monotonic() - started < 20:
+            time.sleep(0.2)
+        log = edge.log_tail()
+    assert f"no replica of the cloud tier at {nowhere}" in log, log
+
+
+def test_classify_at_a_tier_that_is_not_the_entry_says_so(
+        tiny_artifacts: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from shared.tools.cli import main
+
+    with _tiers(start_tier("cloud", tiny_artifacts, tmp_path)) as (cloud,):
+        status = main(["classify", "--address", cloud.address, "a text"])
+    assert status == 1
+    assert "it is not an entry tier" in capsys.readouterr().err
 
 
 def test_threads_share_one_client(cluster: TierCluster, client: TierClient) -> None:
@@ -186,139 +316,22 @@ def test_threads_share_one_client(cluster: TierCluster, client: TierClient) -> N
     assert ids == [[f"t{i}/0", f"t{i}/1", f"t{i}/2"] for i in range(32)]
 
 
-class OnlyUnaryClassify(pb2_grpc.ClassifierServicer):
-    """An entry tier from before ClassifyStream (blocking server): the generated base answers it UNIMPLEMENTED."""
-
-    def Classify(self, request: pb2.ClassifyRequest, context: grpc.ServicerContext) -> pb2.ClassifyResponse:
-        return pb2.ClassifyResponse(answers=[pb2.Answer(request_id=f"{request.request_id}/{i}", label="old")
-                                             for i in range(len(request.texts))])
-
-
-def test_a_client_of_an_entry_tier_without_streams_calls_classify() -> None:
-    server = grpc.server(futures.ThreadPoolExecutor(2))
-    pb2_grpc.add_ClassifierServicer_to_server(OnlyUnaryClassify(), server)
-    port = server.add_insecure_port(f"127.0.0.1:{free_port()}")
-    server.start()
-    try:
-        with TierClient(f"127.0.0.1:{port}", timeout=10) as old_tier_client:
-            first = old_tier_client.classify(["a", "b"], request_id="r1")
-            second = old_tier_client.classify(["c"], request_id="r2")
-    finally:
-        server.stop(0)
-    assert [(a.request_id, a.label) for a in first + second] == [("r1/0", "old"), ("r1/1", "old"), ("r2/0", "old")]
+def test_an_undecodable_continue_is_invalid_argument(cluster: TierCluster) -> None:
+    with grpc.insecure_channel(cluster.tiers["edge"].address) as channel:
+        call = channel.unary_unary("/tierserve.v1.Continuation/Continue")
+        with pytest.raises(grpc.RpcError) as caught:
+            call(b"\x12\x02\xff\xfe", timeout=10)  # request_ids[0]: invalid UTF-8
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "not a valid tierserve.v1.ContinueRequest" in caught.value.details()
 
 
-def test_start_eagerly_runs_the_first_step_at_once_then_behaves_as_a_task() -> None:
-    steps: list[str] = []
-
-    async def work(value: int, fail: bool = False) -> int:
-        steps.append(f"first {value}")
-        await asyncio.sleep(0)  # a bare yield
-        await asyncio.sleep(0.01)  # a future
-        if fail:
-            raise ValueError(value)
-        return value * 2
-
-    async def forever() -> None:
-        try:
-            await asyncio.sleep(60)
-        except asyncio.CancelledError:
-            steps.append("cancelled inside")
-            raise
-
-    async def immediate() -> str:
-        return "at once"
-
-    async def scenario() -> tuple[int, str]:
-        doubled = start_eagerly(work(21))
-        steps.append("caller")
-        failing = start_eagerly(work(1, fail=True))
-        with pytest.raises(ValueError):
-            await failing
-        waiting = start_eagerly(forever())
-        await asyncio.sleep(0.01)
-        waiting.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await waiting
-        return await doubled, await start_eagerly(immediate())
-
-    assert asyncio.run(scenario()) == (42, "at once")
-    assert steps == ["first 21", "caller", "first 1", "cancelled inside"]
-
-
-def test_deadlines_hold_with_the_lean_server_and_channel_options() -> None:
-    """server_options drops the deadline filter, channel_options the client's: a handler still
-    sees the caller's deadline, and a call to a slow handler still fails at its deadline."""
-    from shared.wire.rpc import channel_options, server_options
-
-    async def remaining(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        return str(context.time_remaining()).encode()
-
-    async def slow(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        await asyncio.sleep(30)
-        return b"late"
-
-    async def scenario() -> tuple[float, grpc.StatusCode, float]:
-        server = grpc.aio.server(options=server_options())
-        handlers = {"Remaining": grpc.unary_unary_rpc_method_handler(remaining),
-                    "Slow": grpc.unary_unary_rpc_method_handler(slow)}
-        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("t.T", handlers),))
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=channel_options()) as channel:
-                seen = float(await channel.unary_unary("/t.T/Remaining")(b"", timeout=5))
-                started = time.perf_counter()
-                with pytest.raises(grpc.aio.AioRpcError) as failed:
-                    await channel.unary_unary("/t.T/Slow")(b"", timeout=0.2)
-                return seen, failed.value.code(), time.perf_counter() - started
-        finally:
-            await server.stop(0)
-
-    seen, code, waited = asyncio.run(scenario())
-    # the deadline arrives in grpc-timeout units, rounded up: a little over 5 s may remain
-    assert 0 < seen < 6 and code == grpc.StatusCode.DEADLINE_EXCEEDED and waited < 10  # not the handler's 30 s
-
-
-def test_a_read_pause_ends_after_its_delay_or_when_opened() -> None:
-    async def scenario() -> tuple[float, float]:
-        pause = ReadPause()
-        pause.open()  # nobody waits: nothing happens
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        await pause.wait(0.05)
-        waited = loop.time() - started
-        started = loop.time()
-        loop.call_later(0.01, pause.open)
-        await pause.wait(30)
-        return waited, loop.time() - started
-
-    waited, opened = asyncio.run(scenario())
-    assert waited >= 0.05 and opened < 5
-
-
-# prints GRPC_EXPERIMENTS as it is when the grpc package is imported (by shared.client, here)
-_EXPERIMENTS_AT_GRPC_IMPORT = textwrap.dedent("""
-    import os, sys
-
-    class Watch:
-        def find_spec(self, name, path=None, target=None):
-            if name == "grpc":
-                print(repr(os.environ.get("GRPC_EXPERIMENTS")))
-                sys.meta_path.remove(self)
-
-    sys.meta_path.insert(0, Watch())
-    import shared.client
-""")
-
-
-@pytest.mark.parametrize(("preset", "expected"), [(None, LOW_LATENCY_EXPERIMENTS), ("", "")])
-def test_grpc_experiments_are_set_before_grpc_is_imported(preset: str | None, expected: str) -> None:
-    """gRPC reads GRPC_EXPERIMENTS once, at import: tierserve sets it before that, unless the process
-    set it itself (an empty value keeps gRPC's defaults)."""
-    env = {k: v for k, v in os.environ.items() if k != "GRPC_EXPERIMENTS"}
-    if preset is not None:
-        env["GRPC_EXPERIMENTS"] = preset
-    probe = subprocess.run([sys.executable, "-c", _EXPERIMENTS_AT_GRPC_IMPORT], env=env, capture_output=True,
-                           text=True, check=True, cwd=Path(__file__).resolve().parent.parent)
-    assert probe.stdout.strip() == repr(expected)
+def test_a_stopping_edge_answers_its_calls_and_the_mobile_answers_degraded_meanwhile(
+        tiny_artifacts: Path, tmp_path: Path) -> None:
+    flags = {"edge": {"grace_seconds": 60}}
+    with TierCluster(tiny_artifacts, flags=flags, log_dir=tmp_path) as started, \
+            TierClient(started.entry_address) as tier_client:
+        assert tier_client.classify(TEXTS[:4], TO_THE_CLOUD)[0].tier == "cloud"
+        # stop() sends SIGKILL (exit status -9) if the tier has not exited 30 s after SIGTERM
+        assert started.tiers["edge"].stop(timeout=30) == 0, "the edge waited out its grace period"
+        answers = tier_client.classify(TEXTS[:4], TO_THE_CLOUD)
+    assert [a.tier for a in answers] == ["mobile"] * 4 and all(a.degraded for a in answers)

@@ -193,9 +193,9 @@ class Batcher:
 
     def _observe(self, size: int, result: SliceResult) -> None:
         self._idle_since, self._last_seconds = asyncio.get_running_loop().time(), result.compute_seconds
-        if self.metrics is not None:  # recorded when the tier loop flushes its metrics
-            self.metrics.defer(self.metrics.series.batch_size.observe, size)
-            self.metrics.defer(self.metrics.series.compute_duration.observe, result.compute_seconds)
+        if self.metrics is not None:
+            self.metrics.series.batch_size.observe(size)
+            self.metrics.series.compute_duration.observe(result.compute_seconds)
 
     async def _run_batch(self, batch: list[_Waiting]) -> None:
         try:

@@ -2,30 +2,23 @@
 
 The names below are the public contract (README lists them; tests check the Grafana dashboard
 against them). Each tier process owns one registry and serves it on its own HTTP port.
-The tiers record per request after the answer is on its way (TierMetrics.defer / flush_soon):
-each update costs microseconds, several times more with the caches cold that a tier finds after
-the other tiers' slices ran, and about ten of them per request lay on every hop's path.
 `SPECS` is the one definition: TierMetrics builds its collectors from it, and `metric_names()`
 derives every series name from it, so a labelled metric that has no sample yet is still known.
 """
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from shared.contract.manifest import TIERS
+from shared.errors import TierServeError
 
 PREFIX = "tierserve"
 OK_OUTCOME = "ok"  # outcome label of a successful RPC (else the status code, lower case)
-FLUSH_DELAY = 0.003  # seconds from an answer's send to its metrics (TierMetrics.flush_soon)
-FLUSH_AFTER_FORWARD = 0.001  # seconds from a forward's send: the tier then waits for the next tier
-MAX_FLUSH_AGE = 0.05  # seconds a flush may be put off at most
 LATENCY_BUCKETS = (
     0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075,
     0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -171,40 +164,6 @@ class TierMetrics:
                 "inflight", "batch_size")),
             forwarded_samples=self.forwarded_samples.labels(**hop) if hop else None,
             forwarded_bytes=self.forwarded_bytes.labels(**hop) if hop else None)
-        self._deferred: list[tuple[Callable[..., Any], tuple[Any, ...]]] = []
-        self._flush: asyncio.TimerHandle | None = None
-        self._flush_asked = 0.0  # loop time the pending flush was first asked for
-
-    def defer(self, update: Callable[..., Any], *args: Any) -> None:
-        """Queue `update(*args)` until flush_soon()'s flush (event-loop thread only)."""
-        self._deferred.append((update, args))
-
-    def flush_soon(self, delay: float = FLUSH_DELAY) -> None:
-        """Apply the queued updates `delay` seconds from now, instead of when a pending flush would
-        have (unless that one has been put off MAX_FLUSH_AGE already). Called as an answer or a
-        forward is about to be sent: never at once, because the kernel tends to wake the message's
-        receiver on this tier's CPU, where it waits until this tier's thread sleeps (perf sched:
-        0.17 ms of bookkeeping delayed the next hop by as much). A flush due while the tier runs
-        its slice would otherwise run right after the forward that follows it: the forward puts it
-        off to FLUSH_AFTER_FORWARD later, while the next tier runs its slice. Under load, one flush
-        applies the updates of every request answered meanwhile."""
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        if self._flush is None:
-            self._flush_asked = now
-        elif now - self._flush_asked < MAX_FLUSH_AGE:
-            self._flush.cancel()
-        else:
-            return
-        self._flush = loop.call_at(now + delay, self.flush)
-
-    def flush(self) -> None:
-        if self._flush is not None:
-            self._flush.cancel()
-            self._flush = None
-        updates, self._deferred = self._deferred, []
-        for update, args in updates:
-            update(*args)
 
     def record_call(self, outcome: str, seconds: float) -> None:
         duration = self.series.request_ok if outcome == OK_OUTCOME else self.request_duration.labels(self.tier, outcome)
@@ -212,7 +171,11 @@ class TierMetrics:
 
     def serve(self, port: int, addr: str = "0.0.0.0") -> WSGIServer:
         """Expose /metrics over HTTP on `port` (a daemon thread); `.shutdown()` stops it."""
-        server, _thread = start_http_server(port, addr=addr, registry=self.registry)
+        try:
+            server, _thread = start_http_server(port, addr=addr, registry=self.registry)
+        except OSError as exc:
+            raise TierServeError(f"the {self.tier} tier cannot serve metrics on {addr}:{port}: {exc.strerror} "
+                                 "(set metrics_port to a free port, or 0 for no metrics server)") from None
         return server
 
 

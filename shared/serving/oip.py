@@ -3,7 +3,7 @@
 Transport only: the texts come out of the request's one BYTES input and go down the same path as
 Classify (ClassifierServicer.classify_texts: checks, tokeniser, tier loop); the answers go back as
 raw output contents, which is all tritonclient reads. Failures become statuses in
-shared.serving.tier.answer_rpc. Only the specification's six RPCs have handlers: Triton's others
+shared.serving.status, as Classify's do. Only the specification's six RPCs have handlers: Triton's others
 (RepositoryIndex, ModelStatistics, shared memory, trace, log settings) answer UNIMPLEMENTED.
 
 Model "tierserve" (MobileSettings.model_name), version "1":
@@ -29,7 +29,7 @@ from grpc_health.v1 import health, health_pb2
 
 import shared
 from shared.errors import InvalidInput, NotFound
-from shared.serving.tier import ClassifierServicer, answer_rpc
+from shared.serving.servicers import ClassifierServicer
 from shared.wire.rpc import pb2
 from shared.wire.stubs import inference_stubs
 
@@ -180,20 +180,17 @@ class InferenceServicer(oip_pb2_grpc.GRPCInferenceServiceServicer):
         return oip_pb2.ServerMetadataResponse(name="tierserve", version=shared.__version__)
 
     async def ModelMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        async def handle() -> Any:
-            self._check_model(request.name, request.version)
-            classes = len(self.classifier.ready_loop().manifest.labels)
-            tensor = oip_pb2.ModelMetadataResponse.TensorMetadata
-            return oip_pb2.ModelMetadataResponse(
-                name=self.model_name, versions=[MODEL_VERSION], platform=PLATFORM,
-                inputs=[tensor(name=INPUT, datatype=BYTES, shape=[-1])],
-                outputs=[tensor(name=name, datatype=output.datatype, shape=output.shape(-1, classes))
-                         for name, output in OUTPUTS.items()])
-
-        return await answer_rpc(context, self.classifier.metrics, self.classifier.tier, handle)
+        self._check_model(request.name, request.version)
+        classes = len(self.classifier.ready_loop().manifest.labels)
+        tensor = oip_pb2.ModelMetadataResponse.TensorMetadata
+        return oip_pb2.ModelMetadataResponse(
+            name=self.model_name, versions=[MODEL_VERSION], platform=PLATFORM,
+            inputs=[tensor(name=INPUT, datatype=BYTES, shape=[-1])],
+            outputs=[tensor(name=name, datatype=output.datatype, shape=output.shape(-1, classes))
+                     for name, output in OUTPUTS.items()])
 
     async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        async def handle() -> Any:
+        with self.classifier.admission:  # the same in-flight limit as Classify: the same tier loop
             self._check_model(request.model_name, request.model_version)
             texts = request_texts(request)
             thresholds = request_thresholds(request.parameters)
@@ -202,10 +199,6 @@ class InferenceServicer(oip_pb2_grpc.GRPCInferenceServiceServicer):
                 texts, thresholds, request.id, context.time_remaining())
             classes = len(self.classifier.ready_loop().manifest.labels)
             return infer_response(request, names, answers, classes)
-
-        # the same in-flight limit as Classify: both run the same tier loop
-        return await answer_rpc(context, self.classifier.metrics, self.classifier.tier, handle,
-                                self.classifier.admission)
 
 
 def add_inference_service(server: grpc.aio.Server, classifier: ClassifierServicer, model_name: str,

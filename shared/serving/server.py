@@ -1,14 +1,12 @@
-"""The generic tier server: grpc.aio, health checking, reflection, metrics, graceful shutdown.
-
-`run_tier(settings)` is all a node package calls. The server starts NOT_SERVING, loads and verifies
-its slice, then reports SERVING; SIGTERM/SIGINT stop new RPCs and let in-flight ones finish
-within the grace period.
+"""Start a tier: settings -> gRPC server (the tier's service, health, reflection, and at the entry
+tier the Open Inference Protocol) -> load the slice -> SERVING. SIGTERM/SIGINT: NOT_SERVING at
+once (clients' health checks move calls to other replicas), stop new RPCs, and let in-flight ones
+finish within the grace period.
 """
 
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import signal
 import sys
@@ -22,28 +20,31 @@ from grpc_reflection.v1alpha import reflection
 from shared.contract.manifest import TIERS, load_manifest, verified_slice_path
 from shared.contract.text import TextEncoder
 from shared.errors import TierServeError
+from shared.serving.admission import InflightLimit
 from shared.serving.batching import Batcher
-from shared.serving.decoding import UndecodableRequests
 from shared.serving.metrics import TierMetrics
-from shared.serving.next_tier import ContinuationClient
+from shared.serving.next_tier import CircuitBreaker, ContinuationClient, GuardedNextTier, RetryPolicy
 from shared.serving.placement import parse_cpu_list, pin_process
 from shared.serving.process import exit_with_parent
-from shared.serving.resilience import CircuitBreaker, GuardedNextTier, InflightLimit, RetryPolicy
 from shared.serving.runner import SliceRunner
+from shared.serving.servicers import ClassifierServicer, ContinuationServicer, TierServicer
 from shared.serving.settings import ForwardingSettings, MobileSettings, TierSettings, parse_settings
-from shared.serving.tier import ClassifierServicer, ContinuationServicer, TierLoop
-from shared.wire.rpc import SERVICE_NAMES, pb2, pb2_grpc, server_options
+from shared.serving.status import StatusInterceptor
+from shared.serving.tier import TierLoop
+from shared.wire.rpc import pb2, pb2_grpc, server_options
 from shared.wire.tls import server_credentials
 
 log = logging.getLogger("tierserve.server")
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+NEXT_TIER_START_WAIT = 5.0  # seconds a tier waits for its next tier at start before warning
 
 
 def guarded_next_tier(settings: ForwardingSettings) -> GuardedNextTier:
     """The client of the next tier behind retries and a circuit breaker, as configured."""
     client = ContinuationClient(settings.next, settings.max_message_bytes, settings.next_client_tls(),
-                                settings.reconnect_max_ms, transport=settings.forward_transport)
+                                settings.reconnect_max_ms, settings.next_reresolve_ms)
     retry = RetryPolicy(settings.forward_attempts, settings.retry_base_ms / 1000, settings.retry_max_ms / 1000)
     breaker = CircuitBreaker(settings.breaker_failures, settings.breaker_cooldown_s)
     next_name = TIERS[TIERS.index(settings.tier) + 1]
@@ -62,16 +63,41 @@ def _load(settings: TierSettings, metrics: TierMetrics, next_tier: GuardedNextTi
         batcher = Batcher(runner, settings.max_batch_size, settings.max_queue_delay_ms / 1000, metrics,
                           inline_max_samples=settings.inline_max_samples, alone=lambda: admission.current <= 1,
                           concurrency=settings.slice_workers)
+    forwarding = settings if isinstance(settings, ForwardingSettings) else None
     loop = TierLoop(
-        manifest, settings.tier, runner, metrics, next_tier,
-        batcher=batcher, forward_encoding=getattr(settings, "forward_encoding", "fp32"),
-        threshold_override=getattr(settings, "threshold", None),
-        hop_timeout=getattr(settings, "hop_timeout", 10.0),
-        deadline_margin=getattr(settings, "deadline_margin_ms", 0.0) / 1000)
+        manifest, settings.tier, runner, metrics, next_tier, batcher=batcher,
+        forward_encoding=forwarding.forward_encoding if forwarding else "fp32",
+        threshold_override=forwarding.threshold if forwarding else None,
+        hop_timeout=forwarding.hop_timeout if forwarding else 10.0,
+        deadline_margin=forwarding.deadline_margin_ms / 1000 if forwarding else 0.0)
     encoder = None
     if isinstance(settings, MobileSettings) and manifest.family == "text":
         encoder = TextEncoder.for_manifest(manifest, settings.artifacts)
     return loop, encoder
+
+
+def _bind(server: grpc.aio.Server, settings: TierSettings) -> int:
+    """Listen on settings.listen; a port in use (or an address not on this machine) is an error."""
+    try:
+        if settings.tls_cert is not None and settings.tls_key is not None:
+            return server.add_secure_port(settings.listen, server_credentials(
+                settings.tls_cert, settings.tls_key, settings.tls_client_ca))
+        return server.add_insecure_port(settings.listen)
+    except RuntimeError as exc:
+        sharing = "" if settings.reuse_port else " (set reuse_port to share a port between processes on purpose)"
+        raise TierServeError(f"the {settings.tier} tier cannot listen on {settings.listen}: the port is in use "
+                             f"or the address is not one of this machine's{sharing} ({exc})") from None
+
+
+async def _next_tier_reachable(next_tier: GuardedNextTier, tier: str) -> None:
+    """Wait (bounded) until a replica of the next tier is connected and SERVING; else a WARNING
+    naming it. The tier reports SERVING after this, so its first answers are not degraded merely
+    because its channel was still connecting; a next tier that stays away delays it no longer."""
+    client = next_tier.client
+    if isinstance(client, ContinuationClient) and not await client.wait_ready(NEXT_TIER_START_WAIT):
+        log.warning("%s tier: no replica of the %s tier at %s (%s) is reachable and SERVING after %.0f s; "
+                    "samples it should answer are answered degraded until one is", tier, next_tier.name,
+                    client.address, client.target, NEXT_TIER_START_WAIT)
 
 
 async def serve(settings: TierSettings, stop: asyncio.Event) -> None:
@@ -80,38 +106,37 @@ async def serve(settings: TierSettings, stop: asyncio.Event) -> None:
     metrics = TierMetrics(tier)
     if settings.metrics_port:
         metrics.serve(settings.metrics_port, settings.metrics_addr)
-    server = grpc.aio.server(options=server_options(settings.max_message_bytes),
-                             interceptors=[UndecodableRequests(metrics, tier)])
-    servicer: ClassifierServicer | ContinuationServicer
+    admission = InflightLimit(settings.max_inflight, tier)
+    servicer: TierServicer
     if isinstance(settings, MobileSettings):
-        servicer = ClassifierServicer(tier, metrics, settings.max_batch, settings.max_text_chars)
-        pb2_grpc.add_ClassifierServicer_to_server(servicer, server)
+        servicer = ClassifierServicer(tier, metrics, settings.max_batch, admission, settings.max_text_chars)
         service = pb2.DESCRIPTOR.services_by_name["Classifier"].full_name
     else:
-        servicer = ContinuationServicer(tier, metrics, settings.max_batch)
-        pb2_grpc.add_ContinuationServicer_to_server(servicer, server)
+        servicer = ContinuationServicer(tier, metrics, settings.max_batch, admission,
+                                        settings.inject_delay_ms / 1000)
         service = pb2.DESCRIPTOR.services_by_name["Continuation"].full_name
-    servicer.admission = InflightLimit(settings.max_inflight, tier)
-    servicer.inject_delay = settings.inject_delay_ms / 1000
+    services = [service]
+    if isinstance(servicer, ClassifierServicer):  # the Open Inference Protocol beside Classify
+        from shared.serving.oip import SERVICE_NAME as OIP_SERVICE  # only here: see shared.wire.stubs.inference_stubs
+        services.append(OIP_SERVICE)
+    server = grpc.aio.server(
+        options=server_options(settings.max_message_bytes, settings.reuse_port, settings.max_connection_age_s,
+                               settings.max_connection_age_grace_s),
+        interceptors=[StatusInterceptor(metrics, tier, services)])
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    extra_services: list[str] = []
-    if isinstance(servicer, ClassifierServicer):  # the Open Inference Protocol beside Classify
-        from shared.serving.oip import (
-            add_inference_service,  # imported here only: see shared.wire.stubs.inference_stubs
-        )
+    if isinstance(servicer, ClassifierServicer):
+        from shared.serving.oip import add_inference_service
 
         assert isinstance(settings, MobileSettings)
-        extra_services.append(add_inference_service(server, servicer, settings.model_name, health_servicer))
-    reflection.enable_server_reflection(
-        (*SERVICE_NAMES, *extra_services, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-         reflection.SERVICE_NAME), server)
-    if settings.tls_cert is not None and settings.tls_key is not None:
-        port = server.add_secure_port(settings.listen, server_credentials(
-            settings.tls_cert, settings.tls_key, settings.tls_client_ca))
+        pb2_grpc.add_ClassifierServicer_to_server(servicer, server)
+        add_inference_service(server, servicer, settings.model_name, health_servicer)
     else:
-        port = server.add_insecure_port(settings.listen)
-    for name in ("", service, *extra_services):
+        assert isinstance(servicer, ContinuationServicer)
+        pb2_grpc.add_ContinuationServicer_to_server(servicer, server)
+    reflection.enable_server_reflection((*services, HEALTH_SERVICE, reflection.SERVICE_NAME), server)
+    port = _bind(server, settings)
+    for name in ("", *services):
         await health_servicer.set(name, NOT_SERVING)
     await server.start()
     host = settings.listen.rsplit(":", 1)[0]
@@ -120,22 +145,27 @@ async def serve(settings: TierSettings, stop: asyncio.Event) -> None:
              settings.metrics_port or "off")
 
     next_tier = None
+    connecting: asyncio.Task[None] | None = None
     if isinstance(settings, ForwardingSettings):
         next_tier = guarded_next_tier(settings)
+        log.info("%s tier forwards to %s (%s)", tier, next_tier.client.address,
+                 getattr(next_tier.client, "target", next_tier.client.address))
+        connecting = asyncio.create_task(_next_tier_reachable(next_tier, tier))  # while the model loads
     try:
-        servicer.loop, encoder = await asyncio.to_thread(_load, settings, metrics, next_tier, servicer.admission)
-        if isinstance(servicer, ClassifierServicer):
-            servicer.encoder = encoder
-        settle_garbage_collector()
-        for name in ("", service, *extra_services):
+        loop, encoder = await asyncio.to_thread(_load, settings, metrics, next_tier, admission)
+        servicer.ready(loop, encoder)
+        if connecting is not None:
+            await connecting
+        for name in ("", *services):
             await health_servicer.set(name, SERVING)
         log.info("%s tier serving %s", tier, settings.artifacts)
         await stop.wait()
         log.info("%s tier stopping: finishing in-flight requests (grace %.1fs)", tier,
                  settings.grace_seconds)
     finally:
+        if connecting is not None:
+            connecting.cancel()
         await health_servicer.enter_graceful_shutdown()
-        servicer.drain_streams()  # long-lived streams would hold stop() for the whole grace
         await server.stop(settings.grace_seconds)
         if next_tier is not None:
             await next_tier.close()
@@ -150,20 +180,6 @@ async def _serve_until_signalled(settings: TierSettings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await serve(settings, stop)
-
-
-# gen0 collects after this many allocations net (Python's default 700: every few requests)
-GC_GEN0_THRESHOLD = 20_000
-
-
-def settle_garbage_collector() -> None:
-    """Once the model is loaded: freeze what exists (the model, tokeniser, grpc and library objects
-    are never garbage; full collections stop walking them) and collect the young generation less
-    often. A request allocates hundreds of objects per tier; with the defaults a collection ran on
-    the hot path every few requests."""
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(GC_GEN0_THRESHOLD, *gc.get_threshold()[1:])
 
 
 def run_event_loop(main: Coroutine[Any, Any, None], kind: str = "auto") -> None:

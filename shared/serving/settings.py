@@ -16,6 +16,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.contract.manifest import TIERS, Tier
 from shared.serving.placement import format_cpu_list, parse_cpu_list
+from shared.wire.targets import check_listen, grpc_target
 from shared.wire.tls import ClientTLS
 
 MiB = 1 << 20
@@ -56,6 +57,14 @@ class TierSettings(BaseSettings):
         "auto", description="the tier's event loop: uvloop (libuv, in C: each hop's hand-offs and task "
         "switches cost less), asyncio (the standard library's), auto: uvloop where it is installed")
     grace_seconds: float = Field(5.0, ge=0, description="time to finish in-flight RPCs on SIGTERM")
+    reuse_port: bool = Field(
+        False, description="let several processes listen on the same port (SO_REUSEPORT); off: a port in use "
+        "is an error at start")
+    max_connection_age_s: float = Field(
+        30.0, ge=0, description="close each client connection gracefully after this long (0: never), so that "
+        "clients re-resolve and spread calls onto replicas started since")
+    max_connection_age_grace_s: float = Field(
+        5.0, ge=0, description="time calls in flight on a connection being closed for its age get to finish")
     max_inflight: int = Field(
         64, ge=1, description="requests handled at once at most; beyond it RESOURCE_EXHAUSTED at once")
     tls_cert: Path | None = Field(None, description="PEM server certificate: serve TLS (with tls_key)")
@@ -64,6 +73,11 @@ class TierSettings(BaseSettings):
         None, description="PEM CA that client certificates must be signed by: mutual TLS")
     inject_delay_ms: float = Field(
         0.0, ge=0, description="test hook, never in production: sleep this long before answering Continue")
+
+    @field_validator("listen")
+    @classmethod
+    def _listen_address(cls, value: str) -> str:
+        return check_listen(value)  # AddressError (a ValueError) says what is wrong
 
     @field_validator("cpus")
     @classmethod
@@ -84,7 +98,12 @@ class TierSettings(BaseSettings):
 class ForwardingSettings(TierSettings):
     """A tier with a next tier and an exit that may answer early."""
 
-    next: str = Field(description="host:port of the next tier")
+    next: str = Field(description="the next tier: host:port, a list of replicas ip:port,ip:port, a DNS name "
+                      "resolving to every replica, or a gRPC target URI; calls are balanced round_robin over "
+                      "the replicas reporting SERVING")
+    next_reresolve_ms: int = Field(
+        500, ge=100, description="how often at most the next tier's DNS name is resolved again when a replica "
+        "goes away (gRPC's default is 30 s: a replica restarted at a new address would wait that long)")
     threshold: float | None = Field(
         None, ge=0, description="override of this tier's exit threshold (above 1: never answer)")
     hop_timeout: float = Field(
@@ -92,9 +111,6 @@ class ForwardingSettings(TierSettings):
     forward_encoding: Literal["fp32", "fp16", "int8", "int8_tensor"] = Field(
         "fp32", description="hidden state sent to the next tier as fp32, fp16, int8 with a scale per token, "
         "or int8 with one scale per tensor (the attention mask always goes as lengths)")
-    forward_transport: Literal["stream", "unary"] = Field(
-        "stream", description="calls to the next tier multiplexed on one long-lived gRPC stream (a hop costs "
-        "~0.3 ms less), or one unary Continue call each")
     deadline_margin_ms: float = Field(
         10.0, ge=0, description="time kept back from the caller's deadline to answer degraded in time "
                                 "(the entry tier keeps more: its answer still crosses to the client)")
@@ -114,6 +130,12 @@ class ForwardingSettings(TierSettings):
     next_tls_key: Path | None = Field(None, description="PEM private key of next_tls_cert")
     next_tls_server_name: str | None = Field(
         None, description="name expected in the next tier's certificate, if not its host")
+
+    @field_validator("next")
+    @classmethod
+    def _next_target(cls, value: str) -> str:
+        grpc_target(value)  # AddressError (a ValueError) says what is wrong
+        return value.strip()
 
     @model_validator(mode="after")
     def _next_tls_files_come_in_pairs(self) -> ForwardingSettings:
@@ -192,7 +214,8 @@ def settings_from_args(cls: type[TierSettings], args: argparse.Namespace,
         if parser is None:
             raise
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        parser.error(f"invalid settings ({cls.model_config['env_prefix']}* or flags): {problems}")
+        # one line, without argparse's usage text (it lists every flag)
+        parser.exit(2, f"{parser.prog}: invalid settings ({cls.model_config['env_prefix']}* or flags): {problems}\n")
 
 
 def parse_settings(tier: str, argv: Sequence[str] | None = None) -> TierSettings:

@@ -79,7 +79,7 @@ def run_classify(args: argparse.Namespace) -> int:
 
     import grpc
 
-    from shared.client import TierClient
+    from shared.client import TierClient, not_an_entry_tier
 
     texts = read_texts(args.texts, args.file)
     if not texts:
@@ -98,10 +98,12 @@ def run_classify(args: argparse.Namespace) -> int:
             try:
                 answers = client.classify(batch, thresholds)
             except grpc.RpcError as exc:
+                wrong_tier = not_an_entry_tier(exc, args.address, tls)
                 hint = (" (is it running? `tierserve serve mobile` or `make demo`)"
                         if exc.code() == grpc.StatusCode.UNAVAILABLE else "")
-                print(f"tierserve classify: {args.address}: {exc.code().name}: {exc.details()}"
-                      f"{hint}", file=sys.stderr)
+                print(f"tierserve classify: {wrong_tier}" if wrong_tier else
+                      f"tierserve classify: {args.address}: {exc.code().name}: {exc.details()}{hint}",
+                      file=sys.stderr)
                 return 1
             for text, answer in zip(batch, answers, strict=True):
                 if args.json:

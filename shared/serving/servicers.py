@@ -1,0 +1,133 @@
+"""The tiers' gRPC servicers: Classify at the entry tier, Continue at the others. Thin: check the
+request, then the tier loop (shared.serving.tier). Failures raise TierServeError; the status
+interceptor (shared.serving.status) turns them into gRPC statuses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping, Sequence
+
+import grpc
+import numpy as np
+
+from shared.contract.images import ImageInput
+from shared.contract.manifest import Tier
+from shared.contract.text import TextEncoder
+from shared.errors import InvalidInput, NotReady
+from shared.serving.admission import InflightLimit
+from shared.serving.metrics import TierMetrics
+from shared.serving.tier import TierLoop, check_thresholds, sample_ids
+from shared.wire.codec import decode_tensors, from_tensor
+from shared.wire.rpc import pb2, pb2_grpc
+
+
+class TierServicer:
+    """Holds the tier loop once it is loaded; until then requests get UNAVAILABLE."""
+
+    def __init__(self, tier: Tier, metrics: TierMetrics, max_batch: int, admission: InflightLimit,
+                 inject_delay: float = 0.0) -> None:
+        self.tier = tier
+        self.metrics = metrics
+        self.max_batch = max_batch
+        self.admission = admission
+        self.inject_delay = inject_delay  # test hook (settings.inject_delay_ms): seconds before Continue
+        self.loop: TierLoop | None = None
+        metrics.series.inflight.set_function(lambda: self.admission.current)
+
+    def ready(self, loop: TierLoop, encoder: TextEncoder | None = None) -> None:
+        """The model is loaded: serve it (encoder: the entry tier's tokeniser, for a text model)."""
+        self.loop = loop
+
+    def ready_loop(self) -> TierLoop:
+        if self.loop is None:
+            raise NotReady(f"the {self.tier} tier is still loading its model")
+        return self.loop
+
+
+class ContinuationServicer(TierServicer, pb2_grpc.ContinuationServicer):
+    """Continue at the edge and cloud tiers."""
+
+    async def Continue(self, request: pb2.ContinueRequest,
+                       context: grpc.aio.ServicerContext) -> pb2.ContinueResponse:
+        with self.admission:
+            loop = self.ready_loop()
+            if self.inject_delay:
+                await asyncio.sleep(self.inject_delay)
+            if len(request.request_ids) > self.max_batch:
+                raise InvalidInput(
+                    f"too many samples: {len(request.request_ids)}, at most {self.max_batch}")
+            thresholds = check_thresholds(request.thresholds)
+            inputs = decode_tensors(request.tensors)
+            answers = await loop.process(inputs, list(request.request_ids), thresholds, context.time_remaining())
+            return pb2.ContinueResponse(answers=answers)
+
+
+class ClassifierServicer(TierServicer, pb2_grpc.ClassifierServicer):
+    """Classify at the entry tier: check and tokenise the texts (or check the images), then the tier loop."""
+
+    def __init__(self, tier: Tier, metrics: TierMetrics, max_batch: int, admission: InflightLimit,
+                 max_text_chars: int) -> None:
+        super().__init__(tier, metrics, max_batch, admission)
+        self.max_text_chars = max_text_chars
+        self.encoder: TextEncoder | None = None
+
+    def ready(self, loop: TierLoop, encoder: TextEncoder | None = None) -> None:
+        self.encoder = encoder
+        super().ready(loop)
+
+    def check_texts(self, texts: Sequence[str]) -> None:
+        if not texts:
+            raise InvalidInput("no texts: send at least one")
+        if len(texts) > self.max_batch:
+            raise InvalidInput(
+                f"too many texts: {len(texts)}, at most {self.max_batch} per request")
+        for i, text in enumerate(texts):
+            if not text.strip():
+                raise InvalidInput(f"text {i} is empty")
+            if len(text) > self.max_text_chars:
+                raise InvalidInput(
+                    f"text {i} has {len(text)} characters, at most {self.max_text_chars}")
+
+    async def classify_texts(self, texts: Sequence[str], thresholds: Mapping[str, float],
+                             request_id: str, time_left: float | None) -> list[pb2.Answer]:
+        """Check, tokenise, run the tier loop: what Classify and the Open Inference Protocol share."""
+        loop = self.ready_loop()
+        if self.encoder is None:
+            raise InvalidInput(f"this model ({loop.manifest.family}) does not take texts"
+                               + ("; send images (ClassifyRequest.images)" if loop.manifest.family == "image" else ""))
+        self.check_texts(texts)
+        checked = check_thresholds(thresholds)
+        encoded = self.encoder.encode(texts)
+        answers = await loop.process(encoded.tensors, sample_ids(request_id, len(texts)), checked, time_left)
+        for answer, truncated in zip(answers, encoded.truncated, strict=True):
+            answer.truncated = bool(truncated)
+        return answers
+
+    async def classify_images(self, images: np.ndarray, thresholds: Mapping[str, float],
+                              request_id: str, time_left: float | None) -> list[pb2.Answer]:
+        """Check the images against the model's input shape (shared.data.images), run the tier loop."""
+        loop = self.ready_loop()
+        manifest = loop.manifest
+        if manifest.family != "image" or manifest.input_shape is None:
+            raise InvalidInput(f"this model ({manifest.family}) does not take images; send texts")
+        c, h, w = manifest.input_shape
+        tensors = ImageInput((c, h, w)).tensors(images)
+        if len(images) > self.max_batch:
+            raise InvalidInput(f"too many images: {len(images)}, at most {self.max_batch} per request")
+        checked = check_thresholds(thresholds)
+        return await loop.process(tensors, sample_ids(request_id, len(images)), checked, time_left)
+
+    async def Classify(self, request: pb2.ClassifyRequest,
+                       context: grpc.aio.ServicerContext) -> pb2.ClassifyResponse:
+        with self.admission:
+            time_left = context.time_remaining()
+            if request.HasField("images"):
+                if request.texts:
+                    raise InvalidInput("the request holds both texts and images: send one kind")
+                answers = await self.classify_images(from_tensor(request.images, "images"), request.thresholds,
+                                                     request.request_id, time_left)
+            else:
+                answers = await self.classify_texts(list(request.texts), request.thresholds, request.request_id,
+                                                    time_left)
+            return pb2.ClassifyResponse(answers=answers)
