@@ -211,8 +211,8 @@ def test_images_sent_to_a_text_model_are_invalid_input(manifest: Manifest) -> No
     from types import SimpleNamespace
 
     from shared.errors import InvalidInput
-    from shared.serving.metrics import TierMetrics
     from shared.serving.admission import InflightLimit
+    from shared.serving.metrics import TierMetrics
     from shared.serving.servicers import ClassifierServicer
 
     text_manifest = manifest.model_copy(update={"family": "text", "input_shape": None, "max_length": 32,
