@@ -12,9 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from shared.contract.manifest import TIERS, load_manifest
+from shared.contract.manifest import load_manifest
 from shared.contract.policy import relative_cost
-from shared.serving.placement import spread
 
 
 def test_tradeoff_headline_is_what_the_tiers_answered(tiny_artifacts: Path, tiny_data: Path,
@@ -65,61 +64,24 @@ def test_codec_counts_fewer_bytes_for_compact_encodings(tiny_artifacts: Path, ti
     assert result["int8_bytes_ratio"] == pytest.approx(per_sample["int8"] / per_sample["fp32"])
 
 
-def test_overhead_forces_every_request_through_both_hops(tiny_artifacts: Path, tiny_data: Path,
-                                                         tmp_path: Path) -> None:
+def test_overhead_forces_every_request_through_the_three_hops_beside_a_bare_echo(
+        tiny_artifacts: Path, tiny_data: Path, tmp_path: Path) -> None:
     from bench import overhead
 
     result = overhead.run(tiny_artifacts, str(tiny_data), limit=30, out=tmp_path)  # asserts tier == cloud
     assert result["three_tier_ms"]["n"] == result["chain_ms"]["n"] == 30
-    assert set(result["hop_p50_ms"]) == {"client_mobile", "mobile_edge", "edge_cloud"}
+    assert result["bare_echo_round_trip_ms"]["n"] == 30 * overhead.HOPS
     assert result["overhead_ratio"] == pytest.approx(result["three_tier_ms"]["p50"] / result["chain_ms"]["p50"])
-    placements = {"spread", "floating"} if spread(TIERS) else {"floating"}  # spread needs two CPUs
-    assert set(result["by_placement"]) == placements and result["placement"] in placements
-    for each in result["by_placement"].values():
-        assert each["three_tier_ms"]["n"] == 30
-        assert each["overhead_ratio"] == pytest.approx(each["three_tier_ms"]["p50"] / result["chain_ms"]["p50"])
-    assert result["by_placement"][result["placement"]]["overhead_ratio"] == result["overhead_ratio"]
-    assert result["bare_grpc_round_trip_ms"] > 0 and result["bare_grpc_stream_round_trip_ms"] > 0
-    assert result["ratio_if_hops_were_bare"] > 1
-    assert result["bare_grpc_stream_round_trip_after_idle_ms"] > 0
-    assert result["ratio_if_hops_were_bare_after_idle"] > 1
-    assert result["bare_relay_ms"]["n"] == 30
-    assert result["bare_relay_ratio"] == pytest.approx(result["bare_relay_ms"]["p50"] / result["chain_ms"]["p50"])
-    assert sum(result["block_sizes"]) == 30 and len(result["block_sizes"]) == overhead.ROUNDS
-    for ratios in [result["bare_relay_ratio_by_block"], *(r["overhead_ratio_by_block"]
-                                                          for r in result["by_placement"].values())]:
-        assert len(ratios) == overhead.ROUNDS and all(ratio > 0 for ratio in ratios)
+    per_hop = (result["three_tier_ms"]["p50"] - result["chain_ms"]["p50"]) / 3
+    assert result["per_hop_overhead_ms"] == pytest.approx(per_hop)
+    assert result["per_hop_over_echo"] == pytest.approx(per_hop / result["bare_echo_round_trip_ms"]["p50"])
+    assert len(result["per_hop_over_echo_by_block"]) == overhead.ROUNDS
+    assert json.loads((tmp_path / "overhead.json").read_text())["per_hop_over_echo"] == result["per_hop_over_echo"]
 
 
-def test_ratio_by_block_divides_each_blocks_medians() -> None:
+def test_per_hop_by_block_takes_each_blocks_medians() -> None:
     from bench.overhead import Measured
 
-    measured = Measured(chain=[1.0, 1.0, 3.0, 2.0, 2.0], block_sizes=[2, 3])
-    assert measured.ratio_by_block([2.0, 2.0, 2.0, 2.0, 1.0]) == [2.0, 1.0]
+    measured = Measured({"chain": [[1.0, 1.0], [3.0, 2.0, 2.0]], "tiers": [[4.0, 4.0], [5.0, 8.0, 8.0]]})
+    assert measured.per_hop_by_block("tiers") == [1.0, 2.0]
 
-
-def test_bare_relay_computes_what_the_chain_computes(tiny_artifacts: Path, tiny_data: Path) -> None:
-    """bench.relay's three processes answer with the last slice's logits of the in-process chain."""
-    from bench.common import dev_set
-    from bench.overhead import Chain
-    from bench.relay import Relay, pack, unpack
-
-    manifest = load_manifest(tiny_artifacts)
-    chain = Chain(tiny_artifacts, manifest)
-    relay = Relay(tiny_artifacts, manifest)
-    try:
-        texts, _ = dev_set(manifest, str(tiny_data), 5)
-        for text in [*texts, " ".join(texts)]:
-            feed = chain.encoder.encode([text]).tensors
-            logits, seconds = relay.call(feed)
-            for spec, runner in zip(manifest.slices, chain.runners, strict=True):
-                outputs = runner.run_sync(feed).outputs
-                feed = {name: outputs.get(source, feed.get(source)) for name, source in spec.forwards.items()}
-            np.testing.assert_allclose(logits, outputs["logits"], rtol=1e-5, atol=1e-6)
-            assert seconds > 0
-    finally:
-        chain.close()
-        relay.close()
-    arrays = [np.arange(6, dtype=np.float32).reshape(1, 2, 3), np.ones((1, 2), np.int64)]
-    for sent, received in zip(arrays, unpack(pack(arrays)), strict=True):
-        assert received.dtype == sent.dtype and np.array_equal(received, sent)
