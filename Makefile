@@ -50,6 +50,7 @@ lint: install
 # and two spinning OpenMP threads per process slow tiny models down a hundredfold under load.
 test: install
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q
 
 # The benchmarks measure the full-profile model (the one to deploy; its first build takes ~20 min on

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, Field, model_validator
 
 from shared.errors import ArtifactError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION: Literal[1] = 1
 MANIFEST_FILE = "manifest.json"
 CALIBRATION_FILE = "calibration_logits.npz"
 Tier = Literal["mobile", "edge", "cloud"]
@@ -167,7 +167,8 @@ def verified_slice_path(folder: str | Path, spec: SliceSpec) -> Path:
 def save_calibration_logits(folder: str | Path, logits: list[np.ndarray], labels: np.ndarray) -> Path:
     """The held-out calibration split's raw logits per exit: lets thresholds be re-tuned without torch."""
     path = Path(folder) / CALIBRATION_FILE
-    np.savez_compressed(path, labels=labels, **{f"exit{i}": z for i, z in enumerate(logits)})
+    arrays: dict[str, Any] = {"labels": labels, **{f"exit{i}": z for i, z in enumerate(logits)}}
+    np.savez_compressed(path, **arrays)
     return path
 
 

@@ -157,11 +157,11 @@ class TierMetrics:
                     metric.labels(tier=tier, code=code)
             setattr(self, spec.attr, metric)
         hop = {"hop": self.hop} if self.hop else None
+        own = {attr: getattr(self, attr).labels(tier=tier) for attr in (
+            "own_duration", "compute_duration", "downstream_wait", "exits", "samples", "confidence",
+            "inflight", "batch_size")}
         self.series = TierSeries(
-            self.request_duration.labels(tier=tier, outcome=OK_OUTCOME),
-            *(getattr(self, attr).labels(tier=tier) for attr in (
-                "own_duration", "compute_duration", "downstream_wait", "exits", "samples", "confidence",
-                "inflight", "batch_size")),
+            request_ok=self.request_duration.labels(tier=tier, outcome=OK_OUTCOME), **own,
             forwarded_samples=self.forwarded_samples.labels(**hop) if hop else None,
             forwarded_bytes=self.forwarded_bytes.labels(**hop) if hop else None)
 

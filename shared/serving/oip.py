@@ -68,7 +68,8 @@ OUTPUTS: dict[str, Output] = {
 
 def split_bytes_tensor(raw: bytes, count: int) -> list[bytes]:
     """The elements of a raw BYTES tensor, at most `count`: each a 4-byte little-endian length, then the bytes."""
-    elements, offset = [], 0
+    elements: list[bytes] = []
+    offset = 0
     while offset < len(raw):
         if len(elements) == count:
             raise InvalidInput(f"input '{INPUT}': raw contents hold more than the {count} elements of its shape")
@@ -145,7 +146,7 @@ def infer_response(request: Any, names: Sequence[str], answers: Sequence[pb2.Ans
     return response
 
 
-class InferenceServicer(oip_pb2_grpc.GRPCInferenceServiceServicer):
+class InferenceServicer(oip_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore[name-defined]  # loaded on demand
     """The protocol over the entry tier's ClassifierServicer (one model, one version)."""
 
     def __init__(self, classifier: ClassifierServicer, model_name: str,
