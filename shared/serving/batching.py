@@ -7,15 +7,15 @@ while a batch runs go out together as soon as it ends, so batches form under loa
 added wait (delay 0 keeps only that). Text tensors are padded only to the longest sequence of the
 merged batch (attention_mask 0 on the padding) and every output is cut back to its request's rows
 and sequence length, so each sample still exits on its own. Padding costs compute (on a CPU a batch
-gains little per sample: ~20% for MiniLM), so a request joins a batch only while the batch's padded
+gains little per sample), so a request joins a batch only while the batch's padded
 tokens stay within `max_padding` (0.15: 15%) over the tokens of its requests' own widths; the
 oldest request always goes first and the others are tried nearest width first.
 
 A small request (at most `inline_max_samples`; 0, the default here, turns this off) runs at once
 on the event loop's thread when the tier is lightly loaded: it is alone (`alone()`: the servicer's
 in-flight count), nothing is queued, and the slice has been idle at least as long as its last run
-took. The hand-off to the worker thread and back costs ~0.3 ms, a tenth of a MiniLM slice at batch
-1. Under load requests take the worker thread, so that they batch and the loop keeps decoding and
+took: the hand-off to the worker thread and back is a noticeable share of a small slice's run
+at batch 1. Under load requests take the worker thread, so that they batch and the loop keeps decoding and
 answering while the slice runs (the in-flight count alone cannot tell: a blocked loop starts the
 next request only after this one).
 

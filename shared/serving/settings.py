@@ -48,11 +48,11 @@ class TierSettings(BaseSettings):
         "is idle (0: none; requests queued while it runs are merged anyway)")
     inline_max_samples: int = Field(
         4, ge=0, description="a request of at most this many samples runs on the event loop's thread when the "
-        "tier is idle (saves ~0.3 ms of thread hand-off; 0: always the worker thread)")
+        "tier is idle (no hand-off to the worker thread and back; 0: always the worker thread)")
     cpus: str | None = Field(
         None, description="the CPUs this tier runs on, a Linux CPU list such as 0 or 2-3 (every thread, the "
         "slice's included; Linux only); unset: any. Where tiers share a machine, consecutive tiers can go on "
-        "different cores (shared.serving.placement.spread; bench/overhead.py measures both)")
+        "different cores (shared.serving.placement.spread)")
     event_loop: Literal["auto", "uvloop", "asyncio"] = Field(
         "auto", description="the tier's event loop: uvloop (libuv, in C: each hop's hand-offs and task "
         "switches cost less), asyncio (the standard library's), auto: uvloop where it is installed")

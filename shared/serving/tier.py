@@ -140,7 +140,7 @@ class TierLoop:
         else:
             result = await self.runner.run(inputs)
             _record_run(metrics, batch, result.compute_seconds)
-        # Python lists from here: a numpy call costs ~30 µs with the caches a waking tier finds
+        # Python lists from here: for the few rows of a request, numpy's per-call set-up costs more
         probs = softmax_rows(result.outputs[LOGITS].tolist(), self.exit.temperature)
         confidence = [max(p) for p in probs]
         if self.next_tier is None:
