@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import math
 import struct
-from typing import cast
 from collections.abc import Mapping
+from typing import cast
 
 import numpy as np
 
