@@ -187,8 +187,8 @@ def _encode(name: str, array: np.ndarray, float_encoding: int) -> pb2.Tensor:
         scale = (absmax / 127.0).astype(np.float32)
         q = np.rint(values / np.where(scale > 0, scale, 1.0)).clip(-127, 127).astype(np.int8)
         data, scales = q.tobytes(), np.ascontiguousarray(scale, dtype="<f4").tobytes()
-    return pb2.Tensor(dtype=wire_name(array.dtype), shape=array.shape, data=data, encoding=cast("pb2.TensorEncoding", kind),
-                      scales=scales)
+    return pb2.Tensor(dtype=wire_name(array.dtype), shape=array.shape, data=data,
+                      encoding=cast("pb2.TensorEncoding", kind), scales=scales)
 
 
 # encoding -> (bytes per value, scales: a count, or -1 for one per row of the last axis)
