@@ -6,7 +6,7 @@ rule (shared.contract.policy.route, the rule shared.serving.tier applies online)
 threshold pairs for hop costs o in 0.1..0.6 and draws the frontier against cloud-only,
 mobile-only, edge-only and the uncalibrated model (temperatures 1, its thresholds chosen its own
 way). The headline: thresholds from shared.contract.policy.cost_aware_thresholds on the calibration split
-(never dev) for an accuracy drop <= 0.3 points at o = 0.3, held with the policy's default confidence
+(never dev) for an accuracy drop <= 0.3 points at o = 0.3, guaranteed with probability >= 1 - delta
 (shared.contract.policy.DEFAULT_DELTA), then the dev set through the running tiers with those thresholds,
 cost and accuracy counted from the answers' exit tiers. "best on dev" picks thresholds on dev
 itself with no margin: an upper bound on what any choice could reach, not a result.

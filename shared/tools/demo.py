@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from shared.contract.manifest import TIERS, Manifest, load_manifest
-from shared.contract.policy import relative_cost
+from shared.contract.policy import describe_policy, relative_cost
 from shared.tools.arguments import threshold_argument
 
 DEFAULT_ARTIFACTS = Path("artifacts/default")
@@ -210,6 +210,8 @@ def _results(manifest: Manifest, artifacts: Path, source: str, labels: np.ndarra
     results: dict[str, Any] = {
         "artifacts": str(artifacts), "data": source, "samples": n,
         "thresholds": effective, "threshold_overrides": thresholds,
+        # what the manifest's thresholds promise (overrides replace it)
+        "policy": describe_policy(manifest.policy) if not thresholds else "thresholds overridden per request",
         "accuracy": float(correct.mean()) if n else None, "exits": exits,
         "relative_cost": relative_cost(np.array([exits[t]["fraction"] for t in TIERS]),
                                        manifest.split_points(), manifest.cost_model) if n else None,
@@ -251,6 +253,8 @@ def format_summary(results: dict[str, Any]) -> str:
         f"accuracy {results['accuracy']:.4f}; cost {results['relative_cost']:.3f} of cloud-only "
         "(shared.contract.policy cost model, from the exit shares)",
     ]
+    if results.get("policy"):
+        lines.insert(1, results["policy"] + " (`tierserve retune --policy p_tar` for targets per tier)")
     report = results.get("builder_report")
     if report and report["comparable"]:
         verdict = "equal" if report["equal"] else "DIFFERENT"
