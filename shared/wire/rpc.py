@@ -37,12 +37,8 @@ def server_options(max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, reuse_port: bool 
     half the traffic. max_connection_age_s (0: unlimited): connections are closed gracefully after
     this long (in-flight calls get the grace period), so clients re-resolve and spread their calls
     onto replicas started since. Keepalive pings from clients are allowed (KEEPALIVE_TIME_MS).
-    No channelz (nothing serves it) and no BDP probing: the probe sends PINGs alongside received
-    data to size the flow-control window, extra frames, writes and wake-ups on a hop whose messages
-    never fill the window (bench.overhead measures the difference, README).
     """
     options = [*message_size_options(max_bytes), ("grpc.so_reuseport", int(reuse_port)),
-               ("grpc.enable_channelz", 0), ("grpc.http2.bdp_probe", 0),
                ("grpc.keepalive_permit_without_calls", 1),
                ("grpc.http2.min_recv_ping_interval_without_data_ms", KEEPALIVE_TIME_MS // 2),
                ("grpc.http2.max_ping_strikes", 0)]
@@ -55,9 +51,7 @@ def server_options(max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, reuse_port: bool 
 def channel_options(max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
     """gRPC options of tierserve's client channels (tier to tier, TierClient, AsyncTierClient):
     message size limits, and keepalive pings so that a peer that vanished without closing its
-    connection (a partition, a frozen host) is noticed within KEEPALIVE_TIME_MS + KEEPALIVE_TIMEOUT_MS.
-    No channelz and no BDP probing, as on the servers (server_options)."""
-    return [*message_size_options(max_bytes), ("grpc.enable_channelz", 0), ("grpc.http2.bdp_probe", 0),
-            ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+    connection (a partition, a frozen host) is noticed within KEEPALIVE_TIME_MS + KEEPALIVE_TIMEOUT_MS."""
+    return [*message_size_options(max_bytes), ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
             ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS), ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.max_pings_without_data", 0)]
