@@ -14,6 +14,7 @@ from shared.contract.policy import (
     cost_aware_thresholds,
     describe_policy,
     drop_upper_bound,
+    edge_threshold,
     exit_costs,
     guaranteed_threshold,
     p_tar_thresholds,
@@ -221,21 +222,71 @@ def test_drop_bound_covers_the_true_drop_in_at_least_one_minus_delta_of_draws() 
 def test_cost_aware_path_stops_at_first_failure_and_smaller_delta_is_more_careful() -> None:
     probs, labels = synthetic_exits(seed=2, n=4000)
     points, cost = (2, 4, 6), CostModel()
-    loose = cost_aware_thresholds(probs, labels, points, cost, max_drop_points=1.0, delta=0.5)
-    careful = cost_aware_thresholds(probs, labels, points, cost, max_drop_points=1.0, delta=0.01)
+    loose = cost_aware_thresholds(probs, labels, points, cost, max_drop_points=1.0, delta=0.5, exponents=(1.0,))
+    careful = cost_aware_thresholds(probs, labels, points, cost, max_drop_points=1.0, delta=0.01, exponents=(1.0,))
     assert careful.relative_cost >= loose.relative_cost
     assert careful.thresholds[0] >= loose.thresholds[0]
     final_correct = probs[-1].argmax(-1) == labels
     correct = [p.argmax(-1) == labels for p in probs]
-    # the candidate after the chosen one failed its test (or the path ended)
+    # one path: the candidate after the chosen one failed its test, and was the last tested
     taus = list(path_thresholds(probs))
     i = taus.index(careful.thresholds[0])
-    assert careful.tested in (i + 1, i + 2)
-    if careful.tested == i + 2:
-        r = route(probs, [taus[i + 1]] * 2)
-        assert drop_upper_bound(final_correct, np.choose(r.exit_index, correct), 0.01) > 0.01
+    assert careful.tested == i + 2
+    r = route(probs, [taus[i + 1]] * 2)
+    assert drop_upper_bound(final_correct, np.choose(r.exit_index, correct), 0.01) > 0.01
     with pytest.raises(ValueError, match="delta"):
         cost_aware_thresholds(probs, labels, points, cost, delta=1.0)
+
+
+def test_cost_aware_paths_share_delta_and_the_cheapest_wins() -> None:
+    probs, labels = synthetic_exits(seed=3, n=4000)
+    points, cost = (2, 4, 6), CostModel()
+    both = cost_aware_thresholds(probs, labels, points, cost, max_drop_points=1.0, exponents=(1.0, 0.5))
+    assert both.edge_exponent in (1.0, 0.5)
+    assert both.thresholds[1] == pytest.approx(edge_threshold(both.thresholds[0], both.edge_exponent))
+    # each path alone at delta / 2: the pair's choice is the cheaper of the two
+    alone = [cost_aware_thresholds(probs, labels, points, cost, max_drop_points=1.0, delta=0.05, exponents=(e,))
+             for e in (1.0, 0.5)]
+    assert both.relative_cost == pytest.approx(min(a.relative_cost for a in alone))
+    assert both.tested == sum(a.tested for a in alone)
+    assert edge_threshold(0.91, 0.5) == pytest.approx(0.7) and edge_threshold(NEVER_EXIT, 0.5) == NEVER_EXIT
+
+
+def test_cost_aware_guarantee_holds_in_at_least_one_minus_delta_of_draws() -> None:
+    # a population whose drop at any thresholds is known: exits that are calibrated, a final exit
+    # that is always right, so the drop is the early answers' error rate times their share
+    rng = np.random.default_rng(5)
+    points, cost, budget, delta = (2, 4, 6), CostModel(), 1.0, 0.1
+
+    def draw(n: int) -> tuple[list[np.ndarray], np.ndarray]:
+        labels = rng.integers(0, 2, size=n)
+        probs = []
+        for _ in range(2):
+            conf = rng.uniform(0.5, 1.0, size=n)
+            pred = np.where(rng.random(n) < conf, labels, 1 - labels)
+            p = np.zeros((n, 2))
+            p[np.arange(n), pred], p[np.arange(n), 1 - pred] = conf, 1 - conf
+            probs.append(p)
+        return [*probs, np.eye(2)[labels] * 0.9 + 0.05], labels
+
+    def true_drop(taus: list[float]) -> float:
+        # P(exit at mobile) E[1 - c | c >= t] + P(reach edge) P(exit at edge) E[1 - c | c >= t_e]
+        def share_err(t: float) -> tuple[float, float]:
+            t = min(max(t, 0.5), 1.0)
+            share = (1.0 - t) / 0.5
+            return share, share * (1.0 - t) / 2
+        (s_m, e_m), (_, e_e) = share_err(taus[0]), share_err(taus[1])
+        return e_m + (1 - s_m) * e_e
+
+    safe, costs = 0, []
+    for _ in range(200):
+        probs, labels = draw(2000)
+        choice = cost_aware_thresholds(probs, labels, points, cost, max_drop_points=budget, delta=delta,
+                                       grid=50)
+        safe += true_drop(choice.thresholds) <= budget / 100
+        costs.append(choice.relative_cost)
+    assert safe / 200 >= 1 - delta
+    assert np.mean(costs) < relative_cost(np.array([0, 0, 1.0]), points, cost) - 0.1  # it does exit early
 
 
 def test_cost_aware_with_zero_budget_keeps_final_accuracy() -> None:
