@@ -50,18 +50,22 @@ class Chain:
         self.manifest = manifest
         self.runners = [SliceRunner(verified_slice_path(artifacts, s), s, threads) for s in manifest.slices]
         self.encoder = TextEncoder.for_manifest(manifest, artifacts)
+        self.slice_seconds: list[float] = []  # per text: the three slices' onnxruntime runs
 
     def latencies(self, texts: Sequence[str]) -> list[float]:
         """Seconds per text."""
         seconds = []
         for text in texts:
             started = time.perf_counter()
+            compute = 0.0
             feed = self.encoder.encode([text]).tensors
             for spec, runner, exit_spec in zip(self.manifest.slices, self.runners, self.manifest.exits, strict=True):
                 result = runner.run_sync(feed)
+                compute += result.compute_seconds
                 [max(p) for p in softmax_rows(result.outputs["logits"].tolist(), exit_spec.temperature)]
                 feed = {name: result.outputs.get(source, feed.get(source)) for name, source in spec.forwards.items()}
             seconds.append(time.perf_counter() - started)
+            self.slice_seconds.append(compute)
         return seconds
 
     def close(self) -> None:
@@ -69,14 +73,27 @@ class Chain:
             runner.close()
 
 
-def tier_latencies(client: TierClient, texts: Sequence[str]) -> list[float]:
-    """Seconds per text at the client, every text answered by the cloud."""
+def tier_latencies(client: TierClient, texts: Sequence[str], parts: dict[str, list[float]] | None = None
+                   ) -> list[float]:
+    """Seconds per text at the client, every text answered by the cloud. parts: where to add, per
+    text, from the answers' per-tier timings: each hop's RPC time outside the callee, each tier's
+    own work outside its slice, and the three slices' onnxruntime runs."""
     seconds = []
     for text in texts:
         started = time.perf_counter()
         [answer] = client.classify([text], FORCE_CLOUD)
-        seconds.append(time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        seconds.append(elapsed)
         assert answer.tier == "cloud" and not answer.degraded, answer.degraded_reason
+        if parts is not None:
+            mobile, edge, cloud = answer.timings
+            for name, value in (
+                    ("hop_client_mobile", elapsed - mobile.server_seconds),
+                    ("hop_mobile_edge", mobile.server_seconds - mobile.own_seconds - edge.server_seconds),
+                    ("hop_edge_cloud", edge.server_seconds - edge.own_seconds - cloud.server_seconds),
+                    *((f"own_{t.tier}", t.own_seconds - t.compute_seconds) for t in answer.timings),
+                    ("slices", sum(t.compute_seconds for t in answer.timings))):
+                parts.setdefault(name, []).append(value)
     return seconds
 
 
@@ -166,6 +183,8 @@ class Measured:
     """Seconds per text (per round trip for the echo) of each system, block by block."""
 
     blocks: dict[str, list[list[float]]] = field(default_factory=dict)
+    parts: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # per system (tier_latencies)
+    chain_slices: list[float] = field(default_factory=list)  # the chain's slices' onnxruntime seconds
 
     def add(self, system: str, seconds: list[float]) -> None:
         self.blocks.setdefault(system, []).append(seconds)
@@ -200,11 +219,13 @@ def measure(artifacts: Path, manifest: Manifest, texts: list[str], payload_bytes
                 systems = list(clients) if i % 2 == 0 else list(clients)[::-1]
                 measured.add("chain", chain.latencies(texts_in_block))
                 for system in systems:
-                    measured.add(system, tier_latencies(clients[system], texts_in_block))
+                    parts = measured.parts.setdefault(system, {})
+                    measured.add(system, tier_latencies(clients[system], texts_in_block, parts))
                 measured.add("echo", echo.round_trips(len(texts_in_block) * HOPS))
     finally:
         chain.close()
         echo.close()
+    measured.chain_slices = chain.slice_seconds[WARMUP:]
     return measured
 
 
@@ -227,6 +248,7 @@ def run(artifacts: Path, data: str | None = None, limit: int | None = None, out:
             "per_hop_overhead_ms": (three["p50"] - chain["p50"]) / HOPS,
             "per_hop_over_echo": (three["p50"] - chain["p50"]) / HOPS / echo["p50"],
             "per_hop_over_echo_by_block": [h / e for h, e in zip(per_hop_by_block, echo_by_block, strict=True)],
+            "parts_p50_ms": {name: percentiles_ms(values)["p50"] for name, values in measured.parts[system].items()},
         }
     result = {"samples": len(texts), "chain_ms": chain, "bare_echo_round_trip_ms": echo,
               "echo_payload_tokens": tokens, "goal_per_hop_over_echo": GOAL, **systems["tiers"],
@@ -243,6 +265,11 @@ def run(artifacts: Path, data: str | None = None, limit: int | None = None, out:
           + "; ".join(f"{name} {min(s['per_hop_over_echo_by_block']):.2f}..{max(s['per_hop_over_echo_by_block']):.2f}"
                       for name, s in systems.items())
           + f"; goal <= {GOAL}")
+    chain_slices = percentiles_ms(measured.chain_slices)["p50"]
+    result["chain_slices_p50_ms"] = chain_slices
+    for name, s in systems.items():
+        print(f"{name}, p50 ms: " + ", ".join(f"{part} {value:.3f}" for part, value in s["parts_p50_ms"].items())
+              + f" (the chain's slices {chain_slices:.3f})")
     if out is not None:
         write_result(out, "overhead", result)
     return result

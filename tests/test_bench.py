@@ -82,6 +82,10 @@ def test_overhead_forces_every_request_through_the_three_hops_beside_a_bare_echo
     assert result["per_hop_overhead_ms"] == pytest.approx(per_hop)
     assert result["per_hop_over_echo"] == pytest.approx(per_hop / result["bare_echo_round_trip_ms"]["p50"])
     assert len(result["per_hop_over_echo_by_block"]) == overhead.ROUNDS
+    parts = result["parts_p50_ms"]
+    assert set(parts) == {"hop_client_mobile", "hop_mobile_edge", "hop_edge_cloud", "own_mobile", "own_edge",
+                          "own_cloud", "slices"}
+    assert all(value > 0 for value in parts.values()) and result["chain_slices_p50_ms"] > 0
     assert json.loads((tmp_path / "overhead.json").read_text())["per_hop_over_echo"] == result["per_hop_over_echo"]
 
 
