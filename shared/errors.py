@@ -35,6 +35,12 @@ class NotFound(TierServeError):
     code = "NOT_FOUND"
 
 
+class SliceFailure(TierServeError):
+    """A tier's own slice failed on a valid input (e.g. produced NaN): the tier's error, never an answer."""
+
+    code = "INTERNAL"
+
+
 class ArtifactError(TierServeError):
     """A build artifact is missing, malformed or does not match its recorded hash."""
 

@@ -203,8 +203,8 @@ def test_the_breaker_opens_on_a_dead_edge_and_closes_when_it_is_back(cluster: Ti
 
 @pytest.fixture(scope="module")
 def slow_cluster(tiny_artifacts: Path) -> Iterator[TierCluster]:
-    """The cloud takes 1 s to answer Continue and takes at most 2 requests at once."""
-    flags = {"cloud": {"inject_delay_ms": 1000, "max_inflight": 2}}
+    """The cloud takes 1 s to answer Continue and takes at most 2 samples at once."""
+    flags = {"cloud": {"inject_delay_ms": 1000, "max_inflight_samples": 2, "max_batch": 2}}
     with running_tiers(tiny_artifacts, flags=flags) as started:
         yield started
 
@@ -222,7 +222,7 @@ def test_a_slow_next_tier_and_a_short_deadline_give_degraded_answers_in_time(slo
     assert _metric(slow_cluster, "edge", 'tierserve_degraded_total{reason="deadline",tier="edge"}') > 0
 
 
-def test_beyond_max_inflight_a_tier_answers_resource_exhausted_at_once(
+def test_beyond_its_samples_in_flight_a_tier_answers_resource_exhausted_at_once(
         slow_cluster: TierCluster, tiny_artifacts: Path) -> None:
     hidden = load_manifest(tiny_artifacts).hidden_size
     request = pb2.ContinueRequest(
@@ -243,5 +243,5 @@ def test_beyond_max_inflight_a_tier_answers_resource_exhausted_at_once(
         results = list(pool.map(call, range(6)))
     refused = [r for r in results if r[0] == grpc.StatusCode.RESOURCE_EXHAUSTED]
     assert refused and sum(r[0] == grpc.StatusCode.OK for r in results) >= 2, results
-    assert all("limit of 2 requests in flight" in details for _, details, _ in refused)
+    assert all("limit of 2 samples in flight" in details for _, details, _ in refused)
     assert min(seconds for _, _, seconds in refused) < 0.5, "refused at once, not queued"

@@ -265,9 +265,18 @@ def _replace_folder(staging: Path, out: Path) -> None:
     if final.exists():
         shutil.rmtree(final)
     shutil.copytree(staging, final)
+    _make_readable(final)
     if out.exists():
         shutil.rmtree(out)
     final.rename(out)
+
+
+def _make_readable(folder: Path) -> None:
+    """Folders 0755 and files 0644, whatever the umask or the temporary folder's mode (0700): the
+    serving images and other machines' services read the model as another user."""
+    for path in [folder, *folder.rglob("*")]:
+        if not path.is_symlink():
+            path.chmod(0o755 if path.is_dir() else 0o644)
 
 
 def load_report(folder: str | Path) -> dict:

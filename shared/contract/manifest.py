@@ -7,6 +7,7 @@ load), the tokenizer (text family) and the report. Nodes read only the manifest 
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -134,12 +135,30 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def unreadable(path: Path, exc: OSError) -> ArtifactError:
+    """The error for a model file this process cannot read, naming the file and the fix."""
+    return ArtifactError(f"cannot read {path}: {exc.strerror} (this process runs as uid {os.getuid()}; the model "
+                         "folder must be readable by it, e.g. chmod -R a+rX on the folder)")
+
+
+def artifact_path(folder: str | Path, name: str, what: str) -> Path:
+    """`folder / name` for a file the manifest names, which must lie inside the model folder (no
+    absolute path, no `..` out of it; symbolic links inside the folder are the operator's choice)."""
+    inside = os.path.normpath(name)
+    if os.path.isabs(name) or inside == ".." or inside.startswith(".." + os.sep):
+        raise ArtifactError(f"the manifest's {what} '{name}' lies outside the model folder {folder}: "
+                            "a manifest may only name files inside its folder")
+    return Path(folder) / inside
+
+
 def load_manifest(folder: str | Path) -> Manifest:
     path = Path(folder) / MANIFEST_FILE
     if not path.is_file():
         raise ArtifactError(f"no {MANIFEST_FILE} in {folder}: build a model first (make model)")
     try:
         return Manifest.model_validate_json(path.read_text())
+    except OSError as exc:
+        raise unreadable(path, exc) from exc
     except ValueError as exc:
         raise ArtifactError(f"{path} is not a valid tierserve manifest: {exc}") from exc
 
@@ -152,10 +171,13 @@ def save_manifest(manifest: Manifest, folder: str | Path) -> Path:
 
 def verified_slice_path(folder: str | Path, spec: SliceSpec) -> Path:
     """The slice file's path, after checking that its sha256 matches the manifest."""
-    path = Path(folder) / spec.file
+    path = artifact_path(folder, spec.file, f"{spec.tier} slice")
     if not path.is_file():
         raise ArtifactError(f"slice file {path} for tier {spec.tier} is missing")
-    actual = sha256_file(path)
+    try:
+        actual = sha256_file(path)
+    except OSError as exc:
+        raise unreadable(path, exc) from exc
     if actual != spec.sha256:
         raise ArtifactError(
             f"slice {path} has sha256 {actual[:12]}..., the manifest expects {spec.sha256[:12]}...: "

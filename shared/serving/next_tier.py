@@ -15,6 +15,7 @@ tier's own exit.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import random
 import time
@@ -183,6 +184,32 @@ class CircuitBreaker:
         self.probing = False
 
 
+class HopDeadline:
+    """The deadline of a call to the next tier when the caller's own is far off or absent: `factor`
+    times the recent time per sample of this hop (95th percentile of the last `window` answered
+    calls) times the call's samples, within [floor, ceiling]; the ceiling until `warmup` calls
+    have been measured. A partitioned or frozen next tier is so given up on within about a second
+    instead of the caller's whole deadline."""
+
+    def __init__(self, ceiling: float, floor: float = 1.0, factor: float = 10.0, window: int = 200,
+                 warmup: int = 20) -> None:
+        self.ceiling = ceiling
+        self.floor = min(floor, ceiling)
+        self.factor = factor
+        self.warmup = warmup
+        self.per_sample: collections.deque[float] = collections.deque(maxlen=window)
+
+    def record(self, seconds: float, samples: int) -> None:
+        self.per_sample.append(seconds / max(samples, 1))
+
+    def seconds(self, samples: int) -> float:
+        if len(self.per_sample) < self.warmup:
+            return self.ceiling
+        recent = sorted(self.per_sample)
+        p95 = recent[min(len(recent) - 1, int(0.95 * len(recent)))]
+        return min(self.ceiling, max(self.floor, self.factor * p95 * max(samples, 1)))
+
+
 class NextTierClient(Protocol):
     """What GuardedNextTier wraps: ContinuationClient."""
 
@@ -199,12 +226,14 @@ class GuardedNextTier:
     """The next tier behind retries and a circuit breaker (shared.serving.tier.NextTier)."""
 
     def __init__(self, client: NextTierClient, name: str, retry: RetryPolicy | None = None,
-                 breaker: CircuitBreaker | None = None, min_attempt_seconds: float = 0.002) -> None:
+                 breaker: CircuitBreaker | None = None, min_attempt_seconds: float = 0.002,
+                 hop_deadline: HopDeadline | None = None) -> None:
         self.client = client
         self.name = name
         self.retry = retry or RetryPolicy()
         self.breaker = breaker or CircuitBreaker()
         self.min_attempt_seconds = min_attempt_seconds
+        self.hop_deadline = hop_deadline or HopDeadline(ceiling=10.0)
 
     async def continue_batch(self, tensors: Mapping[str, pb2.Tensor], request_ids: Sequence[str],
                              thresholds: Mapping[str, float], timeout: float | None
@@ -213,18 +242,21 @@ class GuardedNextTier:
             raise NextTierError(
                 f"{self.name} circuit open after {self.breaker.failures} consecutive failures "
                 f"(next probe in {self.breaker.retry_in() * 1000:.0f} ms)", kind="circuit_open")
-        deadline = None if timeout is None else time.monotonic() + timeout
+        own = self.hop_deadline.seconds(len(request_ids))
+        deadline = time.monotonic() + (own if timeout is None else min(timeout, own))
         retry = 0
         try:
             while True:
-                remaining = None if deadline is None else deadline - time.monotonic()
+                sent = time.monotonic()
+                remaining = deadline - sent
                 try:
                     answers = await self.client.continue_batch(tensors, request_ids, thresholds, remaining)
+                    self.hop_deadline.record(time.monotonic() - sent, len(request_ids))
                     break
                 except NextTierError as exc:
                     if exc.failure.retry and retry + 1 < self.retry.attempts:
                         pause = self.retry.delay(retry)
-                        if deadline is None or deadline - time.monotonic() - pause >= self.min_attempt_seconds:
+                        if deadline - time.monotonic() - pause >= self.min_attempt_seconds:
                             await asyncio.sleep(pause)
                             retry += 1
                             continue

@@ -191,15 +191,14 @@ class InferenceServicer(oip_pb2_grpc.GRPCInferenceServiceServicer):  # type: ign
                      for name, output in OUTPUTS.items()])
 
     async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        with self.classifier.admission:  # the same in-flight limit as Classify: the same tier loop
-            self._check_model(request.model_name, request.model_version)
-            texts = request_texts(request)
-            thresholds = request_thresholds(request.parameters)
-            names = requested_outputs(request)
-            answers = await self.classifier.classify_texts(
-                texts, thresholds, request.id, context.time_remaining())
-            classes = len(self.classifier.ready_loop().manifest.labels)
-            return infer_response(request, names, answers, classes)
+        self._check_model(request.model_name, request.model_version)
+        texts = request_texts(request)
+        thresholds = request_thresholds(request.parameters)
+        names = requested_outputs(request)
+        answers = await self.classifier.classify_texts(  # admission and checks as Classify's
+            texts, thresholds, request.id, context.time_remaining())
+        classes = len(self.classifier.ready_loop().manifest.labels)
+        return infer_response(request, names, answers, classes)
 
 
 def add_inference_service(server: grpc.aio.Server, classifier: ClassifierServicer, model_name: str,

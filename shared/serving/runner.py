@@ -21,7 +21,10 @@ from shared.contract.manifest import SliceSpec
 from shared.errors import ArtifactError, InvalidInput
 from shared.wire.codec import ATTENTION_MASK, is_all_ones
 
-__all__ = ["ATTENTION_MASK", "SliceResult", "SliceRunner", "TensorSignature"]
+__all__ = ["ATTENTION_MASK", "MAX_ABS_INPUT", "SliceResult", "SliceRunner", "TensorSignature"]
+# Float inputs of a slice (hidden states after LayerNorm, pixels 0..255) stay far below this; values
+# near float32's limits pass the NaN/inf check but overflow inside the slice.
+MAX_ABS_INPUT = 1e4
 _ORT_DTYPES = {
     "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
     "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int8)": np.int8,
@@ -58,10 +61,16 @@ def _signatures(names: list[str], args: list, tier: str, kind: str) -> list[Tens
 
 
 class SliceRunner:
-    """An InferenceSession for one slice; `run` executes on a private thread pool."""
+    """An InferenceSession for one slice; `run` executes on a private thread pool.
+
+    Inputs are bounded by what the model takes: sequences of at most `max_sequence` tokens (the
+    manifest's max_length), float values within +-`max_abs_input` (MAX_ABS_INPUT)."""
 
     def __init__(self, path: str | Path, spec: SliceSpec, intra_op_threads: int = 1,
-                 workers: int = 1, spinning: bool = False) -> None:
+                 workers: int = 1, spinning: bool = False, max_sequence: int | None = None,
+                 max_abs_input: float = MAX_ABS_INPUT) -> None:
+        self.max_sequence = max_sequence
+        self.max_abs_input = max_abs_input
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads
         options.inter_op_num_threads = 1
@@ -99,6 +108,11 @@ class SliceRunner:
             self._checked[key] = batch
         if ATTENTION_MASK in arrays:
             _check_mask_values(arrays[ATTENTION_MASK])
+        for name, array in arrays.items():
+            if array.dtype.kind == "f" and array.size and (
+                    array.max() > self.max_abs_input or array.min() < -self.max_abs_input):
+                raise InvalidInput(f"tensor '{name}' holds values beyond +-{self.max_abs_input:g}, the bound "
+                                   f"of this tier's inputs (largest magnitude {float(np.abs(array).max()):g})")
         return batch
 
     def _check_structure(self, arrays: Mapping[str, np.ndarray]) -> int:
@@ -141,6 +155,10 @@ class SliceRunner:
                     f"other inputs have {batch}")
         if ATTENTION_MASK in arrays:
             _check_mask_shape(arrays)
+            length = arrays[ATTENTION_MASK].shape[1]
+            if self.max_sequence is not None and length > self.max_sequence:
+                raise InvalidInput(f"sequences of {length} tokens: this model takes at most {self.max_sequence} "
+                                   "(its max_length)")
         return batch or 0
 
     def run_sync(self, arrays: Mapping[str, np.ndarray]) -> SliceResult:

@@ -20,10 +20,10 @@ from grpc_reflection.v1alpha import reflection
 from shared.contract.manifest import TIERS, load_manifest, verified_slice_path
 from shared.contract.text import TextEncoder
 from shared.errors import TierServeError
-from shared.serving.admission import InflightLimit
+from shared.serving.admission import WorkLimit
 from shared.serving.batching import Batcher
 from shared.serving.metrics import TierMetrics
-from shared.serving.next_tier import CircuitBreaker, ContinuationClient, GuardedNextTier, RetryPolicy
+from shared.serving.next_tier import CircuitBreaker, ContinuationClient, GuardedNextTier, HopDeadline, RetryPolicy
 from shared.serving.placement import parse_cpu_list, pin_process
 from shared.serving.process import exit_with_parent
 from shared.serving.runner import SliceRunner
@@ -48,27 +48,28 @@ def guarded_next_tier(settings: ForwardingSettings) -> GuardedNextTier:
     retry = RetryPolicy(settings.forward_attempts, settings.retry_base_ms / 1000, settings.retry_max_ms / 1000)
     breaker = CircuitBreaker(settings.breaker_failures, settings.breaker_cooldown_s)
     next_name = TIERS[TIERS.index(settings.tier) + 1]
-    return GuardedNextTier(client, next_name, retry, breaker)
+    return GuardedNextTier(client, next_name, retry, breaker,
+                           hop_deadline=HopDeadline(settings.hop_timeout, settings.min_hop_timeout))
 
 
 def _load(settings: TierSettings, metrics: TierMetrics, next_tier: GuardedNextTier | None,
-          admission: InflightLimit) -> tuple[TierLoop, TextEncoder | None]:
+          admission: WorkLimit) -> tuple[TierLoop, TextEncoder | None]:
     """Read the manifest, verify and open this tier's slice (blocking: run it in a thread)."""
     manifest = load_manifest(settings.artifacts)
     spec = manifest.slice(settings.tier)
     runner = SliceRunner(verified_slice_path(settings.artifacts, spec), spec, settings.onnx_threads,
-                         workers=settings.slice_workers, spinning=settings.onnx_spinning)
+                         workers=settings.slice_workers, spinning=settings.onnx_spinning,
+                         max_sequence=manifest.max_length)
     batcher = None
     if settings.max_batch_size > 1:
         batcher = Batcher(runner, settings.max_batch_size, settings.max_queue_delay_ms / 1000, metrics,
-                          inline_max_samples=settings.inline_max_samples, alone=lambda: admission.current <= 1,
+                          inline_max_samples=settings.inline_max_samples, alone=lambda: admission.calls <= 1,
                           concurrency=settings.slice_workers)
     forwarding = settings if isinstance(settings, ForwardingSettings) else None
     loop = TierLoop(
         manifest, settings.tier, runner, metrics, next_tier, batcher=batcher,
         forward_encoding=forwarding.forward_encoding if forwarding else "fp32",
         threshold_override=forwarding.threshold if forwarding else None,
-        hop_timeout=forwarding.hop_timeout if forwarding else 10.0,
         deadline_margin=forwarding.deadline_margin_ms / 1000 if forwarding else 0.0)
     encoder = None
     if isinstance(settings, MobileSettings) and manifest.family == "text":
@@ -106,7 +107,7 @@ async def serve(settings: TierSettings, stop: asyncio.Event) -> None:
     metrics = TierMetrics(tier)
     if settings.metrics_port:
         metrics.serve(settings.metrics_port, settings.metrics_addr)
-    admission = InflightLimit(settings.max_inflight, tier)
+    admission = WorkLimit(settings.max_inflight_samples, tier)
     servicer: TierServicer
     if isinstance(settings, MobileSettings):
         servicer = ClassifierServicer(tier, metrics, settings.max_batch, admission, settings.max_text_chars)

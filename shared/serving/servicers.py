@@ -15,9 +15,9 @@ from shared.contract.images import ImageInput
 from shared.contract.manifest import Tier
 from shared.contract.text import TextEncoder
 from shared.errors import InvalidInput, NotReady
-from shared.serving.admission import InflightLimit
+from shared.serving.admission import WorkLimit
 from shared.serving.metrics import TierMetrics
-from shared.serving.tier import TierLoop, check_thresholds, sample_ids
+from shared.serving.tier import TierLoop, check_sample_ids, check_thresholds, sample_ids
 from shared.wire.codec import decode_tensors, from_tensor
 from shared.wire.rpc import pb2, pb2_grpc
 
@@ -25,7 +25,7 @@ from shared.wire.rpc import pb2, pb2_grpc
 class TierServicer:
     """Holds the tier loop once it is loaded; until then requests get UNAVAILABLE."""
 
-    def __init__(self, tier: Tier, metrics: TierMetrics, max_batch: int, admission: InflightLimit,
+    def __init__(self, tier: Tier, metrics: TierMetrics, max_batch: int, admission: WorkLimit,
                  inject_delay: float = 0.0) -> None:
         self.tier = tier
         self.metrics = metrics
@@ -33,7 +33,7 @@ class TierServicer:
         self.admission = admission
         self.inject_delay = inject_delay  # test hook (settings.inject_delay_ms): seconds before Continue
         self.loop: TierLoop | None = None
-        metrics.series.inflight.set_function(lambda: self.admission.current)
+        metrics.series.inflight.set_function(lambda: self.admission.calls)
 
     def ready(self, loop: TierLoop, encoder: TextEncoder | None = None) -> None:
         """The model is loaded: serve it (encoder: the entry tier's tokeniser, for a text model)."""
@@ -50,13 +50,13 @@ class ContinuationServicer(TierServicer, pb2_grpc.ContinuationServicer):
 
     async def Continue(self, request: pb2.ContinueRequest,
                        context: grpc.aio.ServicerContext) -> pb2.ContinueResponse:
-        with self.admission:
-            loop = self.ready_loop()
+        loop = self.ready_loop()
+        if len(request.request_ids) > self.max_batch:
+            raise InvalidInput(f"too many samples: {len(request.request_ids)}, at most {self.max_batch}")
+        check_sample_ids(request.request_ids)
+        with self.admission.admit(len(request.request_ids)):
             if self.inject_delay:
                 await asyncio.sleep(self.inject_delay)
-            if len(request.request_ids) > self.max_batch:
-                raise InvalidInput(
-                    f"too many samples: {len(request.request_ids)}, at most {self.max_batch}")
             thresholds = check_thresholds(request.thresholds)
             inputs = decode_tensors(request.tensors)
             answers = await loop.process(inputs, list(request.request_ids), thresholds, context.time_remaining())
@@ -66,7 +66,7 @@ class ContinuationServicer(TierServicer, pb2_grpc.ContinuationServicer):
 class ClassifierServicer(TierServicer, pb2_grpc.ClassifierServicer):
     """Classify at the entry tier: check and tokenise the texts (or check the images), then the tier loop."""
 
-    def __init__(self, tier: Tier, metrics: TierMetrics, max_batch: int, admission: InflightLimit,
+    def __init__(self, tier: Tier, metrics: TierMetrics, max_batch: int, admission: WorkLimit,
                  max_text_chars: int) -> None:
         super().__init__(tier, metrics, max_batch, admission)
         self.max_text_chars = max_text_chars
@@ -98,8 +98,10 @@ class ClassifierServicer(TierServicer, pb2_grpc.ClassifierServicer):
                                + ("; send images (ClassifyRequest.images)" if loop.manifest.family == "image" else ""))
         self.check_texts(texts)
         checked = check_thresholds(thresholds)
-        encoded = self.encoder.encode(texts)
-        answers = await loop.process(encoded.tensors, sample_ids(request_id, len(texts)), checked, time_left)
+        ids = sample_ids(request_id, len(texts))
+        with self.admission.admit(len(texts)):
+            encoded = self.encoder.encode(texts)
+            answers = await loop.process(encoded.tensors, ids, checked, time_left)
         for answer, truncated in zip(answers, encoded.truncated, strict=True):
             answer.truncated = bool(truncated)
         return answers
@@ -116,18 +118,19 @@ class ClassifierServicer(TierServicer, pb2_grpc.ClassifierServicer):
         if len(images) > self.max_batch:
             raise InvalidInput(f"too many images: {len(images)}, at most {self.max_batch} per request")
         checked = check_thresholds(thresholds)
-        return await loop.process(tensors, sample_ids(request_id, len(images)), checked, time_left)
+        ids = sample_ids(request_id, len(images))
+        with self.admission.admit(len(images)):
+            return await loop.process(tensors, ids, checked, time_left)
 
     async def Classify(self, request: pb2.ClassifyRequest,
                        context: grpc.aio.ServicerContext) -> pb2.ClassifyResponse:
-        with self.admission:
-            time_left = context.time_remaining()
-            if request.HasField("images"):
-                if request.texts:
-                    raise InvalidInput("the request holds both texts and images: send one kind")
-                answers = await self.classify_images(from_tensor(request.images, "images"), request.thresholds,
-                                                     request.request_id, time_left)
-            else:
-                answers = await self.classify_texts(list(request.texts), request.thresholds, request.request_id,
-                                                    time_left)
-            return pb2.ClassifyResponse(answers=answers)
+        time_left = context.time_remaining()
+        if request.HasField("images"):
+            if request.texts:
+                raise InvalidInput("the request holds both texts and images: send one kind")
+            answers = await self.classify_images(from_tensor(request.images, "images"), request.thresholds,
+                                                 request.request_id, time_left)
+        else:
+            answers = await self.classify_texts(list(request.texts), request.thresholds, request.request_id,
+                                                time_left)
+        return pb2.ClassifyResponse(answers=answers)

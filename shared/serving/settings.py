@@ -65,8 +65,9 @@ class TierSettings(BaseSettings):
         "clients re-resolve and spread calls onto replicas started since")
     max_connection_age_grace_s: float = Field(
         5.0, ge=0, description="time calls in flight on a connection being closed for its age get to finish")
-    max_inflight: int = Field(
-        64, ge=1, description="requests handled at once at most; beyond it RESOURCE_EXHAUSTED at once")
+    max_inflight_samples: int = Field(
+        512, ge=1, description="samples (texts, images, forwarded rows) handled at once at most; a request "
+        "beyond it gets RESOURCE_EXHAUSTED at once")
     tls_cert: Path | None = Field(None, description="PEM server certificate: serve TLS (with tls_key)")
     tls_key: Path | None = Field(None, description="PEM private key of tls_cert")
     tls_client_ca: Path | None = Field(
@@ -85,6 +86,13 @@ class TierSettings(BaseSettings):
         if value is None or not value.strip():
             return None
         return format_cpu_list(parse_cpu_list(value))  # ValueError says what is wrong
+
+    @model_validator(mode="after")
+    def _a_full_request_fits(self) -> TierSettings:
+        if self.max_inflight_samples < self.max_batch:
+            raise ValueError(f"max_inflight_samples ({self.max_inflight_samples}) must be at least max_batch "
+                             f"({self.max_batch}), or a full request could never be admitted")
+        return self
 
     @model_validator(mode="after")
     def _tls_files_come_in_pairs(self) -> TierSettings:
@@ -107,7 +115,11 @@ class ForwardingSettings(TierSettings):
     threshold: float | None = Field(
         None, ge=0, description="override of this tier's exit threshold (above 1: never answer)")
     hop_timeout: float = Field(
-        10.0, gt=0, description="deadline, seconds, for the call to the next tier")
+        10.0, gt=0, description="deadline, seconds, for a call to the next tier at most (and until the hop's "
+        "time has been measured)")
+    min_hop_timeout: float = Field(
+        1.0, gt=0, description="deadline, seconds, for a call to the next tier at least; between the two, "
+        "ten times the hop's recent time per sample, so that a partitioned next tier is given up on quickly")
     forward_encoding: Literal["fp32", "fp16", "int8", "int8_tensor"] = Field(
         "fp32", description="hidden state sent to the next tier as fp32, fp16, int8 with a scale per token, "
         "or int8 with one scale per tensor (the attention mask always goes as lengths)")

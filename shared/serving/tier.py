@@ -1,4 +1,4 @@
-"""The tier loop, written once for every tier, its gRPC servicers, and the error -> status mapping.
+"""The tier loop, written once for every tier (shared.serving.servicers calls it).
 
 Per request: run the slice, softmax(logits / T) with this exit's temperature, answer the samples
 whose confidence >= threshold (the last tier answers all), forward the rest as one smaller batch
@@ -8,27 +8,30 @@ shared.contract.policy.route, and gives the same decisions.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, cast
+from typing import Any, Protocol, cast
 
 import numpy as np
 
 from shared.contract.calibration import softmax_rows
 from shared.contract.manifest import TIERS, Manifest, Tier
-from shared.errors import ArtifactError, InvalidInput
+from shared.errors import ArtifactError, InvalidInput, SliceFailure
 from shared.serving.batching import Batcher
 from shared.serving.metrics import TierMetrics
 from shared.serving.next_tier import NextTierError
-from shared.serving.runner import ATTENTION_MASK, SliceRunner
+from shared.serving.runner import ATTENTION_MASK, SliceResult, SliceRunner
 from shared.wire.codec import encode_tensors, is_unpadded_mask, wire_bytes
 from shared.wire.rpc import pb2
 
 LOGITS = "logits"
+MAX_REQUEST_ID_CHARS = 128
+MAX_SAMPLE_ID_CHARS = MAX_REQUEST_ID_CHARS + 8  # "<request id>/<index>"
 DEGRADED_LOG_INTERVAL = 10.0  # seconds between warnings about degraded answers, at most
 log = logging.getLogger("tierserve.tier")
 
@@ -56,9 +59,29 @@ def check_thresholds(thresholds: Mapping[str, float]) -> dict[str, float]:
 
 
 def sample_ids(request_id: str, count: int) -> list[str]:
-    """One id per sample of a request, `<request id>/<index>` (a random request id when none is given)."""
+    """One id per sample of a request, `<request id>/<index>` (a random request id when none is given).
+
+    Every answer carries its id: a long one would multiply into every answer of the request."""
+    if len(request_id) > MAX_REQUEST_ID_CHARS:
+        raise InvalidInput(f"the request id has {len(request_id)} characters, at most {MAX_REQUEST_ID_CHARS}")
     prefix = request_id or uuid.uuid4().hex[:16]
     return [f"{prefix}/{i}" for i in range(count)]
+
+
+def check_sample_ids(ids: Sequence[str]) -> None:
+    """Sample ids from the tier before (sample_ids' form) are at most MAX_SAMPLE_ID_CHARS long."""
+    for i, sample_id in enumerate(ids):
+        if len(sample_id) > MAX_SAMPLE_ID_CHARS:
+            raise InvalidInput(f"request id {i} has {len(sample_id)} characters, at most {MAX_SAMPLE_ID_CHARS}")
+
+
+def without_padding(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """`arrays` without the sequence columns that are padding in every row (views)."""
+    mask = arrays.get(ATTENTION_MASK)
+    if mask is None or not mask.size or is_unpadded_mask(mask) or mask[:, -1].any():
+        return dict(arrays)
+    width = int(np.flatnonzero(mask.any(axis=0))[-1]) + 1
+    return {name: a[:, :width] if a.ndim >= 2 and a.shape[1] == mask.shape[1] else a for name, a in arrays.items()}
 
 
 def forwarded_tensors(inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray],
@@ -72,12 +95,15 @@ def forwarded_tensors(inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np
     picked = {name: outputs[source] if source in outputs else inputs[source] for name, source in forwards.items()}
     if len(rows) != len(next(iter(picked.values()))):
         picked = {name: a[rows] for name, a in picked.items()}
-    mask = picked.get(ATTENTION_MASK)
-    if mask is not None and mask.size and not is_unpadded_mask(mask) and not mask[:, -1].any():
-        width = int(np.flatnonzero(mask.any(axis=0))[-1]) + 1
-        picked = {name: a[:, :width] if a.ndim >= 2 and a.shape[1] == mask.shape[1] else a
-                  for name, a in picked.items()}
-    return picked
+    return without_padding(picked)
+
+
+def check_outputs(tier: str, outputs: Mapping[str, np.ndarray]) -> None:
+    """A slice's float outputs must be finite: NaN or infinity is this tier's failure, never an answer."""
+    for name, array in outputs.items():
+        if array.dtype.kind == "f" and not math.isfinite(float(array.sum())) and not np.isfinite(array).all():
+            log.warning("the %s slice produced non-finite values in '%s'", tier, name)
+            raise SliceFailure(f"the {tier} slice produced non-finite values in '{name}' for this input")
 
 
 @dataclass
@@ -90,7 +116,6 @@ class TierLoop:
     metrics: TierMetrics
     next_tier: NextTier | None = None  # None: the last tier, which answers everything
     threshold_override: float | None = None  # the node's config, over the manifest's
-    hop_timeout: float = 10.0
     deadline_margin: float = 0.010  # seconds kept back from the caller's deadline for our own answer
     min_forward_seconds: float = 0.002  # less time than this left for the next tier: answer degraded
     batcher: Batcher | None = None  # dynamic batching of concurrent requests (shared.serving.batching)
@@ -125,7 +150,9 @@ class TierLoop:
         """Answers for every sample of `inputs`, in order, each with this tier's timing first.
 
         thresholds: the request's overrides (validated), passed on to the next tier unchanged.
-        time_left: seconds until the caller's deadline, if it set one.
+        time_left: seconds until the caller's deadline, if it set one. A request larger than one
+        slice run (the batcher's max_batch_size) runs chunk by chunk, so that other requests' runs
+        go between its chunks; each chunk's forward overlaps the next chunk's run.
         """
         started = time.perf_counter()
         batch = self.runner.check_inputs(inputs)
@@ -133,13 +160,37 @@ class TierLoop:
             raise InvalidInput("the batch is empty")
         if len(request_ids) != batch:
             raise InvalidInput(f"{len(request_ids)} request ids for a batch of {batch} samples")
+        self.metrics.series.samples.inc(batch)
+        size = self.batcher.max_batch_size if self.batcher is not None else batch
+        if batch <= size:
+            return await (await self._exit(inputs, request_ids, thresholds, time_left, started))
+        pending: list[asyncio.Future[list[pb2.Answer]]] = []
+        try:
+            for start in range(0, batch, size):
+                chunk = without_padding({name: a[start:start + size] for name, a in inputs.items()})
+                pending.append(asyncio.ensure_future(
+                    await self._exit(chunk, request_ids[start:start + size], thresholds, time_left, started)))
+            answers = [answer for chunk_answers in pending for answer in await chunk_answers]
+        finally:
+            for chunk_answers in pending:
+                chunk_answers.cancel()
+        for index, answer in enumerate(answers):
+            answer.index = index
+        return answers
+
+    async def _exit(self, inputs: Mapping[str, np.ndarray], request_ids: Sequence[str],
+                    thresholds: Mapping[str, float], time_left: float | None, started: float
+                    ) -> Coroutine[Any, Any, list[pb2.Answer]]:
+        """Run the slice and decide each sample's exit; what is left (the forward and the answers)
+        comes back as a coroutine to await."""
         metrics = self.metrics
-        metrics.series.samples.inc(batch)
+        batch = len(request_ids)
         if self.batcher is not None:  # it records batch size and compute time per merged run
             result = await self.batcher.run(inputs)
         else:
             result = await self.runner.run(inputs)
             _record_run(metrics, batch, result.compute_seconds)
+        check_outputs(self.tier, result.outputs)
         # Python lists from here: for the few rows of a request, numpy's per-call set-up costs more
         probs = softmax_rows(result.outputs[LOGITS].tolist(), self.exit.temperature)
         confidence = [max(p) for p in probs]
@@ -147,12 +198,20 @@ class TierLoop:
             rows = []
         else:
             threshold = self.threshold(thresholds)
-            rows = [i for i, c in enumerate(confidence) if not c >= threshold]  # NaN: forwarded
+            rows = [i for i, c in enumerate(confidence) if not c >= threshold]
         forwarded = set(rows)
         answers: list[pb2.Answer | None] = [
             None if i in forwarded else self._answer(probs[i], request_ids[i]) for i in range(batch)]
-        waited = 0.0
         _record_exit(metrics, confidence, batch - len(rows))
+        return self._answers(inputs, result, probs, answers, rows, request_ids, thresholds, time_left, started)
+
+    async def _answers(self, inputs: Mapping[str, np.ndarray], result: SliceResult, probs: list[list[float]],
+                       answers: list[pb2.Answer | None], rows: list[int], request_ids: Sequence[str],
+                       thresholds: Mapping[str, float], time_left: float | None, started: float
+                       ) -> list[pb2.Answer]:
+        """Forward `rows` to the next tier and fill their answers in (degraded if it fails)."""
+        metrics = self.metrics
+        waited = 0.0
         if len(rows):
             assert self.next_tier is not None
             tensors = encode_tensors(forwarded_tensors(inputs, result.outputs, self.forwards, rows),
@@ -191,9 +250,9 @@ class TierLoop:
         the margin our own answer needs, so that a slow next tier still leaves us time to answer.
         """
         assert self.next_tier is not None
-        timeout = self.hop_timeout
+        timeout = None  # the next tier's client keeps its own deadline for the hop (HopDeadline)
         if time_left is not None:
-            timeout = min(timeout, time_left - spent - self.deadline_margin)
+            timeout = time_left - spent - self.deadline_margin
             if timeout < self.min_forward_seconds:
                 return NextTierError(
                     f"{self.next_name} skipped: the deadline ({time_left * 1000:.0f} ms left on arrival) "
