@@ -211,14 +211,14 @@ def test_images_sent_to_a_text_model_are_invalid_input(manifest: Manifest) -> No
     from types import SimpleNamespace
 
     from shared.errors import InvalidInput
-    from shared.serving.admission import InflightLimit
+    from shared.serving.admission import WorkLimit
     from shared.serving.metrics import TierMetrics
     from shared.serving.servicers import ClassifierServicer
 
     text_manifest = manifest.model_copy(update={"family": "text", "input_shape": None, "max_length": 32,
                                                 "tokenizer_file": "tokenizer.json"})
     servicer = ClassifierServicer("mobile", TierMetrics("mobile"), max_batch=8,
-                                  admission=InflightLimit(4, "mobile"), max_text_chars=100)
+                                  admission=WorkLimit(8, "mobile"), max_text_chars=100)
     servicer.ready(SimpleNamespace(manifest=text_manifest))  # type: ignore[arg-type]
     with pytest.raises(InvalidInput, match=r"this model \(text\) does not take images; send texts"):
         asyncio.run(servicer.classify_images(np.zeros((1, 12, 12), np.uint8), {}, "", None))

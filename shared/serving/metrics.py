@@ -8,11 +8,22 @@ derives every series name from it, so a labelled metric that has no sample yet i
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Literal
-from wsgiref.simple_server import WSGIServer
+from socketserver import ThreadingMixIn
+from typing import Any, Literal, cast
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    make_wsgi_app,
+)
 
 from shared.contract.manifest import TIERS
 from shared.errors import TierServeError
@@ -141,6 +152,9 @@ class TierMetrics:
     def __init__(self, tier: str, registry: CollectorRegistry | None = None) -> None:
         self.tier = tier
         self.registry = registry or CollectorRegistry()
+        if registry is None:  # the process's CPU, memory and file descriptors (process_*), Python's version
+            ProcessCollector(registry=self.registry)
+            PlatformCollector(registry=self.registry)
         self.hop = HOPS.get(tier)  # None at the last tier
         for spec in SPECS:
             metric = _make(spec, self.registry)
@@ -170,13 +184,32 @@ class TierMetrics:
         duration.observe(seconds)
 
     def serve(self, port: int, addr: str = "0.0.0.0") -> WSGIServer:
-        """Expose /metrics over HTTP on `port` (a daemon thread); `.shutdown()` stops it."""
+        """Expose /metrics over HTTP on `port` (a daemon thread); other paths are 404, so that a
+        probe pointed at the wrong path fails instead of looking healthy. `.shutdown()` stops it."""
+        metrics_app = make_wsgi_app(self.registry)
+
+        def app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+            if environ.get("PATH_INFO", "") in ("/metrics", "/metrics/"):
+                return cast(Iterable[bytes], metrics_app(environ, start_response))
+            start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
+            return [f"not found: this is the {self.tier} tier's metrics server; metrics are at /metrics\n".encode()]
+
         try:
-            server, _thread = start_http_server(port, addr=addr, registry=self.registry)
+            server = make_server(addr, port, app, ThreadingWSGIServer, handler_class=_QuietHandler)
         except OSError as exc:
             raise TierServeError(f"the {self.tier} tier cannot serve metrics on {addr}:{port}: {exc.strerror} "
                                  "(set metrics_port to a free port, or 0 for no metrics server)") from None
+        threading.Thread(target=server.serve_forever, name=f"{self.tier}-metrics", daemon=True).start()
         return server
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the base class's name)
+        pass  # no line on stderr per scrape
+
+
+class ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
 
 
 def metric_names() -> set[str]:

@@ -15,13 +15,14 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
 from shared.contract.manifest import TIERS, load_manifest, verified_slice_path
 from shared.contract.text import TextEncoder
 from shared.errors import TierServeError
 from shared.serving.admission import WorkLimit
 from shared.serving.batching import Batcher
+from shared.serving.logs import configure_logging
 from shared.serving.metrics import TierMetrics
 from shared.serving.next_tier import CircuitBreaker, ContinuationClient, GuardedNextTier, HopDeadline, RetryPolicy
 from shared.serving.placement import parse_cpu_list, pin_process
@@ -38,6 +39,7 @@ log = logging.getLogger("tierserve.server")
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
 NEXT_TIER_START_WAIT = 5.0  # seconds a tier waits for its next tier at start before warning
 
 
@@ -75,6 +77,18 @@ def _load(settings: TierSettings, metrics: TierMetrics, next_tier: GuardedNextTi
     if isinstance(settings, MobileSettings) and manifest.family == "text":
         encoder = TextEncoder.for_manifest(manifest, settings.artifacts)
     return loop, encoder
+
+
+def enable_reflection(server: grpc.aio.Server, services: Sequence[str]) -> None:
+    """gRPC server reflection listing `services`, as v1alpha (grpcio-reflection's) and v1: the two
+    protocols differ only in their package name, so v1 is the same servicer under its own name."""
+    servicer = reflection.aio.ReflectionServicer((*services, reflection.SERVICE_NAME, REFLECTION_V1))
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
+    info = grpc.stream_stream_rpc_method_handler(
+        servicer.ServerReflectionInfo, request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString)
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(REFLECTION_V1, {"ServerReflectionInfo": info}),))
 
 
 def _bind(server: grpc.aio.Server, settings: TierSettings) -> int:
@@ -135,7 +149,8 @@ async def serve(settings: TierSettings, stop: asyncio.Event) -> None:
     else:
         assert isinstance(servicer, ContinuationServicer)
         pb2_grpc.add_ContinuationServicer_to_server(servicer, server)
-    reflection.enable_server_reflection((*services, HEALTH_SERVICE, reflection.SERVICE_NAME), server)
+    if settings.reflection:
+        enable_reflection(server, (*services, HEALTH_SERVICE))
     port = _bind(server, settings)
     for name in ("", *services):
         await health_servicer.set(name, NOT_SERVING)
@@ -202,9 +217,7 @@ def run_event_loop(main: Coroutine[Any, Any, None], kind: str = "auto") -> None:
 
 def run_tier(settings: TierSettings) -> int:
     """Serve a tier in this process until SIGTERM/SIGINT; the exit status."""
-    logging.basicConfig(
-        level=logging.INFO, stream=sys.stderr,
-        format=f"%(asctime)s {settings.tier} %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.tier, settings.log_level, settings.log_format)
     exit_with_parent()
     try:
         if settings.cpus is not None:  # before the slice's and gRPC's threads start: they inherit it

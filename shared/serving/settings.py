@@ -57,6 +57,13 @@ class TierSettings(BaseSettings):
         "auto", description="the tier's event loop: uvloop (libuv, in C: each hop's hand-offs and task "
         "switches cost less), asyncio (the standard library's), auto: uvloop where it is installed")
     grace_seconds: float = Field(5.0, ge=0, description="time to finish in-flight RPCs on SIGTERM")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="the least severe log level shown")
+    log_format: Literal["text", "json"] = Field(
+        "text", description="log lines as plain text, or one JSON object per line (time, level, tier, logger, "
+        "message) for a log collector")
+    reflection: bool = Field(
+        True, description="serve gRPC server reflection (v1 and v1alpha), listing the services this tier serves")
     reuse_port: bool = Field(
         False, description="let several processes listen on the same port (SO_REUSEPORT); off: a port in use "
         "is an error at start")
