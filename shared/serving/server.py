@@ -50,8 +50,11 @@ def guarded_next_tier(settings: ForwardingSettings) -> GuardedNextTier:
     retry = RetryPolicy(settings.forward_attempts, settings.retry_base_ms / 1000, settings.retry_max_ms / 1000)
     breaker = CircuitBreaker(settings.breaker_failures, settings.breaker_cooldown_s)
     next_name = TIERS[TIERS.index(settings.tier) + 1]
-    return GuardedNextTier(client, next_name, retry, breaker,
-                           hop_deadline=HopDeadline(settings.hop_timeout, settings.min_hop_timeout))
+    # a call covers every hop after this tier: the next tier's own deadline for its hop must end
+    # first, so that it still answers (degraded) before this tier gives up on it
+    hops = len(TIERS) - 1 - TIERS.index(settings.tier)
+    return GuardedNextTier(client, next_name, retry, breaker, hop_deadline=HopDeadline(
+        settings.hop_timeout * hops, settings.min_hop_timeout * hops))
 
 
 def _load(settings: TierSettings, metrics: TierMetrics, next_tier: GuardedNextTier | None,

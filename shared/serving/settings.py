@@ -122,11 +122,12 @@ class ForwardingSettings(TierSettings):
     threshold: float | None = Field(
         None, ge=0, description="override of this tier's exit threshold (above 1: never answer)")
     hop_timeout: float = Field(
-        10.0, gt=0, description="deadline, seconds, for a call to the next tier at most (and until the hop's "
-        "time has been measured)")
+        10.0, gt=0, description="deadline, seconds per hop after this tier, for a call to the next tier at most "
+        "(and until the hop's time has been measured)")
     min_hop_timeout: float = Field(
-        1.0, gt=0, description="deadline, seconds, for a call to the next tier at least; between the two, "
-        "ten times the hop's recent time per sample, so that a partitioned next tier is given up on quickly")
+        1.0, gt=0, description="deadline, seconds per hop after this tier, for a call to the next tier at least; "
+        "between the two, ten times the hop's recent time per sample, so that a partitioned next tier is given up "
+        "on quickly")
     forward_encoding: Literal["fp32", "fp16", "int8", "int8_tensor"] = Field(
         "fp32", description="hidden state sent to the next tier as fp32, fp16, int8 with a scale per token, "
         "or int8 with one scale per tensor (the attention mask always goes as lengths)")

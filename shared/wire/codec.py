@@ -108,7 +108,9 @@ def from_tensor(tensor: pb2.Tensor, name: str = "tensor") -> np.ndarray:
     array = np.frombuffer(data, dtype=dtype).reshape(shape)
     # a finite sum means every value is finite: one pass instead of two; a sum that overflows
     # (or an array that holds NaN) gets the exact check
-    if dtype.kind == "f" and not math.isfinite(array.sum()) and not np.isfinite(array).all():
+    with np.errstate(over="ignore", invalid="ignore"):
+        finite_sum = dtype.kind != "f" or math.isfinite(array.sum())
+    if not finite_sum and not np.isfinite(array).all():
         bad = int(np.flatnonzero(~np.isfinite(array.reshape(-1)))[0])
         raise InvalidInput(
             f"tensor '{name}' holds NaN or infinite values (first at flat index {bad})")

@@ -1,0 +1,219 @@
+"""Hostile and overloaded traffic, and what operators see: one regression test per finding of the
+attack run against three tiers on 127.0.0.1 (each names the old behaviour it would have caught).
+CANCELLED and DEADLINE_EXCEEDED in tierserve_errors_total are asserted in tests/test_transport.py.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from bench.common import scrape
+from shared.client import TierClient
+from shared.contract.manifest import Manifest, artifact_path, load_manifest, save_manifest
+from shared.errors import ArtifactError, SliceFailure
+from shared.serving.tier import MAX_REQUEST_ID_CHARS, check_outputs
+from shared.tools.processes import TierCluster, running_tiers, start_tier, wait_until_serving
+from shared.wire.codec import to_tensor
+from shared.wire.rpc import pb2, pb2_grpc
+from tests.tiny_model import sentence
+
+TO_THE_CLOUD = {"mobile": 1.01, "edge": 1.01}
+_rng = np.random.default_rng(5)
+TEXTS = [sentence(_rng, i % 2, 3) for i in range(300)]
+
+
+@pytest.fixture(scope="module")
+def manifest(tiny_artifacts: Path) -> Manifest:
+    return load_manifest(tiny_artifacts)
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_artifacts: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TierCluster]:
+    flags = {"mobile": {"log_format": "json"}}
+    with running_tiers(tiny_artifacts, flags=flags, log_dir=tmp_path_factory.mktemp("logs")) as started:
+        yield started
+
+
+@pytest.fixture(scope="module")
+def client(cluster: TierCluster) -> Iterator[TierClient]:
+    with TierClient(cluster.entry_address, timeout=60) as started:
+        yield started
+
+
+def _continue(cluster: TierCluster, request: pb2.ContinueRequest, tier: str = "edge") -> grpc.RpcError | None:
+    with grpc.insecure_channel(cluster.tiers[tier].address) as channel:
+        try:
+            pb2_grpc.ContinuationStub(channel).Continue(request, timeout=30)
+        except grpc.RpcError as exc:
+            return exc
+    return None
+
+
+def _hidden(batch: int, tokens: int, size: int, value: float = 0.0) -> dict[str, pb2.Tensor]:
+    return {"hidden": to_tensor(np.full((batch, tokens, size), value, np.float32)),
+            "attention_mask": to_tensor(np.ones((batch, tokens), np.int64))}
+
+
+def test_1_sequences_beyond_the_models_max_length_are_refused_before_the_slice_runs(
+        cluster: TierCluster, client: TierClient, manifest: Manifest) -> None:
+    """Was: a Continue of 2 x 4,096 tokens ran the edge's slice for 21.6 s and took 3.77 GB."""
+    assert manifest.max_length is not None
+    started = time.monotonic()
+    error = _continue(cluster, pb2.ContinueRequest(tensors=_hidden(2, 4096, manifest.hidden_size),
+                                                   request_ids=["a/0", "a/1"]))
+    assert error is not None and error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"sequences of 4096 tokens: this model takes at most {manifest.max_length}" in error.details()
+    assert time.monotonic() - started < 5
+    assert client.classify(TEXTS[:2], TO_THE_CLOUD)[0].tier == "cloud"
+
+
+def test_2_long_request_ids_are_refused_at_classify_and_at_continue(
+        cluster: TierCluster, client: TierClient, manifest: Manifest) -> None:
+    """Was: a 1 MB request id was copied into each of 256 answers (a 256 MB answer, then
+    RESOURCE_EXHAUSTED after all the work); 200 KB ids were accepted at Continue."""
+    with pytest.raises(grpc.RpcError) as caught:
+        client.classify(TEXTS[:256], request_id="x" * 1_000_000)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"at most {MAX_REQUEST_ID_CHARS}" in caught.value.details()
+    error = _continue(cluster, pb2.ContinueRequest(tensors=_hidden(2, 3, manifest.hidden_size),
+                                                   request_ids=["y" * 200_000 + "/0", "z/1"]))
+    assert error is not None and error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "request id 0 has 200002 characters" in error.details()
+    answers = client.classify(TEXTS[:2], request_id="r" * MAX_REQUEST_ID_CHARS)
+    assert answers[1].request_id == "r" * MAX_REQUEST_ID_CHARS + "/1"
+
+
+def test_3_a_request_larger_than_a_slice_run_goes_in_chunks_and_keeps_its_order(
+        cluster: TierCluster, client: TierClient) -> None:
+    """Was: one large request ran as one slice run, holding the slice while others waited."""
+    before = scrape(cluster.tiers["mobile"].metrics_port)
+    answers = client.classify(TEXTS[:70], TO_THE_CLOUD, request_id="big")
+    after = scrape(cluster.tiers["mobile"].metrics_port)
+    assert [a.index for a in answers] == list(range(70))
+    assert [a.request_id for a in answers] == [f"big/{i}" for i in range(70)]
+    assert all(a.tier == "cloud" and not a.degraded for a in answers)
+
+    def runs(samples: dict, le: str) -> float:
+        return samples[("tierserve_batch_size_bucket", (("le", le), ("tier", "mobile")))]
+
+    total = runs(after, "+Inf") - runs(before, "+Inf")
+    assert total >= 3, "70 samples in slice runs of at most 32"
+    assert runs(after, "32.0") - runs(before, "32.0") == total, "no slice run of more than 32 samples"
+
+
+def test_4_huge_finite_values_are_refused_and_a_slices_non_finite_output_is_never_an_answer(
+        cluster: TierCluster, manifest: Manifest) -> None:
+    """Was: hidden values of 3e38 passed the NaN/inf check and came back as OK answers with NaN
+    confidence; an edge whose slice made NaN forwarded it."""
+    error = _continue(cluster, pb2.ContinueRequest(tensors=_hidden(1, 3, manifest.hidden_size, 3e38),
+                                                   request_ids=["h/0"]))
+    assert error is not None and error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "beyond +-10000" in error.details()
+    with pytest.raises(SliceFailure, match="the edge slice produced non-finite values in 'hidden'") as caught:
+        check_outputs("edge", {"logits": np.zeros((1, 2), np.float32),
+                               "hidden": np.array([[[1.0, math.nan]]], np.float32)})
+    assert caught.value.code == "INTERNAL"
+    check_outputs("edge", {"logits": np.full((1, 2), 3e38, np.float32)})  # large but finite: fine
+
+
+def test_6_manifest_paths_stay_inside_the_model_folder(tiny_artifacts: Path, tmp_path: Path) -> None:
+    """Was: a manifest naming ../../../etc/passwd had it opened and hashed; a slice outside the
+    folder loaded and served."""
+    for name in ("../../../../etc/passwd", "/etc/passwd", "sub/../../x.onnx"):
+        with pytest.raises(ArtifactError, match="outside the model folder"):
+            artifact_path(tiny_artifacts, name, "cloud slice")
+    assert artifact_path(tiny_artifacts, "./sub/../cloud.onnx", "cloud slice") == tiny_artifacts / "cloud.onnx"
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_artifacts, folder)
+    manifest = load_manifest(folder)
+    manifest.slices[2].file = "../../../../../etc/passwd"
+    save_manifest(manifest, folder)
+    cloud = start_tier("cloud", folder, tmp_path)
+    assert cloud.process.wait(60) == 2
+    assert "lies outside the model folder" in cloud.log_tail()
+
+
+def _reflected_services(address: str, method: str) -> set[str]:
+    with grpc.insecure_channel(address) as channel:
+        call = channel.stream_stream(
+            method, request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+            response_deserializer=reflection_pb2.ServerReflectionResponse.FromString)
+        [reply] = list(call(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5))
+    return {s.name for s in reply.list_services_response.service}
+
+
+def test_7_reflection_lists_what_a_tier_serves_as_v1_and_v1alpha_and_can_be_off(
+        cluster: TierCluster, tiny_artifacts: Path, tmp_path: Path) -> None:
+    """Was: only v1alpha, always on, and edge and cloud listed the Classifier they do not serve."""
+    reflection = {"grpc.reflection.v1alpha.ServerReflection", "grpc.reflection.v1.ServerReflection"}
+    for version in ("v1alpha", "v1"):
+        method = f"/grpc.reflection.{version}.ServerReflection/ServerReflectionInfo"
+        assert _reflected_services(cluster.tiers["edge"].address, method) == {
+            "tierserve.v1.Continuation", "grpc.health.v1.Health", *reflection}
+        assert _reflected_services(cluster.entry_address, method) == {
+            "tierserve.v1.Classifier", "inference.GRPCInferenceService", "grpc.health.v1.Health", *reflection}
+    quiet = start_tier("cloud", tiny_artifacts, tmp_path, flags={"reflection": "false"})
+    try:
+        wait_until_serving([quiet])
+        with grpc.insecure_channel(quiet.address) as channel, pytest.raises(grpc.RpcError) as caught:
+            stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+            list(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
+                                           timeout=5))
+        assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    finally:
+        quiet.stop()
+
+
+def test_8_a_frozen_next_tier_is_given_up_on_within_about_a_second(tiny_artifacts: Path, tmp_path: Path) -> None:
+    """Was: a partitioned edge (SIGSTOP) held callers without a deadline of their own for the
+    fixed 10 s hop timeout."""
+    with running_tiers(tiny_artifacts, log_dir=tmp_path) as started, \
+            TierClient(started.entry_address, timeout=30) as tier_client:
+        for text in TEXTS[:30]:  # the hops' times, measured
+            assert tier_client.classify([text], TO_THE_CLOUD)[0].tier == "cloud"
+        cloud = started.tiers["cloud"].process
+        os.kill(cloud.pid, signal.SIGSTOP)
+        try:
+            began = time.monotonic()
+            answers = tier_client.classify(TEXTS[:2], TO_THE_CLOUD)
+            waited = time.monotonic() - began
+        finally:
+            os.kill(cloud.pid, signal.SIGCONT)
+    assert all(a.tier == "edge" and a.degraded and "too slow" in a.degraded_reason for a in answers)
+    assert waited < 3, f"{waited:.1f} s"
+
+
+def test_9_a_maximum_size_request_forced_to_the_cloud_is_answered_in_full(
+        cluster: TierCluster, client: TierClient, manifest: Manifest) -> None:
+    """Was: 256 texts x 128 tokens forced to the cloud took 14.4 s and came back all degraded."""
+    long_texts = [" ".join([TEXTS[i]] * 8) for i in range(256)]  # past max_length: truncated
+    answers = client.classify(long_texts, TO_THE_CLOUD, timeout=60)
+    assert len(answers) == 256 and all(a.tier == "cloud" and not a.degraded and a.truncated for a in answers)
+
+
+def test_10_json_logs_process_metrics_and_404_off_the_metrics_path(cluster: TierCluster) -> None:
+    """Was: plain-text logs only, no process metrics, and the metrics server answered 200 on every
+    path (a probe at /v2/health/ready there always looked healthy)."""
+    mobile = cluster.tiers["mobile"]
+    lines = [json.loads(line) for line in mobile.log_tail().splitlines() if line.startswith("{")]
+    assert any(entry["message"].startswith("mobile tier serving") for entry in lines), mobile.log_tail()
+    assert all({"time", "level", "tier", "logger", "message"} <= set(entry) for entry in lines)
+    samples = scrape(mobile.metrics_port)
+    assert samples[("process_resident_memory_bytes", ())] > 0 and ("process_open_fds", ()) in samples
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(f"http://127.0.0.1:{mobile.metrics_port}/v2/health/ready", timeout=5)
+    assert caught.value.code == 404
