@@ -33,8 +33,10 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
-def dev_set(manifest: Manifest, data: str | None = None, limit: int | None = None) -> tuple[list[str], np.ndarray]:
-    """Texts and labels (manifest label order) of the evaluation split: SST-2 dev by default."""
+def dev_set(manifest: Manifest, data: str | None = None, limit: int | None = None
+            ) -> tuple[list[str] | np.ndarray, np.ndarray]:
+    """Texts (an image model: images) and labels (manifest label order) of the evaluation split:
+    SST-2 dev by default (Fashion-MNIST's test split for an image model)."""
     from shared.tools.demo import load_labeled
 
     texts, labels, _ = load_labeled(data, limit, manifest)
@@ -102,15 +104,17 @@ def tiers(artifacts: Path, flags: Mapping[str, Mapping[str, object]] | None = No
         yield cluster
 
 
-def classify_all(address: str, texts: Sequence[str], thresholds: Mapping[str, float] | None = None,
+def classify_all(address: str, texts: Sequence[str] | np.ndarray, thresholds: Mapping[str, float] | None = None,
                  batch_size: int = 32) -> list[Any]:
-    """Answers of the running tiers for every text, in order, `batch_size` texts per request."""
+    """Answers of the running tiers for every text (or image: an image model's array from dev_set),
+    in order, `batch_size` per request."""
     from shared.client import TierClient
 
     answers: list[Any] = []
     with TierClient(address, timeout=300) as client:
+        classify = client.classify_images if isinstance(texts, np.ndarray) else client.classify
         for start in range(0, len(texts), batch_size):
-            answers += client.classify(texts[start:start + batch_size], thresholds)
+            answers += classify(texts[start:start + batch_size], thresholds)
     return answers
 
 
@@ -122,7 +126,7 @@ def predictions(answers: Sequence[Any]) -> np.ndarray:
     return np.array([a.label_index for a in answers])
 
 
-def exit_probabilities(address: str, texts: Sequence[str]) -> list[np.ndarray]:
+def exit_probabilities(address: str, texts: Sequence[str] | np.ndarray) -> list[np.ndarray]:
     """Calibrated probabilities of every exit for every text, from the running tiers' answers:
     one pass answered at mobile (threshold 0), one at edge, one at cloud."""
     passes = [{"mobile": 0.0}, {"mobile": NEVER, "edge": 0.0}, FORCE_CLOUD]

@@ -95,3 +95,14 @@ def test_per_hop_by_block_takes_each_blocks_medians() -> None:
     measured = Measured({"chain": [[1.0, 1.0], [3.0, 2.0, 2.0]], "tiers": [[4.0, 4.0], [5.0, 8.0, 8.0]]})
     assert measured.per_hop_by_block("tiers") == [1.0, 2.0]
 
+
+
+def test_calibration_measures_an_image_model_too(tiny_cnn_artifacts: Path, tiny_image_data: Path,
+                                                 tmp_path: Path) -> None:
+    from bench import calibration
+
+    result = calibration.run(tiny_cnn_artifacts, str(tiny_image_data), limit=60, out=tmp_path, p_tars=(0.8,))
+    assert result["samples"] == 60
+    assert {r["rule"] for r in result["rows"]} == set(calibration.RULES)
+    assert sum(r["exited"] for r in result["rows"] if r["rule"] == "threshold = p_tar"
+               and r["kind"] == "calibrated") <= 60
