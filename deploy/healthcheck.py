@@ -3,6 +3,9 @@
 Usage: python healthcheck.py [HOST:PORT] [SERVICE]. Without an address: $TIERSERVE_HEALTH_ADDRESS,
 else the port of the tier the container runs (PID 1's `python -m <tier>_node [--listen ADDR]`,
 then $TIERSERVE_<TIER>_LISTEN, then the tier's default port), on 127.0.0.1.
+A tier serving TLS: $TIERSERVE_HEALTH_TLS_CA (the CA of its certificate), and for mutual TLS
+$TIERSERVE_HEALTH_TLS_CERT and $TIERSERVE_HEALTH_TLS_KEY (a client certificate it accepts);
+$TIERSERVE_HEALTH_TLS_SERVER_NAME when the certificate does not name the address's host.
 Needs only grpcio and grpcio-health-checking (both in the serving image).
 """
 
@@ -41,8 +44,23 @@ def default_address(env: Mapping[str, str], command: Sequence[str] = ()) -> str:
     return "127.0.0.1:" + listen.rsplit(":", 1)[-1]
 
 
-def check(address: str, service: str = "", timeout: float = 3.0) -> bool:
-    with grpc.insecure_channel(address) as channel:
+def channel_for(address: str, env: Mapping[str, str]) -> grpc.Channel:
+    if not env.get("TIERSERVE_HEALTH_TLS_CA"):
+        return grpc.insecure_channel(address)
+
+    def read(name: str) -> bytes | None:
+        return Path(env[name]).read_bytes() if env.get(name) else None
+
+    credentials = grpc.ssl_channel_credentials(read("TIERSERVE_HEALTH_TLS_CA"), read("TIERSERVE_HEALTH_TLS_KEY"),
+                                               read("TIERSERVE_HEALTH_TLS_CERT"))
+    options = []
+    if env.get("TIERSERVE_HEALTH_TLS_SERVER_NAME"):
+        options.append(("grpc.ssl_target_name_override", env["TIERSERVE_HEALTH_TLS_SERVER_NAME"]))
+    return grpc.secure_channel(address, credentials, options)
+
+
+def check(address: str, service: str = "", timeout: float = 3.0, env: Mapping[str, str] | None = None) -> bool:
+    with channel_for(address, os.environ if env is None else env) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
