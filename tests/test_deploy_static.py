@@ -422,7 +422,71 @@ def test_image_defaults_are_valid_settings() -> None:
         assert settings.listen.startswith("0.0.0.0:") and str(settings.artifacts) == "/artifacts"
 
 
-def test_install_script_is_valid_bash() -> None:
-    script = DEPLOY / "ci" / "install-prometheus.sh"
-    assert script.stat().st_mode & 0o111, "install-prometheus.sh must be executable"
-    subprocess.run(["bash", "-n", str(script)], check=True)
+def test_health_probe_speaks_mutual_tls(tmp_path: Path) -> None:
+    """With TLS the kubelet's gRPC probes cannot be used (plaintext only): deploy/k8s's mTLS
+    component runs this probe with the TIERSERVE_HEALTH_TLS_* variables instead."""
+    from tests.certs import make_pki
+
+    pki = make_pki(tmp_path / "pki")
+    probe = load_probe()
+    servicer = health.HealthServicer()
+    servicer.set("tierserve.v1.Continuation", health_pb2.HealthCheckResponse.SERVING)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    credentials = grpc.ssl_server_credentials(
+        [(pki.server.key.read_bytes(), pki.server.cert.read_bytes())],
+        root_certificates=pki.ca.read_bytes(), require_client_auth=True)
+    port = server.add_secure_port("127.0.0.1:0", credentials)
+    server.start()
+    try:
+        mutual = {"TIERSERVE_HEALTH_TLS_CA": str(pki.ca), "TIERSERVE_HEALTH_TLS_CERT": str(pki.client.cert),
+                  "TIERSERVE_HEALTH_TLS_KEY": str(pki.client.key)}
+        for host in ("127.0.0.1", "localhost"):
+            assert probe.check(f"{host}:{port}", "tierserve.v1.Continuation", env=mutual)
+        assert probe.check(f"127.0.0.1:{port}", "", env={**mutual, "TIERSERVE_HEALTH_TLS_SERVER_NAME": "localhost"})
+        assert not probe.check(f"127.0.0.1:{port}", "", env={"TIERSERVE_HEALTH_TLS_CA": str(pki.ca)}), \
+            "no client certificate: the server refuses the handshake"
+        assert not probe.check(f"127.0.0.1:{port}", "", env={}), "plaintext to a TLS port"
+    finally:
+        server.stop(None)
+
+
+def test_ci_scripts_are_executable_valid_bash() -> None:
+    scripts = sorted((DEPLOY / "ci").glob("*.sh"))
+    assert {s.name for s in scripts} >= {"install-prometheus.sh", "install-engine.sh", "base-images.sh", "smoke.sh"}
+    for script in scripts:
+        assert script.stat().st_mode & 0o111, f"{script.name} must be executable"
+        subprocess.run(["bash", "-n", str(script)], check=True)
+    ci_run = (ROOT / ".ci" / "run").read_text()
+    assert "deploy/ci/smoke.sh" in ci_run and "make test" in ci_run
+
+
+def load_smoke() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("smoke", DEPLOY / "ci" / "smoke.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_smoke_test_runs_the_compose_file_with_only_the_machine_specific_changes(
+        compose: dict[str, Any], tmp_path: Path) -> None:
+    """The container smoke test runs a copy of deploy/docker-compose.yml: images made locally (no
+    registry), host ports on 127.0.0.1, no Grafana (no image); everything else as users get it."""
+    out = tmp_path / "compose.yml"
+    load_smoke().derive_compose(COMPOSE, out, "localhost/tierserve:latest", "localhost/prom:ci")
+    derived = load_yaml(out)
+    assert set(derived["services"]) == {"cloud", "edge", "mobile", "prometheus"}
+    assert not list(compose_validator().iter_errors(derived))
+    for name, service in derived["services"].items():
+        original = compose["services"][name]
+        assert service["ports"] == [f"127.0.0.1:{p}" for p in original["ports"]]
+        assert service["image"] == ("localhost/prom:ci" if name == "prometheus" else "localhost/tierserve:latest")
+        same = set(original) - {"build", "image", "ports", "volumes", "depends_on"}
+        assert {k: service[k] for k in same} == {k: original[k] for k in same}, name
+        assert len(service["volumes"]) == len(original["volumes"])
+        if name in TIERS:
+            assert service.get("depends_on") == original.get("depends_on")
+            assert service["volumes"] == original["volumes"]  # ${TIERSERVE_ARTIFACTS:-...}, set by smoke.sh
+    (config,) = [v for v in derived["services"]["prometheus"]["volumes"] if "prometheus.yml" in v]
+    assert Path(config.split(":")[0]) == DEPLOY / "prometheus" / "prometheus.yml"
