@@ -15,6 +15,11 @@ Three threshold rules, each from the build's calibration split only, never from 
   probability: the rule that calibration exists for, shown calibrated and uncalibrated (T = 1).
 For two classes temperature scaling keeps the order of confidences, so the two rules searched on
 the calibration split pick the same samples calibrated or not: they are shown calibrated only.
+
+The temperatures' keep rule: over SPLIT_SEEDS seeds, how often 5-fold cross-validation
+(shared.contract.calibration.calibrate_exit) and the single 70/30 split it replaced keep each exit's
+fitted temperature, from the build's calibration logits; and each exit's ECE on the evaluation
+split before and after, with 90% bootstrap intervals.
 """
 
 from __future__ import annotations
@@ -36,12 +41,47 @@ from bench.common import (
     uncalibrated,
     write_result,
 )
-from shared.contract.manifest import NEVER_EXIT, TIERS
+from shared.contract.calibration import (
+    calibrate_exit,
+    ece_interval,
+    expected_calibration_error,
+    fit_temperature,
+    nll,
+)
+from shared.contract.manifest import NEVER_EXIT, TIERS, load_calibration_logits
 from shared.contract.policy import DEFAULT_DELTA, p_tar_thresholds, route, threshold_for_target
 
 P_TARS = (0.8, 0.85, 0.9, 0.95)
 EXITS = TIERS[:2]
 RULES = ("guaranteed", "uncorrected", "threshold = p_tar")
+SPLIT_SEEDS = 20
+
+
+def half_split_keeps(logits: np.ndarray, labels: np.ndarray, seed: int, check_fraction: float = 0.3) -> bool:
+    """The keep rule before issue 22: fit T on 70% of the split, keep it if the other 30%'s NLL falls."""
+    order = np.random.default_rng(seed).permutation(len(labels))
+    check, fit = order[: int(len(labels) * check_fraction)], order[int(len(labels) * check_fraction):]
+    t = fit_temperature(logits[fit], labels[fit])
+    return nll(logits[check], labels[check], t) < nll(logits[check], labels[check], 1.0)
+
+
+def temperature_rows(artifacts: Path, dev: list[np.ndarray], dev_raw: list[np.ndarray], labels: np.ndarray,
+                     temperatures: list[float]) -> list[dict[str, Any]]:
+    logits, calib_labels = load_calibration_logits(artifacts)
+    rows = []
+    for i, tier in enumerate(TIERS):
+        z = logits[i]
+        rows.append({
+            "tier": tier, "temperature": temperatures[i], "fitted": fit_temperature(z, calib_labels),
+            "kept_cross_validated": sum(calibrate_exit(z, calib_labels, seed=s).kept for s in range(SPLIT_SEEDS)),
+            "kept_half_split": sum(half_split_keeps(z, calib_labels, s) for s in range(SPLIT_SEEDS)),
+            "seeds": SPLIT_SEEDS,
+            "ece_before": expected_calibration_error(dev_raw[i], labels),
+            "ece_before_interval": ece_interval(dev_raw[i], labels),
+            "ece_after": expected_calibration_error(dev[i], labels),
+            "ece_after_interval": ece_interval(dev[i], labels),
+        })
+    return rows
 
 
 def uncorrected_thresholds(probs: list[np.ndarray], labels: np.ndarray, p_tar: float) -> list[float]:
@@ -88,7 +128,9 @@ def run(artifacts: Path, data: str | None = None, limit: int | None = None, out:
                              "bound": bounds[i], "exited": int(here.sum()), "share": float(here.mean()),
                              "accuracy": accuracy, "miss": None if accuracy is None else p_tar - accuracy})
     result: dict[str, Any] = {"machine": machine(), "artifacts": str(artifacts), "samples": len(texts),
-                              "delta": delta, "rows": rows}
+                              "delta": delta, "rows": rows,
+                              "temperatures": temperature_rows(artifacts, dev, dev_by_kind["uncalibrated"], labels,
+                                                               [e.temperature for e in manifest.exits])}
     for kind, rule in {(r["kind"], r["rule"]) for r in rows}:
         misses = [r["miss"] for r in rows if r["kind"] == kind and r["rule"] == rule and r["miss"] is not None]
         result[f"max_miss/{kind}/{rule}"] = max(misses) if misses else None
@@ -106,6 +148,11 @@ def run(artifacts: Path, data: str | None = None, limit: int | None = None, out:
                       for kind, rule in [("calibrated", r) for r in RULES] + [("uncalibrated", RULES[2])]))
     print("early-exit share on dev, guaranteed vs uncorrected: " + "; ".join(
         f"p_tar {p}: {c['guaranteed']:.3f} vs {c['uncorrected']:.3f}" for p, c in result["coverage"].items()))
+    print(table(["exit", "T shipped", "T fitted", f"kept, 5-fold CV (of {SPLIT_SEEDS} seeds)", "kept, 70/30 split",
+                 "ECE before", "90% interval", "ECE after", "90% interval"],
+                [[t["tier"], t["temperature"], t["fitted"], t["kept_cross_validated"], t["kept_half_split"],
+                  t["ece_before"], "{:.4f}-{:.4f}".format(*t["ece_before_interval"]), t["ece_after"],
+                  "{:.4f}-{:.4f}".format(*t["ece_after_interval"])] for t in result["temperatures"]]))
     if out is not None:
         print(f"wrote {write_result(out, 'calibration', result)}")
     return result
