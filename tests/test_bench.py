@@ -106,3 +106,30 @@ def test_calibration_measures_an_image_model_too(tiny_cnn_artifacts: Path, tiny_
     assert {r["rule"] for r in result["rows"]} == set(calibration.RULES)
     assert sum(r["exited"] for r in result["rows"] if r["rule"] == "threshold = p_tar"
                and r["kind"] == "calibrated") <= 60
+
+
+def test_soak_accounts_for_every_request_and_samples_memory(tiny_artifacts: Path, tiny_data: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from bench import soak
+
+    monkeypatch.setattr(soak, "CHECKPOINT", 20)
+    result = soak.run(tiny_artifacts, str(tiny_data), limit=50, requests=60, concurrency=4)
+    assert result["accounted"] == 60 and result["lost"] == 0
+    assert [m["requests"] for m in result["memory"]] == [20, 40, 60, 60]
+    assert all(m["rss_mb"][tier] > 10 for m in result["memory"] for tier in ("mobile", "edge", "cloud"))
+
+
+def test_overload_drives_a_level_and_counts_goodput(tiny_artifacts: Path, tiny_data: Path) -> None:
+    import asyncio
+
+    from bench import overload
+    from bench.common import dev_set, load, tiers
+
+    texts, _ = dev_set(load(tiny_artifacts), str(tiny_data), 40)
+    with tiers(tiny_artifacts, {"mobile": {"max_inflight_samples": 256}}) as cluster:
+        level = asyncio.run(overload._drive(cluster.entry_address, texts, 32, 12, seconds=1.5, warmup=0.5))
+    outcomes = level["outcomes"]
+    assert outcomes["OK"] > 0 and level["goodput_samples_per_s"] == pytest.approx(
+        outcomes["OK"] * 32 / level["seconds"])
+    assert outcomes.get("RESOURCE_EXHAUSTED", 0) > 0, "12 requests of 32 exceed 256 samples in flight"
+    assert level["refusal_ms"]["n"] == outcomes["RESOURCE_EXHAUSTED"]
