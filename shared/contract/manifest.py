@@ -169,21 +169,27 @@ def save_manifest(manifest: Manifest, folder: str | Path) -> Path:
     return path
 
 
-def verified_slice_path(folder: str | Path, spec: SliceSpec) -> Path:
-    """The slice file's path, after checking that its sha256 matches the manifest."""
-    path = artifact_path(folder, spec.file, f"{spec.tier} slice")
+def verified_file(folder: str | Path, name: str, sha256: str | None, what: str) -> Path:
+    """The path of a file the manifest names, after checking that it lies inside the model folder,
+    exists, is readable and (where the manifest records one) matches its sha256."""
+    path = artifact_path(folder, name, what)
     if not path.is_file():
-        raise ArtifactError(f"slice file {path} for tier {spec.tier} is missing")
-    try:
-        actual = sha256_file(path)
-    except OSError as exc:
-        raise unreadable(path, exc) from exc
-    if actual != spec.sha256:
-        raise ArtifactError(
-            f"slice {path} has sha256 {actual[:12]}..., the manifest expects {spec.sha256[:12]}...: "
-            "the file was modified or belongs to another build; rebuild or restore it"
-        )
+        raise ArtifactError(f"{what} {path} is missing")
+    if sha256 is not None:
+        try:
+            actual = sha256_file(path)
+        except OSError as exc:
+            raise unreadable(path, exc) from exc
+        if actual != sha256:
+            raise ArtifactError(
+                f"{what} {path} has sha256 {actual[:12]}..., the manifest expects {sha256[:12]}...: "
+                "the file was modified or belongs to another build; rebuild or restore it")
     return path
+
+
+def verified_slice_path(folder: str | Path, spec: SliceSpec) -> Path:
+    """The slice file's path, verified (verified_file)."""
+    return verified_file(folder, spec.file, spec.sha256, f"the {spec.tier} slice")
 
 
 def save_calibration_logits(folder: str | Path, logits: list[np.ndarray], labels: np.ndarray) -> Path:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
-from shared.contract.manifest import Manifest, artifact_path, sha256_file, unreadable
+from shared.contract.manifest import Manifest, verified_file
 from shared.errors import ArtifactError
 from shared.wire.codec import unpadded_mask
 
@@ -52,16 +52,7 @@ class TextEncoder:
     @classmethod
     def for_manifest(cls, manifest: Manifest, folder: str | Path) -> TextEncoder:
         assert manifest.tokenizer_file is not None and manifest.max_length is not None
-        path = artifact_path(folder, manifest.tokenizer_file, "tokenizer")
-        if manifest.tokenizer_sha256 is not None and path.is_file():
-            try:
-                actual = sha256_file(path)
-            except OSError as exc:
-                raise unreadable(path, exc) from exc
-            if actual != manifest.tokenizer_sha256:
-                raise ArtifactError(
-                    f"tokenizer {path} has sha256 {actual[:12]}..., the manifest expects "
-                    f"{manifest.tokenizer_sha256[:12]}...: rebuild or restore it")
+        path = verified_file(folder, manifest.tokenizer_file, manifest.tokenizer_sha256, "the tokenizer")
         return cls(path, manifest.max_length)
 
     def token_ids(self, texts: Sequence[str]) -> tuple[list[list[int]], np.ndarray]:
