@@ -132,8 +132,8 @@ class ForwardingSettings(TierSettings):
         "fp32", description="hidden state sent to the next tier as fp32, fp16, int8 with a scale per token, "
         "or int8 with one scale per tensor (the attention mask always goes as lengths)")
     deadline_margin_ms: float = Field(
-        10.0, ge=0, description="time kept back from the caller's deadline to answer degraded in time "
-                                "(the entry tier keeps more: its answer still crosses to the client)")
+        10.0, ge=0, description="time kept back from the caller's deadline to answer degraded in time, at least "
+        "(and at least 5% of the time left; the entry tier keeps more: its answer still crosses to the client)")
     forward_attempts: int = Field(
         3, ge=1, description="calls to the next tier at most per batch (retries on UNAVAILABLE only)")
     retry_base_ms: float = Field(10.0, ge=0, description="backoff before the first retry (full jitter)")

@@ -32,6 +32,7 @@ from shared.wire.rpc import pb2
 LOGITS = "logits"
 MAX_REQUEST_ID_CHARS = 128
 MAX_SAMPLE_ID_CHARS = MAX_REQUEST_ID_CHARS + 8  # "<request id>/<index>"
+DEADLINE_MARGIN_SHARE = 0.05  # of the caller's time left, kept back for this tier's own answer (at least)
 DEGRADED_LOG_INTERVAL = 10.0  # seconds between warnings about degraded answers, at most
 log = logging.getLogger("tierserve.tier")
 
@@ -258,7 +259,8 @@ class TierLoop:
         assert self.next_tier is not None
         timeout = None  # the next tier's client keeps its own deadline for the hop (HopDeadline)
         if time_left is not None:
-            timeout = time_left - spent - self.deadline_margin
+            # under load a tier's own answer takes longer: keep back a share of a long deadline too
+            timeout = time_left - spent - max(self.deadline_margin, DEADLINE_MARGIN_SHARE * time_left)
             if timeout < self.min_forward_seconds:
                 return NextTierError(
                     f"{self.next_name} skipped: the deadline ({time_left * 1000:.0f} ms left on arrival) "
