@@ -135,6 +135,11 @@ def guaranteed_threshold(confidence: np.ndarray, hits: np.ndarray, target: float
     target) <= delta (equivalently, the Clopper-Pearson lower bound >= target); the first candidate
     not rejected stops the search, even if a lower one would pass again: continuing past a failure
     is what would spend the error budget twice.
+
+    The candidates are cut at the sample's own confidences (every n/grid samples), not on a grid
+    fixed in advance: the binomial test then holds given where the cuts fall rather than exactly
+    for fixed thresholds, which 1,000 simulated draws in tests/test_policy.py show costs nothing
+    measurable (the target held in 94% of them at delta 0.1).
     """
     if not 0 < target <= 1:
         raise ValueError(f"target {target} must be in (0, 1]")
@@ -169,7 +174,9 @@ def p_tar_thresholds(probs: list[np.ndarray], labels: np.ndarray | None, p_tar: 
 
     target "accuracy": the exiting samples' accuracy >= p_tar (needs labels); "consistency": their
     agreement with the final exit's answer >= p_tar (needs no labels: it can be checked online).
-    Each tier's guarantee holds with probability >= 1 - delta.
+    Each tier's guarantee holds with probability >= 1 - delta (per tier, not jointly: both at once
+    hold with probability >= 1 - 2 delta). The edge's candidates are the samples the chosen mobile
+    threshold lets through, chosen on the same split.
     """
     final = probs[-1].argmax(axis=-1)
     if target == "accuracy":
