@@ -21,7 +21,7 @@ if ! podman image exists "$PYTHON_BASE"; then
   chroot "$WORK/rootfs" python3 -m venv /opt/python
   rm -rf "$WORK"/rootfs/var/lib/apt/lists/* "$WORK"/rootfs/var/cache/apt/*.bin \
     "$WORK"/rootfs/var/cache/apt/archives/*.deb
-  tar -C "$WORK/rootfs" -c . | podman import \
+  tar -C "$WORK/rootfs" -c . | podman import -q \
     --change 'ENV PATH=/opt/python/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
     --change 'ENV LANG=C.UTF-8' --change 'CMD ["python3"]' - "$PYTHON_BASE" >/dev/null
   rm -rf "$WORK/rootfs"

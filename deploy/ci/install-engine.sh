@@ -24,6 +24,9 @@ fi
 if [ ! -x "$CI_HOME/venv/bin/podman-compose" ]; then
   mkdir -p "$CI_HOME"
   python3 -m venv "$CI_HOME/venv"
-  "$CI_HOME/venv/bin/pip" install -q "podman-compose==$PODMAN_COMPOSE_VERSION"
+  if ! "$CI_HOME/venv/bin/pip" install -q "podman-compose==$PODMAN_COMPOSE_VERSION" >"$CI_HOME/pip.log" 2>&1; then
+    cat "$CI_HOME/pip.log" >&2
+    exit 1
+  fi
 fi
 echo "$(podman --version), podman-compose $("$CI_HOME/venv/bin/podman-compose" version 2>/dev/null | grep -o 'podman-compose version [0-9.]*' | awk '{print $3}')"

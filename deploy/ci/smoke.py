@@ -6,6 +6,11 @@ from the repository root). Subcommands:
                        needs changed (printed): local images, host ports on 127.0.0.1, no Grafana
   check ...            against the running stack: wait healthy, answers equal to the same model
                        served as processes, Prometheus targets up, edge stop/start to full answers
+  pods ...             deploy/k8s/base's Deployments as podman containers (no cluster here): each
+                       init container copies from the model image into a volume, each tier runs
+                       with the rendered command, environment, user, read-only root filesystem and
+                       memory limit, its Services' names as network aliases; then the readiness
+                       probes' health checks and a full answer through mobile
 
 Every address is 127.0.0.1 (published ports) or on the compose network the test created.
 """
@@ -327,6 +332,77 @@ def check(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_pods(prefix: str, workdir: Path, timeout: float) -> dict[str, Any]:
+    """The rendered base's pods, emulated as closely as podman allows (see the module's doc)."""
+    from shared.client import TierClient, health_status
+
+    rendered = subprocess.run(["kubectl", "kustomize", str(ROOT / "deploy" / "k8s" / "base")],
+                              capture_output=True, text=True, timeout=60, check=True).stdout
+    docs = [d for d in yaml.safe_load_all(rendered) if d]
+    services = [d for d in docs if d["kind"] == "Service"]
+    label = f"io.tierserve.smoke={prefix}"
+    network = f"{prefix}-k8s"
+    podman("network", "create", "--label", label, network)
+    report: dict[str, Any] = {}
+    addresses: dict[str, str] = {}
+    for deployment in (d for d in docs if d["kind"] == "Deployment"):
+        tier = deployment["metadata"]["name"]
+        spec = deployment["spec"]["template"]["spec"]
+        labels = deployment["spec"]["template"]["metadata"]["labels"]
+        user = f"{spec['securityContext']['runAsUser']}:{spec['securityContext']['runAsGroup']}"
+        # the emptyDir: an empty world-writable (0777) folder. A host folder, bind-mounted: podman
+        # gives a named volume the owner and mode of the image's /artifacts (root, 0755)
+        volume = workdir / f"{tier}-model"
+        volume.mkdir()
+        volume.chmod(0o777)
+        (init,) = spec["initContainers"]
+        (main,) = spec["containers"]
+        hardening = ["--no-healthcheck", "--user", user, "--cap-drop", "ALL", "--security-opt", "no-new-privileges"]
+        podman("run", "--rm", "--label", label, "--network", "none", "--read-only", *hardening,
+               "-v", f"{volume}:{init['volumeMounts'][0]['mountPath']}", init["image"], *init["command"])
+        copied = sorted(f.name for f in volume.iterdir())
+        aliases = [s["metadata"]["name"] for s in services
+                   if all(labels.get(k) == v for k, v in s["spec"]["selector"].items())]
+        env = [f"--env={e['name']}={e['value']}" for e in main["env"]]
+        mounts = {m["name"]: m for m in main["volumeMounts"]}
+        assert main["securityContext"]["readOnlyRootFilesystem"] and set(mounts) == {"model", "tmp"}
+        memory = main["resources"]["limits"]["memory"].replace("Gi", "g").replace("Mi", "m")
+        name = f"{prefix}-{tier}"
+        podman("run", "-d", "--name", name, "--label", label, "--network", network,
+               *[f"--network-alias={a}" for a in aliases], "--read-only",
+               "--tmpfs", mounts["tmp"]["mountPath"], *hardening, "--memory", memory,
+               "-v", f"{volume}:{mounts['model']['mountPath']}:ro", *env, main["image"], *main["command"])
+        addresses[tier] = container_ip(name)
+        probe = main["readinessProbe"]["grpc"]
+        report[tier] = {"model_volume": copied, "aliases": aliases, "user": user, "memory_limit": memory,
+                        "probe": f"{probe['port']} {probe.get('service', '')}"}
+    started = time.monotonic()
+    for tier, info in report.items():
+        main = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == tier)
+        probe = main["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["grpc"]
+        address = f"{addresses[tier]}:{probe['port']}"
+        while health_status(address, timeout=1, service=probe.get("service", "")) != "SERVING":
+            if time.monotonic() - started > timeout:
+                raise AssertionError(f"{tier} pod not ready: {podman('logs', '--tail', '20', f'{prefix}-{tier}')}")
+            time.sleep(0.2)
+        info["ready_after_s"] = round(time.monotonic() - started, 1)
+    with TierClient(f"{addresses['mobile']}:{report['mobile']['probe'].split()[0]}", timeout=30) as client:
+        answers = client.classify(smoke_texts(8), thresholds=FORCE_CLOUD)
+    if not all(a.tier == "cloud" and not a.degraded for a in answers):
+        raise AssertionError(f"pods: answers not full: {[(a.tier, a.degraded_reason) for a in answers]}")
+    report["full_answers_through_mobile"] = len(answers)
+    return report
+
+
+def remove_labelled(prefix: str) -> None:
+    label = f"label=io.tierserve.smoke={prefix}"
+    for kind, listing in (("container", ["ps", "-a", "-q"]), ("volume", ["volume", "ls", "-q"]),
+                          ("network", ["network", "ls", "-q"])):
+        names = podman(*listing, "--filter", label, check=False).split()
+        if names:
+            podman(kind, "rm", "-f", *names, check=False)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -345,12 +421,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--down-s", type=float, default=2.0)
     p.add_argument("--max-restart-s", type=float, default=2.0)
     p.add_argument("--report", type=Path)
+    p = sub.add_parser("pods")
+    p.add_argument("--prefix", required=True)
+    p.add_argument("--workdir", type=Path, required=True, help="an empty folder for the pods' volumes")
+    p.add_argument("--timeout", type=float, default=90.0)
     args = parser.parse_args(argv)
     if args.command == "model":
         make_model(args.out)
         return 0
     if args.command == "compose":
         derive_compose(args.source, args.out, args.image, args.prometheus_image)
+        return 0
+    if args.command == "pods":
+        try:
+            report = run_pods(args.prefix, args.workdir, args.timeout)
+            log(f"k8s base as podman containers: {json.dumps(report)}")
+        finally:
+            remove_labelled(args.prefix)
         return 0
     return check(args)
 

@@ -64,10 +64,15 @@ cleanup() {
   left=$(project_containers)
   if [ -n "$left" ]; then podman rm -f -t 5 $left >/dev/null 2>&1 || true; fi
   podman network rm -f "${PROJECT}_default" >/dev/null 2>&1 || true
+  for kind in container volume network; do  # what the k8s pods step made (smoke.py pods)
+    case $kind in container) list=(ps -a -q);; *) list=("$kind" ls -q);; esac
+    podman "${list[@]}" --filter "label=io.tierserve.smoke=$PROJECT" 2>/dev/null \
+      | xargs -r podman "$kind" rm -f >/dev/null 2>&1 || true
+  done
   podman volume ls -q --filter "label=io.podman.compose.project=$PROJECT" 2>/dev/null \
     | xargs -r podman volume rm -f >/dev/null 2>&1 || true
   rm -rf "$WORK"
-  if [ -n "$(project_containers)" ]; then
+  if [ -n "$(project_containers)$(podman ps -a -q --filter "label=io.tierserve.smoke=$PROJECT" 2>/dev/null)" ]; then
     echo "teardown left containers behind: $(project_containers)" >&2
     rc=1
   else
@@ -133,3 +138,15 @@ took "compose up" "$t"
 step "checks"; t=$SECONDS
 "$PY" deploy/ci/smoke.py check --project "$PROJECT" --artifacts "$WORK/model"
 took "checks" "$t"
+
+step "deploy/k8s/base's pods as containers"; t=$SECONDS
+if command -v kubectl >/dev/null 2>&1; then
+  podman build -q --format docker --build-arg "BASE=$IMAGE" -f deploy/k8s/model.Dockerfile \
+    -t localhost/tierserve-model:default "$WORK/model" >"$WORK/model-image.log" 2>&1 \
+    || { cat "$WORK/model-image.log" >&2; exit 1; }
+  mkdir "$WORK/pods"
+  "$PY" deploy/ci/smoke.py pods --prefix "$PROJECT" --workdir "$WORK/pods"
+else
+  echo "no kubectl (it renders deploy/k8s offline): skipped"
+fi
+took "k8s pods" "$t"
