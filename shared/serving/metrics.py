@@ -103,6 +103,20 @@ SPECS: tuple[MetricSpec, ...] = (
                "RPCs being handled by this tier now", ("tier",)),
     MetricSpec("batch_size", "histogram", f"{PREFIX}_batch_size", "Samples per slice run",
                ("tier",), BATCH_BUCKETS),
+    MetricSpec("exit_threshold", "gauge", f"{PREFIX}_exit_threshold",
+               "The confidence threshold of this tier's exit in force (requests may override it)", ("tier",)),
+    MetricSpec("audits", "counter", f"{PREFIX}_audits",
+               "Early answers of this tier's exit also continued to the final exit (audited)", ("tier",)),
+    MetricSpec("audit_agreements", "counter", f"{PREFIX}_audit_agreements",
+               "Audited early answers whose label the final exit gave too", ("tier",)),
+    MetricSpec("audits_dropped", "counter", f"{PREFIX}_audits_dropped",
+               "Audits skipped or refused because a tier was loaded or the audit budget full", ("tier",)),
+    MetricSpec("agreement_lower_bound", "gauge", f"{PREFIX}_audit_agreement_lower_bound",
+               "Agreement of this exit with the final exit over the recent audits, bounded below with "
+               "probability 1 - audit_delta", ("tier",)),
+    MetricSpec("agreement_target", "gauge", f"{PREFIX}_audit_agreement_target",
+               "The agreement with the final exit this tier's exit should keep (audit alerts compare to it)",
+               ("tier",)),
 )
 
 
@@ -127,6 +141,12 @@ class TierSeries:
     confidence: Histogram
     inflight: Gauge
     batch_size: Histogram
+    exit_threshold: Gauge
+    audits: Counter
+    audit_agreements: Counter
+    audits_dropped: Counter
+    agreement_lower_bound: Gauge
+    agreement_target: Gauge
     forwarded_samples: Counter | None  # None at the last tier
     forwarded_bytes: Counter | None
 
@@ -148,6 +168,12 @@ class TierMetrics:
     degraded: Counter
     inflight: Gauge
     batch_size: Histogram
+    exit_threshold: Gauge
+    audits: Counter
+    audit_agreements: Counter
+    audits_dropped: Counter
+    agreement_lower_bound: Gauge
+    agreement_target: Gauge
 
     def __init__(self, tier: str, registry: CollectorRegistry | None = None) -> None:
         self.tier = tier
@@ -173,7 +199,8 @@ class TierMetrics:
         hop = {"hop": self.hop} if self.hop else None
         own = {attr: getattr(self, attr).labels(tier=tier) for attr in (
             "own_duration", "compute_duration", "downstream_wait", "exits", "samples", "confidence",
-            "inflight", "batch_size")}
+            "inflight", "batch_size", "exit_threshold", "audits", "audit_agreements", "audits_dropped",
+            "agreement_lower_bound", "agreement_target")}
         self.series = TierSeries(
             request_ok=self.request_duration.labels(tier=tier, outcome=OK_OUTCOME), **own,
             forwarded_samples=self.forwarded_samples.labels(**hop) if hop else None,

@@ -26,6 +26,7 @@ from typing import Any, Literal, Protocol
 import grpc
 
 from shared.errors import TierServeError
+from shared.serving.audit import AUDIT_METADATA
 from shared.wire.rpc import DEFAULT_MAX_MESSAGE_BYTES, channel_options, pb2, pb2_grpc
 from shared.wire.targets import grpc_target, target_options
 from shared.wire.tls import ClientTLS, aio_channel
@@ -93,12 +94,13 @@ class ContinuationClient:
         self._continue = pb2_grpc.ContinuationStub(self.channel).Continue
 
     async def continue_batch(self, tensors: Mapping[str, pb2.Tensor], request_ids: Sequence[str],
-                             thresholds: Mapping[str, float], timeout: float | None
+                             thresholds: Mapping[str, float], timeout: float | None, audit: bool = False
                              ) -> list[pb2.Answer]:
-        """The next tier's answers to `tensors` (encoded: shared.wire.codec.encode_tensors)."""
+        """The next tier's answers to `tensors` (encoded: shared.wire.codec.encode_tensors); an
+        audit (shared.serving.audit) is marked so, for the next tiers to drop first under load."""
         request = pb2.ContinueRequest(tensors=tensors, request_ids=request_ids, thresholds=thresholds)
         try:
-            response = await self._continue(request, timeout=timeout)
+            response = await self._continue(request, timeout=timeout, metadata=(AUDIT_METADATA,) if audit else None)
         except grpc.aio.AioRpcError as exc:
             code = exc.code().name
             raise NextTierError(f"next tier at {self.address} answered {code}: {exc.details()}", code) from exc
@@ -216,7 +218,7 @@ class NextTierClient(Protocol):
     address: str
 
     async def continue_batch(self, tensors: Mapping[str, pb2.Tensor], request_ids: Sequence[str],
-                             thresholds: Mapping[str, float], timeout: float | None
+                             thresholds: Mapping[str, float], timeout: float | None, audit: bool = False
                              ) -> list[pb2.Answer]: ...
 
     async def close(self) -> None: ...
@@ -236,8 +238,10 @@ class GuardedNextTier:
         self.hop_deadline = hop_deadline or HopDeadline(ceiling=10.0)
 
     async def continue_batch(self, tensors: Mapping[str, pb2.Tensor], request_ids: Sequence[str],
-                             thresholds: Mapping[str, float], timeout: float | None
+                             thresholds: Mapping[str, float], timeout: float | None, audit: bool = False
                              ) -> list[pb2.Answer]:
+        if audit:  # an audit passed on (shared.serving.audit): one try, no verdict on the tier's health
+            return await self.client.continue_batch(tensors, request_ids, thresholds, timeout, audit=True)
         if not self.breaker.allow():
             raise NextTierError(
                 f"{self.name} circuit open after {self.breaker.failures} consecutive failures "

@@ -21,6 +21,7 @@ from shared.contract.manifest import TIERS, load_manifest, verified_slice_path
 from shared.contract.text import TextEncoder
 from shared.errors import TierServeError
 from shared.serving.admission import WorkLimit
+from shared.serving.audit import Auditor
 from shared.serving.batching import Batcher
 from shared.serving.logs import configure_logging
 from shared.serving.metrics import TierMetrics
@@ -71,11 +72,18 @@ def _load(settings: TierSettings, metrics: TierMetrics, next_tier: GuardedNextTi
                           inline_max_samples=settings.inline_max_samples, alone=lambda: admission.calls <= 1,
                           concurrency=settings.slice_workers)
     forwarding = settings if isinstance(settings, ForwardingSettings) else None
+    auditor = None
+    if forwarding is not None and next_tier is not None and forwarding.audit_fraction > 0:
+        auditor = Auditor(settings.tier, metrics, next_tier.client.continue_batch, forwarding.audit_fraction,
+                          forwarding.audit_budget_samples, forwarding.audit_window, forwarding.audit_delta)
+        metrics.series.agreement_target.set(forwarding.agreement_target)
     loop = TierLoop(
         manifest, settings.tier, runner, metrics, next_tier, batcher=batcher,
         forward_encoding=forwarding.forward_encoding if forwarding else "fp32",
         threshold_override=forwarding.threshold if forwarding else None,
-        deadline_margin=forwarding.deadline_margin_ms / 1000 if forwarding else 0.0)
+        deadline_margin=forwarding.deadline_margin_ms / 1000 if forwarding else 0.0,
+        auditor=auditor, load=lambda: admission.current / admission.limit)
+    metrics.series.exit_threshold.set(loop.threshold({}) if next_tier is not None else 0.0)
     encoder = None
     if isinstance(settings, MobileSettings) and manifest.family == "text":
         encoder = TextEncoder.for_manifest(manifest, settings.artifacts)
@@ -186,6 +194,8 @@ async def serve(settings: TierSettings, stop: asyncio.Event) -> None:
             connecting.cancel()
         await health_servicer.enter_graceful_shutdown()
         await server.stop(settings.grace_seconds)
+        if servicer.loop is not None and servicer.loop.auditor is not None:
+            await servicer.loop.auditor.close()
         if next_tier is not None:
             await next_tier.close()
         if servicer.loop is not None:

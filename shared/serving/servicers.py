@@ -14,8 +14,9 @@ import numpy as np
 from shared.contract.images import ImageInput
 from shared.contract.manifest import Tier
 from shared.contract.text import TextEncoder
-from shared.errors import InvalidInput, NotReady
+from shared.errors import InvalidInput, NotReady, Overloaded
 from shared.serving.admission import WorkLimit
+from shared.serving.audit import is_audit
 from shared.serving.metrics import TierMetrics
 from shared.serving.tier import TierLoop, check_sample_ids, check_thresholds, sample_ids
 from shared.wire.codec import decode_tensors, from_tensor
@@ -54,12 +55,17 @@ class ContinuationServicer(TierServicer, pb2_grpc.ContinuationServicer):
         if len(request.request_ids) > self.max_batch:
             raise InvalidInput(f"too many samples: {len(request.request_ids)}, at most {self.max_batch}")
         check_sample_ids(request.request_ids)
+        audit = is_audit(context.invocation_metadata())
+        if audit and self.admission.current > self.admission.limit / 2:
+            raise Overloaded(f"the {self.tier} tier drops audits first: more than half of its samples budget "
+                             "is in use")
         with self.admission.admit(len(request.request_ids)):
             if self.inject_delay:
                 await asyncio.sleep(self.inject_delay)
             thresholds = check_thresholds(request.thresholds)
             inputs = decode_tensors(request.tensors)
-            answers = await loop.process(inputs, list(request.request_ids), thresholds, context.time_remaining())
+            answers = await loop.process(inputs, list(request.request_ids), thresholds, context.time_remaining(),
+                                         audit)
             return pb2.ContinueResponse(answers=answers)
 
 

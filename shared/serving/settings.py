@@ -134,6 +134,18 @@ class ForwardingSettings(TierSettings):
     deadline_margin_ms: float = Field(
         10.0, ge=0, description="time kept back from the caller's deadline to answer degraded in time, at least "
         "(and at least 5% of the time left; the entry tier keeps more: its answer still crosses to the client)")
+    audit_fraction: float = Field(
+        0.02, ge=0, le=1, description="share of this exit's early answers also continued to the final exit in the "
+        "background, to measure their agreement with it (0: no audits)")
+    audit_budget_samples: int = Field(
+        8, ge=1, description="audited samples in flight at most; more are skipped (so are all while the tier is "
+        "more than half full)")
+    audit_window: int = Field(1000, ge=10, description="recent audits the agreement bound is computed over")
+    audit_delta: float = Field(
+        0.1, gt=0, lt=1, description="the agreement bound holds with probability 1 - audit_delta")
+    agreement_target: float = Field(
+        0.9, ge=0, le=1, description="agreement with the final exit this exit should keep; exported for the "
+        "alert that fires when the bound falls below it")
     forward_attempts: int = Field(
         3, ge=1, description="calls to the next tier at most per batch (retries on UNAVAILABLE only)")
     retry_base_ms: float = Field(10.0, ge=0, description="backoff before the first retry (full jitter)")

@@ -13,7 +13,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Coroutine, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
 
@@ -22,6 +22,7 @@ import numpy as np
 from shared.contract.calibration import softmax_rows
 from shared.contract.manifest import TIERS, Manifest, Tier
 from shared.errors import ArtifactError, InvalidInput, SliceFailure
+from shared.serving.audit import Auditor
 from shared.serving.batching import Batcher
 from shared.serving.metrics import TierMetrics
 from shared.serving.next_tier import NextTierError
@@ -42,7 +43,7 @@ class NextTier(Protocol):
     tensors encoded already (shared.wire.codec.encode_tensors)."""
 
     async def continue_batch(self, tensors: Mapping[str, pb2.Tensor], request_ids: Sequence[str],
-                             thresholds: Mapping[str, float], timeout: float | None
+                             thresholds: Mapping[str, float], timeout: float | None, audit: bool = False
                              ) -> list[pb2.Answer]: ...
 
 
@@ -127,6 +128,8 @@ class TierLoop:
     min_forward_seconds: float = 0.002  # less time than this left for the next tier: answer degraded
     batcher: Batcher | None = None  # dynamic batching of concurrent requests (shared.serving.batching)
     forward_encoding: str = "fp32"  # how forwarded float tensors travel (shared.wire.codec.FLOAT_ENCODINGS)
+    auditor: Auditor | None = None  # audits of this exit's answers (shared.serving.audit)
+    load: Callable[[], float] = lambda: 0.0  # the share of the tier's admission limit in use
     _degraded_logged_at: float = field(default=-math.inf, init=False)
     _degraded_unlogged: int = field(default=0, init=False)
 
@@ -152,12 +155,13 @@ class TierLoop:
         return self.exit.threshold
 
     async def process(self, inputs: Mapping[str, np.ndarray], request_ids: Sequence[str],
-                      thresholds: Mapping[str, float], time_left: float | None = None
+                      thresholds: Mapping[str, float], time_left: float | None = None, audit: bool = False
                       ) -> list[pb2.Answer]:
         """Answers for every sample of `inputs`, in order, each with this tier's timing first.
 
         thresholds: the request's overrides (validated), passed on to the next tier unchanged.
-        time_left: seconds until the caller's deadline, if it set one. A request larger than one
+        time_left: seconds until the caller's deadline, if it set one. audit: the request is an audit
+        (shared.serving.audit), passed on as one and never audited again. A request larger than one
         slice run (the batcher's max_batch_size) runs chunk by chunk, so that other requests' runs
         go between its chunks; each chunk's forward overlaps the next chunk's run.
         """
@@ -170,13 +174,13 @@ class TierLoop:
         self.metrics.series.samples.inc(batch)
         size = self.batcher.max_batch_size if self.batcher is not None else batch
         if batch <= size:
-            return await (await self._exit(inputs, request_ids, thresholds, time_left, started))
+            return await (await self._exit(inputs, request_ids, thresholds, time_left, started, audit))
         pending: list[asyncio.Future[list[pb2.Answer]]] = []
         try:
             for start in range(0, batch, size):
                 chunk = without_padding({name: a[start:start + size] for name, a in inputs.items()})
                 pending.append(asyncio.ensure_future(
-                    await self._exit(chunk, request_ids[start:start + size], thresholds, time_left, started)))
+                    await self._exit(chunk, request_ids[start:start + size], thresholds, time_left, started, audit)))
             answers = [answer for chunk_answers in pending for answer in await chunk_answers]
         finally:
             for chunk_answers in pending:
@@ -186,7 +190,7 @@ class TierLoop:
         return answers
 
     async def _exit(self, inputs: Mapping[str, np.ndarray], request_ids: Sequence[str],
-                    thresholds: Mapping[str, float], time_left: float | None, started: float
+                    thresholds: Mapping[str, float], time_left: float | None, started: float, audit: bool
                     ) -> Coroutine[Any, Any, list[pb2.Answer]]:
         """Run the slice and decide each sample's exit; what is left (the forward and the answers)
         comes back as a coroutine to await."""
@@ -210,11 +214,26 @@ class TierLoop:
         answers: list[pb2.Answer | None] = [
             None if i in forwarded else self._answer(probs[i], request_ids[i]) for i in range(batch)]
         _record_exit(metrics, confidence, batch - len(rows))
-        return self._answers(inputs, result, probs, answers, rows, request_ids, thresholds, time_left, started)
+        if self.auditor is not None and not audit and len(rows) < batch:
+            self._audit(inputs, result, answers, request_ids)
+        return self._answers(inputs, result, probs, answers, rows, request_ids, thresholds, time_left, started,
+                             audit)
+
+    def _audit(self, inputs: Mapping[str, np.ndarray], result: SliceResult, answers: list[pb2.Answer | None],
+               request_ids: Sequence[str]) -> None:
+        """Start the audits of some of the rows this exit answered (off the answer's path)."""
+        assert self.auditor is not None
+        answered = [i for i, answer in enumerate(answers) if answer is not None]
+        rows = self.auditor.pick(answered, self.load())
+        if rows:
+            tensors = encode_tensors(forwarded_tensors(inputs, result.outputs, self.forwards, rows),
+                                     self.forward_encoding)
+            labels = [cast(pb2.Answer, answers[i]).label_index for i in rows]
+            self.auditor.start(tensors, [request_ids[i] for i in rows], labels)
 
     async def _answers(self, inputs: Mapping[str, np.ndarray], result: SliceResult, probs: list[list[float]],
                        answers: list[pb2.Answer | None], rows: list[int], request_ids: Sequence[str],
-                       thresholds: Mapping[str, float], time_left: float | None, started: float
+                       thresholds: Mapping[str, float], time_left: float | None, started: float, audit: bool
                        ) -> list[pb2.Answer]:
         """Forward `rows` to the next tier and fill their answers in (degraded if it fails)."""
         metrics = self.metrics
@@ -226,7 +245,7 @@ class TierLoop:
             _record_forward(metrics, len(rows), tensors)
             wait_started = time.perf_counter()
             downstream = await self._forward(tensors, [request_ids[i] for i in rows], thresholds,
-                                             time_left, wait_started - started)
+                                             time_left, wait_started - started, audit)
             waited = time.perf_counter() - wait_started
             metrics.series.downstream_wait.observe(waited)
             if isinstance(downstream, NextTierError):  # no request is lost: answer with our own exit
@@ -249,7 +268,7 @@ class TierLoop:
         return done
 
     async def _forward(self, tensors: Mapping[str, pb2.Tensor], request_ids: Sequence[str],
-                       thresholds: Mapping[str, float], time_left: float | None, spent: float
+                       thresholds: Mapping[str, float], time_left: float | None, spent: float, audit: bool
                        ) -> list[pb2.Answer] | NextTierError:
         """The next tier's answers, or why there are none (then the caller answers degraded).
 
@@ -266,7 +285,7 @@ class TierLoop:
                     f"{self.next_name} skipped: the deadline ({time_left * 1000:.0f} ms left on arrival) "
                     f"leaves no time to forward", "DEADLINE_EXCEEDED", kind="deadline")
         try:
-            return await self.next_tier.continue_batch(tensors, request_ids, thresholds, timeout)
+            return await self.next_tier.continue_batch(tensors, request_ids, thresholds, timeout, audit=audit)
         except NextTierError as exc:
             return exc
 

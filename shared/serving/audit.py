@@ -1,0 +1,103 @@
+"""Audits: a sample of the answers an early exit gave also continues to the final exit, off the
+answer's path, so that the exit's agreement with the final exit is watched in production.
+
+The caller gets its early answer at once; the audit call runs in the background with thresholds
+that let only the final exit answer, marked as an audit (AUDIT_METADATA) so that every tier after
+this one drops it first when loaded. An audit is skipped when this tier's audits in flight would
+pass `budget` samples or the tier itself is more than half full; it never raises, delays or
+changes an answer. Per exit: audited and agreeing counts, and the agreement rate's Clopper-Pearson
+lower bound over the last `window` audits, with probability 1 - delta (shared.contract.bounds).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import random
+from collections.abc import Mapping, Sequence
+from typing import Protocol
+
+from shared.contract.bounds import clopper_pearson_lower
+from shared.contract.manifest import TIERS
+from shared.serving.metrics import TierMetrics
+from shared.wire.rpc import pb2
+
+log = logging.getLogger("tierserve.audit")
+AUDIT_METADATA = ("tierserve-audit", "1")
+FINAL_EXIT_ONLY: dict[str, float] = {tier: 2.0 for tier in TIERS[:-1]}  # above 1: no early exit answers
+AUDIT_TIMEOUT = 30.0  # seconds: an audit is not urgent, only bounded
+
+
+class Send(Protocol):
+    async def __call__(self, tensors: Mapping[str, pb2.Tensor], request_ids: Sequence[str],
+                       thresholds: Mapping[str, float], timeout: float | None, audit: bool = False
+                       ) -> list[pb2.Answer]: ...
+
+
+
+def is_audit(metadata: Sequence[tuple[str, str | bytes]] | None) -> bool:
+    return any(key == AUDIT_METADATA[0] and value == AUDIT_METADATA[1] for key, value in metadata or ())
+
+
+class Auditor:
+    """The audits of one tier's exit. `send` is the next tier's raw Continue call (no retries, no
+    breaker: an audit that fails is only not counted)."""
+
+    def __init__(self, tier: str, metrics: TierMetrics, send: Send, fraction: float, budget: int,
+                 window: int = 1000, delta: float = 0.1, rng: random.Random | None = None) -> None:
+        self.tier = tier
+        self.send = send
+        self.metrics = metrics
+        self.fraction = fraction
+        self.budget = budget
+        self.delta = delta
+        self.rng = rng or random.Random()
+        self.inflight = 0  # samples
+        self.recent: collections.deque[bool] = collections.deque(maxlen=window)
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def pick(self, answered: Sequence[int], load: float) -> list[int]:
+        """Which of the rows this exit answered to audit; none when the budget or the tier is full
+        (load: the share of the tier's admission limit in use)."""
+        chosen = [row for row in answered if self.rng.random() < self.fraction]
+        if chosen and (self.inflight + len(chosen) > self.budget or load > 0.5):
+            self.metrics.series.audits_dropped.inc(len(chosen))
+            return []
+        return chosen
+
+    def start(self, tensors: Mapping[str, pb2.Tensor], request_ids: Sequence[str], early_labels: Sequence[int]) -> None:
+        """Run the audit of these rows in the background."""
+        self.inflight += len(request_ids)
+        task = asyncio.get_running_loop().create_task(self._audit(tensors, request_ids, early_labels))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _audit(self, tensors: Mapping[str, pb2.Tensor], request_ids: Sequence[str],
+                     early_labels: Sequence[int]) -> None:
+        try:
+            answers = await self.send(tensors, request_ids, FINAL_EXIT_ONLY, AUDIT_TIMEOUT, audit=True)
+        except Exception as exc:  # the next tier refused or failed: this audit is not counted
+            self.metrics.series.audits_dropped.inc(len(request_ids))
+            log.debug("audit of %d samples dropped: %s", len(request_ids), exc)
+            return
+        finally:
+            self.inflight -= len(request_ids)
+        self.record([answer.label_index == label for answer, label in zip(answers, early_labels, strict=True)])
+
+    def record(self, agreements: Sequence[bool]) -> None:
+        series = self.metrics.series
+        series.audits.inc(len(agreements))
+        series.audit_agreements.inc(sum(agreements))
+        self.recent.extend(agreements)
+        series.agreement_lower_bound.set(self.lower_bound())
+
+    def lower_bound(self) -> float:
+        """The agreement rate over the window, bounded below with probability 1 - delta (0 without audits)."""
+        if not self.recent:
+            return 0.0
+        return clopper_pearson_lower(sum(self.recent), len(self.recent), self.delta)
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
