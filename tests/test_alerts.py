@@ -30,7 +30,8 @@ def test_alert_rules_are_valid_and_fire_as_their_unit_tests_say() -> None:
     promtool = _promtool()
     names = {rule["alert"] for group in yaml.safe_load((PROMETHEUS_DIR / "alerts.yml").read_text())["groups"]
              for rule in group["rules"]}
-    assert names == {"TierserveTierDown", "TierserveErrorRate", "TierserveDegradedShare", "TierserveLatencyP99"}
+    assert names == {"TierserveTierDown", "TierserveErrorRate", "TierserveDegradedShare", "TierserveLatencyP99",
+                     "TierserveExitAgreementBelowTarget"}
     for command in (["check", "rules", "alerts.yml"], ["test", "rules", "alerts.test.yml"]):
         done = subprocess.run([str(promtool), *command], cwd=PROMETHEUS_DIR, capture_output=True, text=True,
                               timeout=60)
