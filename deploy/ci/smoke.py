@@ -284,7 +284,8 @@ def check_restart(project: str, entry: str, text: str, down_s: float) -> dict[st
     records = traffic.records
     first_full = min(t for t, full, _ in records if full and t >= serving)
     down = [r for r in records if stopped <= r[0] < serving]
-    reasons = sorted({re.sub(r"\d+", "N", reason) for _, full, reason in down if not full and reason})
+    reasons = sorted({re.sub(r"\d+", "N", reason.split(":")[0].split(" (next probe")[0])
+                      for _, full, reason in down if not full and reason})
     errors = [r for r in records if r[2].startswith("error")]
     after = [full for t, full, _ in records if t >= first_full]
     return {"edge_ip_before": ip_before, "edge_ip_after": container_ip(edge),
