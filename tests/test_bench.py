@@ -42,7 +42,7 @@ def test_calibration_rows_cover_every_target_and_rule(tiny_artifacts: Path, tiny
     result = calibration.run(tiny_artifacts, str(tiny_data), limit=80, out=tmp_path, p_tars=(0.8, 0.95))
     rows = result["rows"]
     kinds = {"guaranteed": ("calibrated",), "uncorrected": ("calibrated",),
-             "threshold = p_tar": ("calibrated", "uncalibrated")}
+             "threshold = p_tar": ("calibrated", "uncalibrated"), "guaranteed consistency": ("calibrated",)}
     assert {(r["kind"], r["rule"], r["p_tar"], r["tier"]) for r in rows} == {
         (k, rule, p, t) for rule in calibration.RULES for k in kinds[rule]
         for p in (0.8, 0.95) for t in ("mobile", "edge")}
@@ -51,8 +51,9 @@ def test_calibration_rows_cover_every_target_and_rule(tiny_artifacts: Path, tiny
             assert r["threshold"] == r["p_tar"]
         if r["rule"] == "guaranteed" and r["threshold"] is not None:
             assert r["bound"] >= r["p_tar"]  # what the calibration split certified
-        if r["accuracy"] is not None:
-            assert r["miss"] == pytest.approx(r["p_tar"] - r["accuracy"])
+        measured = r["agreement"] if r["rule"] == "guaranteed consistency" else r["accuracy"]
+        if measured is not None:
+            assert r["miss"] == pytest.approx(r["p_tar"] - measured)
     misses = [r["miss"] for r in rows if r["rule"] == "guaranteed" and r["miss"] is not None]
     assert result["calibration_max_miss"] == (max(misses) if misses else None)
     for p in (0.8, 0.95):  # early-exit share per rule: what the guarantee costs
