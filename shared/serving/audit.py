@@ -83,6 +83,9 @@ class Auditor:
             return
         finally:
             self.inflight -= len(request_ids)
+        if any(answer.degraded for answer in answers):  # the final exit did not answer them all
+            self.metrics.series.audits_dropped.inc(len(request_ids))
+            return
         self.record([answer.label_index == label for answer, label in zip(answers, early_labels, strict=True)])
 
     def record(self, agreements: Sequence[bool]) -> None:

@@ -22,6 +22,7 @@ from typing import Any
 import grpc
 
 from shared.errors import InvalidInput, TierServeError, Undecodable
+from shared.serving.audit import is_audit
 from shared.serving.metrics import OK_OUTCOME, TierMetrics
 
 log = logging.getLogger("tierserve.status")
@@ -96,7 +97,7 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
                 await context.abort(grpc.StatusCode.INTERNAL,
                                     f"internal error at the {self.tier} tier: {type(exc).__name__}: {exc}")
             finally:
-                if counted:
+                if counted and not is_audit(context.invocation_metadata()):  # audits are not traffic
                     self._record(code, time.perf_counter() - started)
 
         return guarded

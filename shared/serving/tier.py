@@ -171,7 +171,8 @@ class TierLoop:
             raise InvalidInput("the batch is empty")
         if len(request_ids) != batch:
             raise InvalidInput(f"{len(request_ids)} request ids for a batch of {batch} samples")
-        self.metrics.series.samples.inc(batch)
+        if not audit:  # audits are not traffic: the traffic's counts stay what clients sent
+            self.metrics.series.samples.inc(batch)
         size = self.batcher.max_batch_size if self.batcher is not None else batch
         if batch <= size:
             return await (await self._exit(inputs, request_ids, thresholds, time_left, started, audit))
@@ -213,7 +214,8 @@ class TierLoop:
         forwarded = set(rows)
         answers: list[pb2.Answer | None] = [
             None if i in forwarded else self._answer(probs[i], request_ids[i]) for i in range(batch)]
-        _record_exit(metrics, confidence, batch - len(rows))
+        if not audit:
+            _record_exit(metrics, confidence, batch - len(rows))
         if self.auditor is not None and not audit and len(rows) < batch:
             self._audit(inputs, result, answers, request_ids)
         return self._answers(inputs, result, probs, answers, rows, request_ids, thresholds, time_left, started,
@@ -242,15 +244,17 @@ class TierLoop:
             assert self.next_tier is not None
             tensors = encode_tensors(forwarded_tensors(inputs, result.outputs, self.forwards, rows),
                                      self.forward_encoding)
-            _record_forward(metrics, len(rows), tensors)
+            if not audit:
+                _record_forward(metrics, len(rows), tensors)
             wait_started = time.perf_counter()
             downstream = await self._forward(tensors, [request_ids[i] for i in rows], thresholds,
                                              time_left, wait_started - started, audit)
             waited = time.perf_counter() - wait_started
             metrics.series.downstream_wait.observe(waited)
             if isinstance(downstream, NextTierError):  # no request is lost: answer with our own exit
-                metrics.degraded.labels(self.tier, downstream.kind).inc(len(rows))
-                self._warn_degraded(len(rows), downstream)
+                if not audit:  # (an audit's degraded answer is only not counted by its auditor)
+                    metrics.degraded.labels(self.tier, downstream.kind).inc(len(rows))
+                    self._warn_degraded(len(rows), downstream)
                 for row in rows:
                     answers[row] = self._answer(probs[row], request_ids[row], degraded_reason=str(downstream))
             else:
