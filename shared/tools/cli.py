@@ -122,7 +122,7 @@ def run_classify(args: argparse.Namespace) -> int:
 
 
 def _command_parsers() -> list[Callable[[argparse._SubParsersAction], None]]:
-    from shared.builder.cli import add_build_parser
+    from shared.tools.build_command import add_build_parser
     from shared.tools.demo import add_demo_parser
     from shared.tools.retune import add_retune_parser
 

@@ -1,4 +1,5 @@
-"""`tierserve build`: the builder's command line (registered by shared.tools.cli)."""
+"""`tierserve build`: the builder's command line (registered by shared.tools.cli; the torch side is imported
+only when it runs)."""
 
 from __future__ import annotations
 
