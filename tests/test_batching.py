@@ -284,7 +284,8 @@ def test_tier_loop_answers_each_sample_of_concurrent_requests_on_its_own(
 
     class Cloud:
         async def continue_batch(self, tensors: Mapping[str, pb2.Tensor], request_ids: list[str],
-                                 thresholds: Mapping[str, float], timeout: float | None) -> list[pb2.Answer]:
+                                 thresholds: Mapping[str, float], timeout: float | None, audit: bool = False
+                                 ) -> list[pb2.Answer]:
             forwarded.extend(request_ids)
             return [pb2.Answer(request_id=r, tier="cloud") for r in request_ids]
 

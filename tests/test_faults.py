@@ -88,7 +88,8 @@ class ScriptedNextTier:
         self.timeouts: list[float | None] = []
 
     async def continue_batch(self, tensors: Mapping[str, pb2.Tensor], request_ids: Sequence[str],
-                             thresholds: Mapping[str, float], timeout: float | None) -> list[pb2.Answer]:
+                             thresholds: Mapping[str, float], timeout: float | None, audit: bool = False
+                             ) -> list[pb2.Answer]:
         self.timeouts.append(timeout)
         if self.failures:
             status = self.failures.pop(0)
