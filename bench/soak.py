@@ -49,7 +49,7 @@ async def _soak(cluster: Any, texts: list[str], requests: int, concurrency: int)
             while sent < requests:
                 size = int(sizes[sent])
                 sent += 1
-                if sent % CHECKPOINT == 0:
+                if sent % CHECKPOINT == 0 and sent < requests:  # the last one is taken after the run
                     memory.append({"requests": sent, "seconds": time.perf_counter() - started,
                                    "rss_mb": _rss_mb(cluster)})
                 batch = [next(source) for _ in range(size)]
