@@ -18,7 +18,7 @@ from bench.common import scrape
 from shared.client import TierClient
 from shared.contract.bounds import clopper_pearson_lower
 from shared.contract.manifest import load_manifest
-from shared.serving.audit import AUDIT_METADATA, FINAL_EXIT_ONLY, Auditor
+from shared.serving.audit import AUDIT_METADATA, FINAL_EXIT_ONLY, Auditor, EarlyExit
 from shared.serving.metrics import TierMetrics
 from shared.tools.processes import running_tiers
 from shared.wire.codec import to_tensor
@@ -75,7 +75,7 @@ def test_a_failed_audit_is_dropped_not_counted() -> None:
 
     async def scenario() -> None:
         auditor = Auditor("mobile", metrics, refuse, fraction=1.0, budget=8)
-        auditor.start({}, ["a/0", "a/1"], [0, 1])
+        auditor.start({}, ["a/0", "a/1"], [EarlyExit(0, 0.9, True), EarlyExit(1, 0.6, False)])
         await asyncio.sleep(0.05)
         assert auditor.inflight == 0
 

@@ -1,5 +1,9 @@
-"""Audits: a sample of the answers an early exit gave also continues to the final exit, off the
-answer's path, so that the exit's agreement with the final exit is watched in production.
+"""Audits: a sample of the samples that reach an early exit also continues to the final exit, off
+the answer's path, so that the exit's agreement with the final exit is watched in production.
+
+The agreement metrics count the audited samples the exit answered; a threshold controller
+(shared.serving.controller) also learns from the audited samples it forwarded, whose agreement
+tells whether a lower threshold would still keep the target.
 
 The caller gets its early answer at once; the audit call runs in the background with thresholds
 that let only the final exit answer, marked as an audit (AUDIT_METADATA) so that every tier after
@@ -16,10 +20,11 @@ import collections
 import logging
 import random
 from collections.abc import Mapping, Sequence
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from shared.contract.bounds import clopper_pearson_lower
 from shared.contract.manifest import TIERS
+from shared.serving.controller import ThresholdController
 from shared.serving.metrics import TierMetrics
 from shared.wire.rpc import pb2
 
@@ -27,6 +32,14 @@ log = logging.getLogger("tierserve.audit")
 AUDIT_METADATA = ("tierserve-audit", "1")
 FINAL_EXIT_ONLY: dict[str, float] = {tier: 2.0 for tier in TIERS[:-1]}  # above 1: no early exit answers
 AUDIT_TIMEOUT = 30.0  # seconds: an audit is not urgent, only bounded
+
+
+class EarlyExit(NamedTuple):
+    """What this exit made of an audited sample."""
+
+    label: int
+    confidence: float
+    answered: bool  # at or above the threshold: this exit's answer was the caller's
 
 
 class Send(Protocol):
@@ -45,9 +58,11 @@ class Auditor:
     breaker: an audit that fails is only not counted)."""
 
     def __init__(self, tier: str, metrics: TierMetrics, send: Send, fraction: float, budget: int,
-                 window: int = 1000, delta: float = 0.1, rng: random.Random | None = None) -> None:
+                 window: int = 1000, delta: float = 0.1, rng: random.Random | None = None,
+                 controller: ThresholdController | None = None) -> None:
         self.tier = tier
         self.send = send
+        self.controller = controller
         self.metrics = metrics
         self.fraction = fraction
         self.budget = budget
@@ -57,24 +72,24 @@ class Auditor:
         self.recent: collections.deque[bool] = collections.deque(maxlen=window)
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def pick(self, answered: Sequence[int], load: float) -> list[int]:
-        """Which of the rows this exit answered to audit; none when the budget or the tier is full
-        (load: the share of the tier's admission limit in use)."""
-        chosen = [row for row in answered if self.rng.random() < self.fraction]
+    def pick(self, rows: Sequence[int], load: float) -> list[int]:
+        """Which rows to audit; none when the budget or the tier is full (load: the share of the
+        tier's admission limit in use)."""
+        chosen = [row for row in rows if self.rng.random() < self.fraction]
         if chosen and (self.inflight + len(chosen) > self.budget or load > 0.5):
             self.metrics.series.audits_dropped.inc(len(chosen))
             return []
         return chosen
 
-    def start(self, tensors: Mapping[str, pb2.Tensor], request_ids: Sequence[str], early_labels: Sequence[int]) -> None:
-        """Run the audit of these rows in the background."""
+    def start(self, tensors: Mapping[str, pb2.Tensor], request_ids: Sequence[str], early: Sequence[EarlyExit]) -> None:
+        """Run the audit of these rows in the background; `early`: what this exit made of each."""
         self.inflight += len(request_ids)
-        task = asyncio.get_running_loop().create_task(self._audit(tensors, request_ids, early_labels))
+        task = asyncio.get_running_loop().create_task(self._audit(tensors, request_ids, early))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     async def _audit(self, tensors: Mapping[str, pb2.Tensor], request_ids: Sequence[str],
-                     early_labels: Sequence[int]) -> None:
+                     early: Sequence[EarlyExit]) -> None:
         try:
             answers = await self.send(tensors, request_ids, FINAL_EXIT_ONLY, AUDIT_TIMEOUT, audit=True)
         except Exception as exc:  # the next tier refused or failed: this audit is not counted
@@ -86,9 +101,16 @@ class Auditor:
         if any(answer.degraded for answer in answers):  # the final exit did not answer them all
             self.metrics.series.audits_dropped.inc(len(request_ids))
             return
-        self.record([answer.label_index == label for answer, label in zip(answers, early_labels, strict=True)])
+        agreements = [answer.label_index == exit_.label for answer, exit_ in zip(answers, early, strict=True)]
+        self.record([agrees for agrees, exit_ in zip(agreements, early, strict=True) if exit_.answered])
+        if self.controller is not None:
+            for agrees, exit_ in zip(agreements, early, strict=True):
+                self.controller.observe(exit_.confidence, agrees)
 
     def record(self, agreements: Sequence[bool]) -> None:
+        """Count audited answers of this exit (agreeing or not with the final exit)."""
+        if not agreements:
+            return
         series = self.metrics.series
         series.audits.inc(len(agreements))
         series.audit_agreements.inc(sum(agreements))

@@ -23,6 +23,7 @@ from shared.errors import TierServeError
 from shared.serving.admission import WorkLimit
 from shared.serving.audit import Auditor
 from shared.serving.batching import Batcher
+from shared.serving.controller import ThresholdController
 from shared.serving.logs import configure_logging
 from shared.serving.metrics import TierMetrics
 from shared.serving.next_tier import CircuitBreaker, ContinuationClient, GuardedNextTier, HopDeadline, RetryPolicy
@@ -74,8 +75,17 @@ def _load(settings: TierSettings, metrics: TierMetrics, next_tier: GuardedNextTi
     forwarding = settings if isinstance(settings, ForwardingSettings) else None
     auditor = None
     if forwarding is not None and next_tier is not None and forwarding.audit_fraction > 0:
+        controller = None
+        if forwarding.threshold_controller:
+            start = forwarding.threshold if forwarding.threshold is not None else manifest.exit(settings.tier).threshold
+            controller = ThresholdController(
+                settings.tier, metrics, start, forwarding.agreement_target, forwarding.audit_delta,
+                forwarding.controller_floor, forwarding.controller_ceiling, forwarding.controller_max_step,
+                every=forwarding.controller_every, window=forwarding.controller_window,
+                min_samples=forwarding.controller_min_samples)
         auditor = Auditor(settings.tier, metrics, next_tier.client.continue_batch, forwarding.audit_fraction,
-                          forwarding.audit_budget_samples, forwarding.audit_window, forwarding.audit_delta)
+                          forwarding.audit_budget_samples, forwarding.audit_window, forwarding.audit_delta,
+                          controller=controller)
         metrics.series.agreement_target.set(forwarding.agreement_target)
     loop = TierLoop(
         manifest, settings.tier, runner, metrics, next_tier, batcher=batcher,

@@ -146,6 +146,17 @@ class ForwardingSettings(TierSettings):
     agreement_target: float = Field(
         0.9, ge=0, le=1, description="agreement with the final exit this exit should keep; exported for the "
         "alert that fires when the bound falls below it")
+    threshold_controller: bool = Field(
+        False, description="let this exit's threshold follow the traffic: the lowest threshold whose audited "
+        "agreement with the final exit meets agreement_target (with probability 1 - audit_delta), moved in bounded "
+        "steps (shared.serving.controller); needs audits")
+    controller_floor: float = Field(0.5, ge=0, description="the controller's lowest threshold")
+    controller_ceiling: float = Field(
+        1.0, ge=0, description="the controller's highest threshold (above 1: it may stop the exit answering)")
+    controller_max_step: float = Field(0.02, gt=0, description="the controller's largest move per update")
+    controller_every: int = Field(200, ge=1, description="audits between two updates of the controller")
+    controller_window: int = Field(2000, ge=10, description="recent audits the controller searches over")
+    controller_min_samples: int = Field(300, ge=1, description="audits the controller waits for before moving")
     forward_attempts: int = Field(
         3, ge=1, description="calls to the next tier at most per batch (retries on UNAVAILABLE only)")
     retry_base_ms: float = Field(10.0, ge=0, description="backoff before the first retry (full jitter)")
@@ -168,6 +179,15 @@ class ForwardingSettings(TierSettings):
     def _next_target(cls, value: str) -> str:
         grpc_target(value)  # AddressError (a ValueError) says what is wrong
         return value.strip()
+
+    @model_validator(mode="after")
+    def _controller_needs_audits(self) -> ForwardingSettings:
+        if self.threshold_controller and self.audit_fraction == 0:
+            raise ValueError("threshold_controller learns from audits: set audit_fraction above 0")
+        if self.controller_floor > self.controller_ceiling:
+            raise ValueError(f"controller_floor {self.controller_floor} is above controller_ceiling "
+                             f"{self.controller_ceiling}")
+        return self
 
     @model_validator(mode="after")
     def _next_tls_files_come_in_pairs(self) -> ForwardingSettings:

@@ -22,7 +22,7 @@ import numpy as np
 from shared.contract.calibration import softmax_rows
 from shared.contract.manifest import TIERS, Manifest, Tier
 from shared.errors import ArtifactError, InvalidInput, SliceFailure
-from shared.serving.audit import Auditor
+from shared.serving.audit import Auditor, EarlyExit
 from shared.serving.batching import Batcher
 from shared.serving.metrics import TierMetrics
 from shared.serving.next_tier import NextTierError
@@ -150,6 +150,9 @@ class TierLoop:
     def threshold(self, request_thresholds: Mapping[str, float]) -> float:
         if self.tier in request_thresholds:
             return request_thresholds[self.tier]
+        controller = self.auditor.controller if self.auditor is not None else None
+        if controller is not None:
+            return controller.threshold
         if self.threshold_override is not None:
             return self.threshold_override
         return self.exit.threshold
@@ -216,22 +219,21 @@ class TierLoop:
             None if i in forwarded else self._answer(probs[i], request_ids[i]) for i in range(batch)]
         if not audit:
             _record_exit(metrics, confidence, batch - len(rows))
-        if self.auditor is not None and not audit and len(rows) < batch:
-            self._audit(inputs, result, answers, request_ids)
+        if self.auditor is not None and not audit:
+            self._audit(inputs, result, probs, answers, request_ids)
         return self._answers(inputs, result, probs, answers, rows, request_ids, thresholds, time_left, started,
                              audit)
 
-    def _audit(self, inputs: Mapping[str, np.ndarray], result: SliceResult, answers: list[pb2.Answer | None],
-               request_ids: Sequence[str]) -> None:
-        """Start the audits of some of the rows this exit answered (off the answer's path)."""
+    def _audit(self, inputs: Mapping[str, np.ndarray], result: SliceResult, probs: list[list[float]],
+               answers: list[pb2.Answer | None], request_ids: Sequence[str]) -> None:
+        """Start the audits of some of the rows (off the answer's path)."""
         assert self.auditor is not None
-        answered = [i for i, answer in enumerate(answers) if answer is not None]
-        rows = self.auditor.pick(answered, self.load())
+        rows = self.auditor.pick(range(len(request_ids)), self.load())
         if rows:
             tensors = encode_tensors(forwarded_tensors(inputs, result.outputs, self.forwards, rows),
                                      self.forward_encoding)
-            labels = [cast(pb2.Answer, answers[i]).label_index for i in rows]
-            self.auditor.start(tensors, [request_ids[i] for i in rows], labels)
+            early = [EarlyExit(probs[i].index(max(probs[i])), max(probs[i]), answers[i] is not None) for i in rows]
+            self.auditor.start(tensors, [request_ids[i] for i in rows], early)
 
     async def _answers(self, inputs: Mapping[str, np.ndarray], result: SliceResult, probs: list[list[float]],
                        answers: list[pb2.Answer | None], rows: list[int], request_ids: Sequence[str],

@@ -1,0 +1,72 @@
+"""A threshold that follows the traffic: per exit, over a sliding window of audited samples
+(shared.serving.audit: their confidence at this exit, and whether this exit's label was the final
+exit's), the lowest threshold whose agreement with the final exit meets the target with probability
+1 - delta, by the build's own guaranteed search (shared.contract.policy.guaranteed_threshold).
+
+Every `every` new audits the search runs again; the threshold moves towards its answer by at most
+`max_step`, only when the move is at least `hysteresis`, and never past [floor, ceiling]. Each
+change is logged and shown in tierserve_exit_threshold. Each replica runs its own; a restart starts
+from the manifest's (or the configured) threshold.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+
+import numpy as np
+
+from shared.contract.policy import guaranteed_threshold
+from shared.serving.metrics import TierMetrics
+
+log = logging.getLogger("tierserve.controller")
+
+
+class ThresholdController:
+    def __init__(self, tier: str, metrics: TierMetrics, threshold: float, target: float, delta: float,
+                 floor: float, ceiling: float, max_step: float = 0.02, hysteresis: float = 0.005,
+                 every: int = 200, window: int = 2000, min_samples: int = 300) -> None:
+        if not floor <= ceiling:
+            raise ValueError(f"controller floor {floor} above its ceiling {ceiling}")
+        self.tier = tier
+        self.metrics = metrics
+        self.threshold = min(max(threshold, floor), ceiling)
+        self.target = target
+        self.delta = delta
+        self.floor = floor
+        self.ceiling = ceiling
+        self.max_step = max_step
+        self.hysteresis = hysteresis
+        self.every = every
+        self.min_samples = min_samples
+        self.window: collections.deque[tuple[float, bool]] = collections.deque(maxlen=window)
+        self._since_update = 0
+        metrics.series.exit_threshold.set(self.threshold)
+
+    def observe(self, confidence: float, agrees: bool) -> None:
+        self.window.append((confidence, agrees))
+        self._since_update += 1
+        if self._since_update >= self.every and len(self.window) >= self.min_samples:
+            self._since_update = 0
+            self.update()
+
+    def proposal(self) -> float:
+        """The guaranteed search's threshold on the window, within [floor, ceiling]."""
+        confidence = np.array([c for c, _ in self.window])
+        agrees = np.array([a for _, a in self.window])
+        found = guaranteed_threshold(confidence, agrees, self.target, self.delta).threshold
+        return min(max(found, self.floor), self.ceiling)
+
+    def update(self) -> float:
+        """Move the threshold one bounded step towards the proposal; the threshold in force."""
+        proposal = self.proposal()
+        move = proposal - self.threshold
+        if abs(move) < self.hysteresis:
+            return self.threshold
+        before = self.threshold
+        self.threshold = min(max(before + max(-self.max_step, min(self.max_step, move)), self.floor), self.ceiling)
+        self.metrics.series.exit_threshold.set(self.threshold)
+        log.info("%s exit threshold %.4f -> %.4f (the guaranteed search on the last %d audits proposes %.4f for "
+                    "agreement %.3f at delta %.2f)", self.tier, before, self.threshold, len(self.window), proposal,
+                    self.target, self.delta)
+        return self.threshold
