@@ -36,6 +36,10 @@ def _images_request(images: np.ndarray, thresholds: Mapping[str, float] | None,
                                request_id=request_id)
 
 
+def _label_report(labels: Mapping[str, str]) -> pb2.LabelReport:
+    return pb2.LabelReport(labels=[pb2.SampleLabel(sample_id=i, label=label) for i, label in labels.items()])
+
+
 def _options(max_message_bytes: int) -> list[tuple[str, object]]:
     return [*channel_options(max_message_bytes), *target_options(CLASSIFIER_SERVICE)]
 
@@ -64,7 +68,8 @@ class TierClient:
         self.address = address
         self.timeout = timeout
         self._channel = secure_or_insecure_channel(grpc_target(address), _options(max_message_bytes), tls)
-        self._classify = pb2_grpc.ClassifierStub(self._channel).Classify
+        stub = pb2_grpc.ClassifierStub(self._channel)
+        self._classify, self._report = stub.Classify, stub.ReportLabels
 
     def classify(self, texts: Sequence[str], thresholds: Mapping[str, float] | None = None,
                  timeout: float | None = None, request_id: str = "") -> list[pb2.Answer]:
@@ -77,6 +82,12 @@ class TierClient:
         """One answer per image of an image model: uint8 or float32 (0..255), [N, C, H, W] or [N, H, W]."""
         request = _images_request(images, thresholds, request_id)
         return list(self._classify(request, timeout=timeout or self.timeout).answers)
+
+    def report_labels(self, labels: Mapping[str, str], timeout: float | None = None) -> int:
+        """Report true labels of answered samples, sample id (an answer's request_id) -> label name,
+        for each exit's live accuracy; the number accepted. Unknown or forgotten ids: NOT_FOUND."""
+        report = _label_report(labels)
+        return int(self._report(report, timeout=timeout or self.timeout).accepted)
 
     def close(self) -> None:
         self._channel.close()
@@ -96,7 +107,8 @@ class AsyncTierClient:
         self.address = address
         self.timeout = timeout
         self._channel = aio_channel(grpc_target(address), _options(max_message_bytes), tls)
-        self._classify = pb2_grpc.ClassifierStub(self._channel).Classify
+        stub = pb2_grpc.ClassifierStub(self._channel)
+        self._classify, self._report = stub.Classify, stub.ReportLabels
 
     async def classify(self, texts: Sequence[str], thresholds: Mapping[str, float] | None = None,
                        timeout: float | None = None, request_id: str = "") -> list[pb2.Answer]:
@@ -107,6 +119,10 @@ class AsyncTierClient:
                               timeout: float | None = None, request_id: str = "") -> list[pb2.Answer]:
         request = _images_request(images, thresholds, request_id)
         return list((await self._classify(request, timeout=timeout or self.timeout)).answers)
+
+    async def report_labels(self, labels: Mapping[str, str], timeout: float | None = None) -> int:
+        report = _label_report(labels)
+        return int((await self._report(report, timeout=timeout or self.timeout)).accepted)
 
     async def close(self) -> None:
         await self._channel.close()

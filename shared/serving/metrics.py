@@ -103,6 +103,10 @@ SPECS: tuple[MetricSpec, ...] = (
                "RPCs being handled by this tier now", ("tier",)),
     MetricSpec("batch_size", "histogram", f"{PREFIX}_batch_size", "Samples per slice run",
                ("tier",), BATCH_BUCKETS),
+    MetricSpec("reported_labels", "counter", f"{PREFIX}_reported_labels",
+               "True labels reported by clients (ReportLabels) for answers, by the exit that answered", ("exit",)),
+    MetricSpec("reported_label_hits", "counter", f"{PREFIX}_reported_label_hits",
+               "Reported true labels that the answering exit had given", ("exit",)),
     MetricSpec("exit_threshold", "gauge", f"{PREFIX}_exit_threshold",
                "The confidence threshold of this tier's exit in force (requests may override it)", ("tier",)),
     MetricSpec("audits", "counter", f"{PREFIX}_audits",
@@ -174,6 +178,8 @@ class TierMetrics:
     audits_dropped: Counter
     agreement_lower_bound: Gauge
     agreement_target: Gauge
+    reported_labels: Counter
+    reported_label_hits: Counter
 
     def __init__(self, tier: str, registry: CollectorRegistry | None = None) -> None:
         self.tier = tier
@@ -192,6 +198,9 @@ class TierMetrics:
                 metric.labels(tier=tier, outcome=OK_OUTCOME)
             elif spec.labels == ("hop",) and self.hop:
                 metric.labels(hop=self.hop)
+            elif spec.labels == ("exit",):
+                for exit_tier in TIERS:
+                    metric.labels(exit=exit_tier)
             elif spec.labels == ("tier", "code"):
                 for code in ERROR_CODES:
                     metric.labels(tier=tier, code=code)

@@ -42,6 +42,7 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+WORK_METHODS = ("Classify", "Continue", "ModelInfer", "ModelMetadata")  # durations and failures recorded
 NEXT_TIER_START_WAIT = 5.0  # seconds a tier waits for its next tier at start before warning
 
 
@@ -158,7 +159,7 @@ async def serve(settings: TierSettings, stop: asyncio.Event) -> None:
     server = grpc.aio.server(
         options=server_options(settings.max_message_bytes, settings.reuse_port, settings.max_connection_age_s,
                                settings.max_connection_age_grace_s),
-        interceptors=[StatusInterceptor(metrics, tier, services)])
+        interceptors=[StatusInterceptor(metrics, tier, WORK_METHODS)])
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if isinstance(servicer, ClassifierServicer):
@@ -190,7 +191,11 @@ async def serve(settings: TierSettings, stop: asyncio.Event) -> None:
         connecting = asyncio.create_task(_next_tier_reachable(next_tier, tier))  # while the model loads
     try:
         loop, encoder = await asyncio.to_thread(_load, settings, metrics, next_tier, admission)
-        servicer.ready(loop, encoder)
+        if isinstance(servicer, ClassifierServicer):
+            assert isinstance(settings, MobileSettings)
+            servicer.ready(loop, encoder, settings.label_memory)
+        else:
+            servicer.ready(loop)
         if connecting is not None:
             await connecting
         for name in ("", *services):

@@ -14,9 +14,10 @@ import numpy as np
 from shared.contract.images import ImageInput
 from shared.contract.manifest import Tier
 from shared.contract.text import TextEncoder
-from shared.errors import InvalidInput, NotReady, Overloaded
+from shared.errors import InvalidInput, NotFound, NotReady, Overloaded
 from shared.serving.admission import WorkLimit
 from shared.serving.audit import is_audit
+from shared.serving.labels import AnswerMemory
 from shared.serving.metrics import TierMetrics
 from shared.serving.tier import TierLoop, check_sample_ids, check_thresholds, sample_ids
 from shared.wire.codec import decode_tensors, from_tensor
@@ -77,9 +78,12 @@ class ClassifierServicer(TierServicer, pb2_grpc.ClassifierServicer):
         super().__init__(tier, metrics, max_batch, admission)
         self.max_text_chars = max_text_chars
         self.encoder: TextEncoder | None = None
+        self.memory: AnswerMemory | None = None
 
-    def ready(self, loop: TierLoop, encoder: TextEncoder | None = None) -> None:
+    def ready(self, loop: TierLoop, encoder: TextEncoder | None = None, label_memory: int = 0) -> None:
         self.encoder = encoder
+        if label_memory:
+            self.memory = AnswerMemory(loop.manifest.labels, self.metrics, label_memory)
         super().ready(loop)
 
     def check_texts(self, texts: Sequence[str]) -> None:
@@ -139,4 +143,13 @@ class ClassifierServicer(TierServicer, pb2_grpc.ClassifierServicer):
         else:
             answers = await self.classify_texts(list(request.texts), request.thresholds, request.request_id,
                                                 time_left)
+        if self.memory is not None:
+            self.memory.remember(answers)
         return pb2.ClassifyResponse(answers=answers)
+
+    async def ReportLabels(self, request: pb2.LabelReport,
+                           context: grpc.aio.ServicerContext) -> pb2.LabelReportResponse:
+        self.ready_loop()
+        if self.memory is None:
+            raise NotFound("this tier keeps no answers for label reports (label_memory is 0)")
+        return pb2.LabelReportResponse(accepted=self.memory.report(request.labels))

@@ -210,6 +210,9 @@ class MobileSettings(ForwardingSettings):
     metrics_port: int = 9101
     deadline_margin_ms: float = 20.0
     max_text_chars: int = Field(10_000, ge=1, description="characters per text at most")
+    label_memory: int = Field(
+        100_000, ge=0, description="recent answers remembered for ReportLabels (true labels reported by clients "
+        "give each exit's live accuracy); 0: none")
     model_name: str = Field(
         "tierserve", min_length=1, description="the model's name in the Open Inference Protocol")
 

@@ -43,17 +43,14 @@ def lenient(deserializer: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
     return parse
 
 
-def _service(method: str) -> str:
-    return method.rsplit("/", 2)[-2] if method.count("/") >= 2 else ""
-
-
 class StatusInterceptor(grpc.aio.ServerInterceptor):
-    """Wraps every unary-unary method; `counted_services` are the ones whose calls are the tier's work."""
+    """Wraps every unary-unary method; `counted` names the methods whose calls are the tier's work
+    (e.g. Classify, not ReportLabels or health checks): their durations and failures are recorded."""
 
-    def __init__(self, metrics: TierMetrics, tier: str, counted_services: Collection[str]) -> None:
+    def __init__(self, metrics: TierMetrics, tier: str, counted: Collection[str]) -> None:
         self.metrics = metrics
         self.tier = tier
-        self.counted_services = frozenset(counted_services)
+        self.counted = frozenset(counted)
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
 
     async def intercept_service(
@@ -66,7 +63,7 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or handler.unary_unary is None or handler.request_deserializer is None:
             return handler
         wrapped = grpc.unary_unary_rpc_method_handler(
-            self._guard(handler.unary_unary, _service(method) in self.counted_services),
+            self._guard(handler.unary_unary, method.rsplit("/", 1)[-1] in self.counted),
             request_deserializer=lenient(handler.request_deserializer),
             response_serializer=handler.response_serializer)
         self._wrapped[method] = wrapped
