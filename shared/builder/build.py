@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 import shared
-from shared.builder.config import CONFIG_FILE, DEFAULT_BACKBONE, PROFILES, SST2_LABELS, BuildConfig
+from shared.builder.config import CONFIG_FILE, DEFAULT_BACKBONE, PROFILES, SST2_LABELS, TEST_LOGITS_FILE, BuildConfig
 from shared.builder.export import check_chain, export_slices
 from shared.builder.family import TrainedModel
 from shared.builder.model import EarlyExitBert, load_encoder
@@ -48,7 +48,14 @@ from shared.contract.manifest import (
 )
 from shared.contract.policy import choose_policy, relative_cost, route
 from shared.contract.text import TextEncoder
-from shared.data.text import hold_out_calibration, load_splits
+from shared.data.text import (
+    Columns,
+    TextDataset,
+    calibration_size,
+    hold_out_calibration,
+    load_splits,
+    name_labels,
+)
 from shared.errors import BuildInputError
 
 
@@ -89,6 +96,8 @@ def build(config: BuildConfig, out: str | Path, force: bool = False) -> Path:
         load_manifest(out)  # a cached build must still be whole
         print(f"cached build in {out} (same config); use --force to rebuild")
         return out
+    if not force:
+        _refuse_other_data(out, config)
     started = time.perf_counter()
     torch.manual_seed(config.seed)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or 0) or max(1, os.cpu_count() or 1))
@@ -128,7 +137,12 @@ def build(config: BuildConfig, out: str | Path, force: bool = False) -> Path:
         save_calibration_logits(staging, calib_logits, calib_labels)
         report = _report(manifest, test_logits, test_probs, test_labels, fits, global_t, thresholds)
         report.update(build_seconds=time.perf_counter() - started, max_logit_difference=max_diff,
-                      training=trained.training, test_split=trained.test_source)
+                      training=trained.training, test_split=trained.test_source, family=config.family,
+                      train_data=trained.train_description or trained.data_source,
+                      test_data=trained.test_description or trained.test_source)
+        if trained.data_labels is not None:
+            report["data_labels"] = trained.data_labels
+        save_test_logits(staging, test_logits, test_labels)
         plot_reliability(staging / "reliability.png", list(TIERS), test_logits, test_labels, temperatures,
                          [e["ece_after_interval"] for e in report["exits"]])
         plot_tradeoff(staging / "tradeoff.png", test_probs, test_labels, thresholds, points, config.cost_model)
@@ -138,6 +152,33 @@ def build(config: BuildConfig, out: str | Path, force: bool = False) -> Path:
     print(summary_text(report))
     print(f"artifacts: {out.resolve()}")
     return out
+
+
+DATA_FIELDS = ("family", "data", "text_columns", "label_column", "header", "quoting", "test_fraction")
+
+
+def _refuse_other_data(out: Path, config: BuildConfig) -> None:
+    """A build never replaces a model trained on other data (another dataset, other columns) without --force."""
+    if not (out / "manifest.json").is_file():
+        return
+    try:
+        old = BuildConfig.model_validate_json((out / CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+        raise BuildInputError(f"{out.resolve()} holds a model without a readable {CONFIG_FILE}: pass --out to build "
+                              "elsewhere, or --force to replace it") from None
+    changed = [f for f in DATA_FIELDS if getattr(old, f) != getattr(config, f)]
+    if changed:
+        was = ", ".join(f"{f}={getattr(old, f)!r}" for f in changed)
+        now = ", ".join(f"{f}={getattr(config, f)!r}" for f in changed)
+        raise BuildInputError(f"{out.resolve()} holds a model trained on other data ({was}; this build: {now}): "
+                              "pass --out to build elsewhere, or --force to replace it")
+
+
+def save_test_logits(folder: Path, logits: list[np.ndarray], labels: np.ndarray) -> Path:
+    """The test split's raw logits per exit: `tierserve retune` refreshes report.json from them."""
+    path = folder / TEST_LOGITS_FILE
+    np.savez_compressed(path, labels=labels, **{f"exit{i}": z for i, z in enumerate(logits)})
+    return path
 
 
 def _same_config(path: Path, config: BuildConfig) -> bool:
@@ -152,23 +193,19 @@ def _train_text(config: BuildConfig) -> TrainedModel:
     """The text family: SST-2 or a labeled table -> an early-exit BERT -> exit logits."""
     profile = PROFILES[config.profile]
     checkpoint = resolve_backbone(config.backbone)
-    train_set, test_set = load_splits(config.data)
-    if config.label_names is not None:
-        if len(config.label_names) != len(train_set.label_names):
-            raise BuildInputError(
-                f"--labels names {len(config.label_names)} classes, the data has {len(train_set.label_names)}"
-            )
-        label_names = config.label_names
-    elif config.data is None and train_set.label_names == ["0", "1"]:
-        label_names = SST2_LABELS
-    else:
-        label_names = train_set.label_names
-    fit_set, calib_set = hold_out_calibration(train_set, profile.calibration_samples, config.seed)
+    columns = Columns(tuple(config.text_columns or ()), config.label_column, config.header, config.quoting)
+    train_set, test_set = load_splits(config.data, columns, config.test_fraction)
+    requested = config.label_names
+    if requested is None and config.data is None and train_set.label_names == ["0", "1"]:
+        requested = SST2_LABELS  # GLUE SST-2: 0 negative, 1 positive
+    train_set, test_set, label_names = name_labels(train_set, test_set, requested)
+    asked = config.calibration_samples or profile.calibration_samples
+    fit_set, calib_set = hold_out_calibration(train_set, asked, config.seed)
     n_train = config.train_samples or profile.train_samples
+    fit_rows = len(fit_set)
     if n_train is not None and n_train < len(fit_set):
         fit_set = fit_set.subset(np.random.default_rng(config.seed + 1).permutation(len(fit_set))[:n_train])
-    print(f"data: {len(fit_set)} train, {len(calib_set)} calibration (held out of train), "
-          f"{len(test_set)} test ({test_set.source}); {len(label_names)} classes")
+    print(split_summary(train_set, test_set, fit_set, fit_rows, calib_set, asked, config), flush=True)
 
     encoder_model = load_encoder(str(checkpoint))
     points = check_split_points(config.split_points, encoder_model.config.num_hidden_layers)
@@ -197,7 +234,33 @@ def _train_text(config: BuildConfig) -> TrainedModel:
         backbone=config.backbone or DEFAULT_BACKBONE, data_source=train_set.source, test_source=test_set.source,
         calib_logits=predict_logits(model, encoder.token_ids(calib_set.texts)[0]), calib_labels=calib_set.labels,
         test_logits=predict_logits(model, test_ids), test_labels=test_set.labels,
-        train_samples=len(fit_set), training=train_summary, export=export)
+        train_samples=len(fit_set), training=train_summary, export=export,
+        train_description=train_set.describe(), test_description=test_set.describe(),
+        data_labels=train_set.raw_labels)
+
+
+def split_summary(train: TextDataset, test: TextDataset, fit: TextDataset, fit_rows: int, calib: TextDataset,
+                  asked: int, config: BuildConfig) -> str:
+    """Every split's size and origin, printed before training starts."""
+    capped = calibration_size(asked, len(train)) < asked
+    why = (f"{asked} asked, capped at a fifth of train's {len(train)} rows" if capped
+           else f"--calibration-samples {asked}" if config.calibration_samples else f"the {config.profile} profile's")
+    if len(calib) < calibration_size(asked, len(train)):
+        why += f"; only {len(calib)} rows are whole examples"
+    used = (f" ({len(fit)} of them used: --train-samples / the {config.profile} profile)"
+            if len(fit) < fit_rows else "")
+    lines = [
+        f"data: train {len(train)} rows from {train.describe()}",
+        f"  calibration: {len(calib)} held out of train ({why}), never trained on",
+        f"  training: the other {fit_rows}{used}",
+        f"  test: {len(test)} rows from {test.describe()}",
+        "  classes: " + ", ".join(n if n == r else f"{r}={n}"
+                                  for r, n in zip(train.raw_labels, train.label_names, strict=True)),
+    ]
+    if test.portion:
+        lines.append(f"  (one file: {round(100 * config.test_fraction)}% of it is the test split, seeded; "
+                     "--test-fraction changes the share, a folder with train.* and test.* chooses the rows)")
+    return "\n".join(lines)
 
 
 def _text_encoder(checkpoint: Path, max_length: int) -> TextEncoder:

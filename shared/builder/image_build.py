@@ -67,7 +67,7 @@ def train_image_model(config: BuildConfig) -> TrainedModel:
     label_names = config.label_names or train_set.label_names
     if len(label_names) != len(train_set.label_names):
         raise BuildInputError(f"--labels names {len(label_names)} classes, the data has {len(train_set.label_names)}")
-    fit_set, calib_set = hold_out(train_set, profile.calibration_samples, config.seed)
+    fit_set, calib_set = hold_out(train_set, config.calibration_samples or profile.calibration_samples, config.seed)
     n_train = config.train_samples or profile.train_samples
     if n_train is not None and n_train < len(fit_set):
         fit_set = fit_set.subset(np.random.default_rng(config.seed + 1).permutation(len(fit_set))[:n_train])

@@ -101,7 +101,27 @@ class LastSlice(MiddleSlice):
 
 
 def load_encoder(checkpoint: str, attn_implementation: str = "sdpa") -> BertModel:
-    return BertModel.from_pretrained(checkpoint, add_pooling_layer=False, attn_implementation=attn_implementation)
+    """The checkpoint's encoder without its pooler. transformers' own load report (a table that lists the
+    unused pooler weights as UNEXPECTED) and its progress bar are silenced; weights that are missing, or
+    unused ones other than the pooler's, are still reported, in one line."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        model, info = BertModel.from_pretrained(checkpoint, add_pooling_layer=False,
+                                                attn_implementation=attn_implementation, output_loading_info=True)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+    missing = sorted(info.get("missing_keys") or [])
+    unused = sorted(k for k in info.get("unexpected_keys") or [] if not k.startswith(("pooler.", "bert.pooler.")))
+    if missing or unused:
+        print(f"backbone {checkpoint}: {len(missing)} weight(s) missing (initialised at random): {missing[:5]}; "
+              f"{len(unused)} unused besides the pooler: {unused[:5]}", flush=True)
+    return model
 
 
 def tiny_encoder(vocab_size: int, num_layers: int = 3, hidden_size: int = 32, seed: int = 0) -> BertModel:

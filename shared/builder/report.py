@@ -38,13 +38,27 @@ def summary_text(report: dict[str, Any]) -> str:
             f"{e['exit_fraction']:>8.3f}{_fmt(e['exited_accuracy']):>10}"
         )
     lines.append(
-        f"system accuracy {report['system_accuracy']:.4f} vs final exit {report['final_accuracy']:.4f} "
-        f"(drop {report['accuracy_drop_points']:+.2f} points); expected cost {report['relative_cost']:.3f} "
-        f"of cloud-only; built in {report['build_seconds']:.0f} s on {report['test_split']}"
+        f"on the test split: system accuracy {report['system_accuracy']:.4f} vs final exit "
+        f"{report['final_accuracy']:.4f} (drop {report['accuracy_drop_points']:+.2f} points); cost "
+        f"{report['relative_cost']:.3f} of cloud-only (the test split's exits priced by the cost model)"
     )
+    lines.append(data_line(report))
     lines.append(describe_policy(PolicySpec.model_validate(report["policy"]))
                  + " (choose another with `tierserve retune`, e.g. --policy p_tar --p-tar 0.9)")
     return "\n".join(lines)
+
+
+def data_line(report: dict[str, Any]) -> str:
+    """"trained on N sentences from X, calibrated on M, evaluated on the test split (Y); built in S s"."""
+    provenance = report.get("provenance") or {}
+    unit = "images" if report.get("family") == "image" else "sentences"
+    train = report.get("train_data") or provenance.get("data", "?")
+    test = report.get("test_data") or report.get("test_split", "?")
+    n_train, n_calib, n_test = (provenance.get(k) for k in ("train_samples", "calibration_samples", "test_samples"))
+    trained = f"trained on {n_train} {unit} from {train}" if n_train is not None else f"trained on {train}"
+    calibrated = f", calibrated on {n_calib} held out of train" if n_calib is not None else ""
+    tested = f"{n_test} from {test}" if n_test is not None else test
+    return f"{trained}{calibrated}, evaluated on the test split ({tested}); built in {report['build_seconds']:.0f} s"
 
 
 def _fmt(x: float | None) -> str:

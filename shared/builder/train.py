@@ -9,9 +9,11 @@ averages 13 tokens, so padding to a fixed length would waste most of the compute
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import TextIO
 
 import numpy as np
 import torch
@@ -90,7 +92,7 @@ def train_loop(
     weights = settings.exit_weights
     model.train()
     step, seen, started, running = 0, 0, time.perf_counter(), float("nan")
-    with tqdm(total=total_steps, desc="train", unit="batch", dynamic_ncols=True, mininterval=2.0) as bar:
+    with progress(total_steps) as bar:
         for _ in range(n_epochs):
             for inputs, target in epoch(rng):
                 if step >= total_steps:
@@ -104,11 +106,52 @@ def train_loop(
                 schedule.step()
                 step, seen = step + 1, seen + len(target)
                 running = loss.item() if math.isnan(running) else 0.95 * running + 0.05 * loss.item()
+                bar.set_postfix(loss=f"{running:.3f}", samples_s=f"{seen / (time.perf_counter() - started):.0f}",
+                                refresh=False)
                 bar.update(1)
-                bar.set_postfix(loss=f"{running:.3f}", samples_s=f"{seen / (time.perf_counter() - started):.0f}")
     model.eval()
     seconds = time.perf_counter() - started
     return {"loss": running, "samples_per_second": seen / seconds, "seconds": seconds, "steps": step}
+
+
+class LineProgress:
+    """Progress for a log that is not a terminal: one line at most every `interval` seconds and at the end
+    (a tqdm bar there would write a line per refresh)."""
+
+    def __init__(self, total: int, desc: str = "train", interval: float = 30.0, stream: TextIO | None = None) -> None:
+        self.total, self.desc, self.interval, self.stream = total, desc, interval, stream or sys.stderr
+        self.n, self.postfix, self.started = 0, "", time.perf_counter()
+        self.last = self.started
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        now = time.perf_counter()
+        if now - self.last >= self.interval or self.n == self.total:
+            self.last = now
+            self.write(now)
+
+    def set_postfix(self, refresh: bool = False, **values: str) -> None:
+        self.postfix = ", ".join(f"{k} {v}" for k, v in values.items())
+
+    def write(self, now: float) -> None:
+        share = 100.0 * self.n / max(1, self.total)
+        tail = f", {self.postfix}" if self.postfix else ""
+        print(f"{self.desc}: {self.n}/{self.total} batches ({share:.0f}%), {now - self.started:.0f} s{tail}",
+              file=self.stream, flush=True)
+
+    def __enter__(self) -> LineProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def progress(total: int, desc: str = "train", stream: TextIO | None = None) -> tqdm | LineProgress:
+    """A tqdm bar on a terminal, else a line every 30 s (logs, CI, `tierserve build > build.log`)."""
+    stream = stream or sys.stderr
+    if stream.isatty():
+        return tqdm(total=total, desc=desc, unit="batch", dynamic_ncols=True, mininterval=2.0, file=stream)
+    return LineProgress(total, desc, stream=stream)
 
 
 def _optimizer(model: nn.Module, settings: TrainSettings) -> torch.optim.Optimizer:
