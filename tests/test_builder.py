@@ -158,23 +158,23 @@ def test_retune_switches_policy_without_retraining(tiny_artifacts: Path, tmp_pat
 
     copy = tmp_path / "retuned"
     shutil.copytree(tiny_artifacts, copy)
-    assert main(["retune", "--artifacts", str(copy), "--policy", "cost", "--max-drop", "0.5"]) == 0
+    assert main(["retune", "--artifacts", str(copy), "--in-place", "--policy", "cost", "--max-drop", "0.5"]) == 0
     manifest = load_manifest(copy)
     assert manifest.policy.kind == "cost" and manifest.policy.max_drop_points == 0.5
     assert manifest.policy.delta == 0.1  # the default guarantee, recorded
     assert manifest.policy.drop_bound_points is not None and manifest.policy.drop_bound_points <= 0.5
-    assert main(["retune", "--artifacts", str(copy), "--policy", "cost", "--max-drop", "0.5",
+    assert main(["retune", "--artifacts", str(copy), "--in-place", "--policy", "cost", "--max-drop", "0.5",
                  "--delta", "0.3"]) == 0
     assert load_manifest(copy).policy.delta == 0.3
     with pytest.raises(SystemExit):  # argparse: "delta 1.0 must be in (0, 1)"
-        main(["retune", "--artifacts", str(copy), "--policy", "cost", "--delta", "1"])
+        main(["retune", "--artifacts", str(copy), "--in-place", "--policy", "cost", "--delta", "1"])
     for spec in manifest.slices:
         verified_slice_path(copy, spec)  # slices untouched
-    assert main(["retune", "--artifacts", str(copy), "--policy", "p_tar", "--p-tar", "0.99", "0.99"]) == 0
+    assert main(["retune", "--artifacts", str(copy), "--in-place", "--policy", "p_tar", "--p-tar", "0.99", "0.99"]) == 0
     strict = load_manifest(copy)
     assert strict.policy.kind == "p_tar" and strict.policy.p_tar == {"mobile": 0.99, "edge": 0.99}
     assert strict.exits[0].threshold >= manifest.exits[0].threshold or strict.exits[0].threshold > 1
-    assert main(["retune", "--artifacts", str(copy), "--policy", "p_tar", "--p-tar", "0.7,0.75",
+    assert main(["retune", "--artifacts", str(copy), "--in-place", "--policy", "p_tar", "--p-tar", "0.7,0.75",
                  "--target", "consistency"]) == 0
     agree = load_manifest(copy).policy
     assert agree.target == "consistency" and agree.p_tar == {"mobile": 0.7, "edge": 0.75}

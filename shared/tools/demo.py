@@ -16,13 +16,16 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from shared.contract.manifest import TIERS, Manifest, load_manifest
 from shared.contract.policy import describe_policy, relative_cost
 from shared.tools.arguments import threshold_argument
+
+if TYPE_CHECKING:
+    from shared.data.text import Columns
 
 DEFAULT_ARTIFACTS = Path("artifacts/default")
 DEFAULT_OUT = Path("artifacts/demo.json")
@@ -36,7 +39,8 @@ def add_demo_parser(subparsers: argparse._SubParsersAction) -> None:
                     "accuracy, exits per tier and latency per exit tier, then stop the tiers. "
                     "It builds nothing: run `tierserve build` (make model) first.")
     p.add_argument("--artifacts", type=Path, default=DEFAULT_ARTIFACTS,
-                   help="the built model (default %(default)s)")
+                   help="the built model (default %(default)s: in the working directory, else in the source "
+                        "checkout tierserve runs from)")
     p.add_argument("--data", help="labeled .tsv/.csv or GLUE-style folder (default: the SST-2 "
                                   "dev set in ../shared/data/sst2)")
     p.add_argument("--batch-size", type=int, default=32, help="texts per request, first pass")
@@ -55,6 +59,7 @@ def run_demo_command(args: argparse.Namespace) -> int:
 
     try:
         thresholds = dict(threshold_argument(t) for t in args.threshold)
+        args.artifacts = find_artifacts(args.artifacts)
         results = run_demo(args.artifacts, args.data, args.batch_size, args.latency_samples,
                            args.limit, thresholds, args.out)
     except (TierServeError, ValueError, RuntimeError, TimeoutError,
@@ -67,6 +72,28 @@ def run_demo_command(args: argparse.Namespace) -> int:
     print(format_summary(results))
     print(f"results written to {args.out}")
     return 0
+
+
+def find_artifacts(folder: Path) -> Path:
+    """The model folder asked for. The default, artifacts/default, is looked for in the working directory, then in
+    the source checkout this package runs from (so the demo finds `make model`'s build from anywhere); a folder
+    given with --artifacts is taken as given. Missing: an error naming every path looked at."""
+    from shared.contract.manifest import MANIFEST_FILE
+    from shared.data.text import REPO_ROOT
+    from shared.errors import ArtifactError
+
+    looked = [folder.resolve()]
+    if folder == DEFAULT_ARTIFACTS:
+        looked.append((REPO_ROOT / DEFAULT_ARTIFACTS).resolve())
+    for candidate in dict.fromkeys(looked):
+        if (candidate / MANIFEST_FILE).is_file():
+            if candidate != looked[0]:
+                print(f"demo: no model at {looked[0]}; using {candidate}", flush=True)
+            return candidate
+    paths = [str(p / MANIFEST_FILE) for p in dict.fromkeys(looked)]
+    where = f"neither {' nor '.join(paths)} exists" if len(paths) > 1 else f"{paths[0]} does not exist"
+    raise ArtifactError(f"no model: {where}. Build one with `tierserve build --out {looked[0]}` (or `make model`), "
+                        "or pass --artifacts FOLDER")
 
 
 @contextmanager
@@ -83,7 +110,40 @@ def _sigterm_as_interrupt() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
-def load_labeled(data: str | None, limit: int | None, manifest: Manifest
+def _label_order(found: list[str], manifest: Manifest, artifacts: Path | None) -> list[int]:
+    """The model's class index of each label the data spells: by name, by the build's own label strings
+    (report.json's data_labels: a build with --labels 1=World), or, for labels 0..K-1, by class id. Never
+    by position otherwise."""
+    data_labels: list[str] | None = None
+    if artifacts is not None:
+        try:
+            data_labels = json.loads((artifacts / "report.json").read_text()).get("data_labels")
+        except (OSError, ValueError):
+            data_labels = None
+    for known in (data_labels, manifest.labels):
+        if known and set(found) <= set(known):
+            return [known.index(name) for name in found]
+    ids = [str(i) for i in range(len(manifest.labels))]
+    if set(found) <= set(ids):
+        return [int(name) for name in found]  # class ids: 0 is the model's first class
+    raise ValueError(f"the data's labels {found} are not the model's {manifest.labels}"
+                     + (f" (as its training data spelled them: {data_labels})" if data_labels else ""))
+
+
+def _build_columns(artifacts: Path | None) -> Columns | None:
+    """How the build read its data files (--text-column, --label-column, --no-header, --quoting): the demo
+    reads a file of the same layout the same way."""
+    from shared.data.text import Columns
+
+    try:
+        config = json.loads((artifacts / "build_config.json").read_text()) if artifacts is not None else {}
+    except (OSError, ValueError):
+        return None
+    return Columns(tuple(config.get("text_columns") or ()), config.get("label_column"), config.get("header", True),
+                   config.get("quoting", "auto"))
+
+
+def load_labeled(data: str | None, limit: int | None, manifest: Manifest, artifacts: Path | None = None
                  ) -> tuple[list[str] | np.ndarray, np.ndarray, str]:
     """Texts (image model: images) and label indices in the manifest's label order, and the data's source."""
     from shared.data.text import DEFAULT_SST2, load_split, load_splits
@@ -91,18 +151,12 @@ def load_labeled(data: str | None, limit: int | None, manifest: Manifest
     if manifest.family == "image":
         return _load_labeled_images(data, limit, manifest)
     if data is not None:
-        dataset = load_split(data)
+        dataset = load_split(data, _build_columns(artifacts))
     elif (DEFAULT_SST2 / "dev.tsv").is_file():
         dataset = load_split(DEFAULT_SST2 / "dev.tsv")
     else:
         dataset = load_splits(None)[1]
-    if set(dataset.label_names) == set(manifest.labels):
-        order = [manifest.labels.index(name) for name in dataset.label_names]
-    elif len(dataset.label_names) == len(manifest.labels):
-        order = list(range(len(manifest.labels)))  # e.g. 0/1 in the data, names in the model
-    else:
-        raise ValueError(f"{dataset.source} has labels {dataset.label_names}, "
-                         f"the model {manifest.labels}")
+    order = _label_order(dataset.label_names, manifest, artifacts)
     labels = np.array(order)[dataset.labels]
     texts = dataset.texts
     if limit is not None:
@@ -129,7 +183,7 @@ def run_demo(artifacts: Path, data: str | None = None, batch_size: int = 32,
     from shared.tools.processes import TierCluster
 
     manifest = load_manifest(artifacts)
-    texts, labels, source = load_labeled(data, limit, manifest)
+    texts, labels, source = load_labeled(data, limit, manifest, artifacts)
     thresholds = thresholds or {}
     print(f"demo: {len(texts)} samples from {source}; starting mobile, edge, cloud on "
           f"{artifacts}", flush=True)
