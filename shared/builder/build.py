@@ -166,12 +166,16 @@ def _refuse_other_data(out: Path, config: BuildConfig) -> None:
     except (OSError, ValueError):
         raise BuildInputError(f"{out.resolve()} holds a model without a readable {CONFIG_FILE}: pass --out to build "
                               "elsewhere, or --force to replace it") from None
-    changed = [f for f in DATA_FIELDS if getattr(old, f) != getattr(config, f)]
+    changed = [f for f in DATA_FIELDS if _data_key(f, getattr(old, f)) != _data_key(f, getattr(config, f))]
     if changed:
         was = ", ".join(f"{f}={getattr(old, f)!r}" for f in changed)
         now = ", ".join(f"{f}={getattr(config, f)!r}" for f in changed)
         raise BuildInputError(f"{out.resolve()} holds a model trained on other data ({was}; this build: {now}): "
                               "pass --out to build elsewhere, or --force to replace it")
+
+
+def _data_key(name: str, value: Any) -> Any:
+    return str(Path(value).resolve()) if name == "data" and value is not None else value
 
 
 def save_test_logits(folder: Path, logits: list[np.ndarray], labels: np.ndarray) -> Path:

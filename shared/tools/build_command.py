@@ -80,7 +80,8 @@ def run_build(args: argparse.Namespace) -> int:
 
     try:
         config = BuildConfig(
-            family=args.family, backbone=args.backbone, data=args.data, split_points=args.split_points,
+            family=args.family, backbone=args.backbone, split_points=args.split_points,
+            data=str(Path(args.data).resolve()) if args.data else None,  # recorded and printed in full
             profile=args.profile,
             seed=args.seed, policy=args.policy, p_tar=args.p_tar, target=args.target, max_drop_points=args.max_drop,
             delta=args.delta, max_length=args.max_length, freeze_encoder=args.freeze_encoder,
