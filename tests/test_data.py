@@ -371,3 +371,16 @@ def test_demo_default_falls_back_to_the_checkout(tiny_artifacts: Path, tmp_path:
     shutil.rmtree(checkout)
     with pytest.raises(Exception, match=r"neither .*manifest.json nor .*manifest.json exists"):
         demo.find_artifacts(demo.DEFAULT_ARTIFACTS)
+
+
+def test_demo_compares_with_the_report_only_on_the_whole_test_split(tmp_path: Path) -> None:
+    from shared.tools.demo import _report_comparison
+
+    data = tmp_path / "dev.tsv"
+    report = {"system_accuracy": 0.89, "test_split": str(data), "exits": [{"tier": "mobile", "threshold": 0.9}],
+              "provenance": {"test_samples": 872}}
+    (tmp_path / "report.json").write_text(json.dumps(report))
+    results = {"samples": 872, "accuracy": 0.89, "thresholds": {"mobile": 0.9}}
+    assert _report_comparison(tmp_path, str(data), {}, results)["equal"]
+    limited = {**results, "samples": 64, "accuracy": 0.97}  # --limit 64: not the report's split
+    assert not _report_comparison(tmp_path, str(data), {}, limited)["comparable"]

@@ -293,7 +293,9 @@ def _report_comparison(artifacts: Path, source: str, thresholds: dict[str, float
     # the manifest's thresholds may have been re-tuned since the build (tierserve retune)
     same_thresholds = all(e.get("threshold") == results["thresholds"].get(e.get("tier"))
                           for e in report.get("exits", [])[:-1])
-    comparable = same_data and same_thresholds and not thresholds and "system_accuracy" in report
+    # and all of it (not --limit N)
+    whole = results["samples"] == (report.get("provenance") or {}).get("test_samples", results["samples"])
+    comparable = same_data and same_thresholds and whole and not thresholds and "system_accuracy" in report
     return {"system_accuracy": report.get("system_accuracy"), "test_split":
             report.get("test_split"), "comparable": comparable,
             "equal": comparable and abs(report["system_accuracy"] - results["accuracy"]) < 1e-9}
