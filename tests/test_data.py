@@ -384,3 +384,15 @@ def test_demo_compares_with_the_report_only_on_the_whole_test_split(tmp_path: Pa
     assert _report_comparison(tmp_path, str(data), {}, results)["equal"]
     limited = {**results, "samples": 64, "accuracy": 0.97}  # --limit 64: not the report's split
     assert not _report_comparison(tmp_path, str(data), {}, limited)["comparable"]
+
+
+def test_retune_of_a_build_without_test_logits_marks_the_report_stale(tiny_artifacts: Path, tmp_path: Path) -> None:
+    old = tmp_path / "old"
+    shutil.copytree(tiny_artifacts, old)
+    (old / "test_logits.npz").unlink()  # a model built before the file existed
+    built = json.loads((old / "report.json").read_text())
+    assert main(["retune", "--artifacts", str(old), "--in-place", "--policy", "p_tar", "--p-tar", "0.99"]) == 0
+    report = json.loads((old / "report.json").read_text())
+    assert report["policy"]["p_tar"] == {"mobile": 0.99, "edge": 0.99}
+    assert "rebuild to refresh" in report["stale"]
+    assert report["system_accuracy"] == built["system_accuracy"]  # the build's, and marked so
