@@ -396,3 +396,20 @@ def test_retune_of_a_build_without_test_logits_marks_the_report_stale(tiny_artif
     assert report["policy"]["p_tar"] == {"mobile": 0.99, "edge": 0.99}
     assert "rebuild to refresh" in report["stale"]
     assert report["system_accuracy"] == built["system_accuracy"]  # the build's, and marked so
+
+
+def test_loading_a_backbone_with_a_pooler_prints_no_load_report(tmp_path: Path, capfd: pytest.CaptureFixture[str]
+                                                                 ) -> None:
+    """Checkpoints such as MiniLM carry pooler weights the early-exit model does not use: expected, not alarming."""
+    from transformers import BertConfig, BertModel
+
+    from shared.builder.model import load_encoder
+
+    config = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=64)
+    BertModel(config, add_pooling_layer=True).save_pretrained(tmp_path)
+    capfd.readouterr()
+    model = load_encoder(str(tmp_path))
+    out, err = capfd.readouterr()
+    assert model.pooler is None
+    assert "UNEXPECTED" not in out + err and "pooler" not in out + err and "LOAD REPORT" not in out + err
