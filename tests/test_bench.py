@@ -134,3 +134,21 @@ def test_overload_drives_a_level_and_counts_goodput(tiny_artifacts: Path, tiny_d
         outcomes["OK"] * 32 / level["seconds"])
     assert outcomes.get("RESOURCE_EXHAUSTED", 0) > 0, "12 requests of 32 exceed 256 samples in flight"
     assert level["refusal_ms"]["n"] == outcomes["RESOURCE_EXHAUSTED"]
+
+
+def test_drift_serves_one_stream_static_and_adaptive_and_plots_it(tiny_artifacts: Path, tiny_data: Path,
+                                                                 tmp_path: Path) -> None:
+    import random
+
+    from bench import drift
+
+    stream = drift.drift_stream(["a good film here", "a dull plot"], samples=40, shift_at=20, other=["news"] * 3)
+    assert stream[:20] == ["a good film here", "a dull plot"] * 10 and "news" in stream[20:]
+    assert drift.corrupt("one two three four", 0.0, random.Random(0)) == "one two three four"
+    result = drift.run(tiny_artifacts, str(tiny_data), out=tmp_path, target=0.9, fraction=0.5, samples=1000,
+                       shift="typos")
+    for run in result["runs"].values():
+        assert [w["start"] for w in run["windows"]] == [0, 500]
+        assert all(0 < w["cost"] <= 1 for w in run["windows"])
+        assert run["audits"]["mobile"]["audited_answers"] > 0
+    assert (tmp_path / "drift.png").stat().st_size > 0 and (tmp_path / "drift.json").exists()
