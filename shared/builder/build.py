@@ -181,7 +181,8 @@ def _data_key(name: str, value: Any) -> Any:
 def save_test_logits(folder: Path, logits: list[np.ndarray], labels: np.ndarray) -> Path:
     """The test split's raw logits per exit: `tierserve retune` refreshes report.json from them."""
     path = folder / TEST_LOGITS_FILE
-    np.savez_compressed(path, labels=labels, **{f"exit{i}": z for i, z in enumerate(logits)})
+    arrays: dict[str, Any] = {"labels": labels, **{f"exit{i}": z for i, z in enumerate(logits)}}
+    np.savez_compressed(path, **arrays)
     return path
 
 

@@ -6,6 +6,8 @@ whole HF model gives wrong results at other sequence lengths (DESIGN.md).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 from transformers import BertConfig, BertModel
@@ -110,8 +112,10 @@ def load_encoder(checkpoint: str, attn_implementation: str = "sdpa") -> BertMode
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     try:
-        model, info = BertModel.from_pretrained(checkpoint, add_pooling_layer=False,
+        loaded: Any = BertModel.from_pretrained(checkpoint, add_pooling_layer=False,
                                                 attn_implementation=attn_implementation, output_loading_info=True)
+        model: BertModel = loaded[0]
+        info: dict[str, list[str]] = loaded[1]
     finally:
         hf_logging.set_verbosity(verbosity)
         if bars:

@@ -334,7 +334,7 @@ def hold_out_calibration(data: TextDataset, n: int, seed: int) -> tuple[TextData
             chosen.append(int(i))  # occurs once: its own row, a whole example
             if len(chosen) == n:
                 break
-    spans = set()
+    spans: set[str] = set()
     for i in chosen:
         words = norm[i].split()
         spans.update(" ".join(words[a:b]) for a in range(len(words)) for b in range(a + 1, len(words) + 1))
