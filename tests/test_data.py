@@ -413,3 +413,14 @@ def test_loading_a_backbone_with_a_pooler_prints_no_load_report(tmp_path: Path, 
     out, err = capfd.readouterr()
     assert model.pooler is None
     assert "UNEXPECTED" not in out + err and "pooler" not in out + err and "LOAD REPORT" not in out + err
+
+
+def test_image_labels_are_not_renamed_over_the_datas_own_names(tmp_path: Path) -> None:
+    from shared.builder.build import BuildConfig, build
+    from tests.tiny_images import make_npz_dataset
+
+    data = make_npz_dataset(tmp_path / "npz", train=60, test=20)  # names class0..class2 in train.npz
+    config = BuildConfig(family="image", data=str(data), profile="tiny", split_points=(1, 2, 3),
+                         label_names=["class2", "class1", "class0"])
+    with pytest.raises(BuildInputError, match=r"does not match the class names .*\['class0', 'class1', 'class2'\]"):
+        build(config, tmp_path / "model")

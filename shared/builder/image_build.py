@@ -64,6 +64,11 @@ def train_image_model(config: BuildConfig) -> TrainedModel:
     if profile.threads is not None:
         torch.set_num_threads(profile.threads)
     train_set, test_set = load_image_splits(config.data)
+    ids = [str(i) for i in range(len(train_set.label_names))]
+    if config.label_names is not None and train_set.label_names != ids and config.label_names != train_set.label_names:
+        raise BuildInputError(  # never renamed by position: the data names its own classes
+            f"--labels {','.join(config.label_names)} does not match the class names in {train_set.source}: "
+            f"{train_set.label_names}; omit --labels to use them")
     label_names = config.label_names or train_set.label_names
     if len(label_names) != len(train_set.label_names):
         raise BuildInputError(f"--labels names {len(label_names)} classes, the data has {len(train_set.label_names)}")
