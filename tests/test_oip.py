@@ -9,7 +9,6 @@ shared.serving.oip is never imported here: its messages clash with tritonclient'
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -22,7 +21,7 @@ import tritonclient.grpc as grpcclient
 from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from tritonclient.grpc import service_pb2, service_pb2_grpc
+from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from shared.client import TierClient
@@ -215,9 +214,32 @@ def test_bad_requests_get_a_status_and_the_tier_keeps_serving(
     assert triton.infer(MODEL, [texts_input(["good film"])]).as_numpy("label_index").shape == (1,)
 
 
+def test_model_config_and_statistics_as_tritons_clients_read_them(
+        triton: grpcclient.InferenceServerClient, tier_client: TierClient) -> None:
+    config = triton.get_model_config(MODEL, as_json=True)["config"]
+    assert config["name"] == MODEL and config["max_batch_size"] == 256
+    assert [(i["name"], i["data_type"], i["dims"]) for i in config["input"]] == [("texts", "TYPE_STRING", ["1"])]
+    outputs = {o["name"]: (o["data_type"], o["dims"]) for o in config["output"]}
+    assert outputs == {"label_index": ("TYPE_INT64", ["1"]), "label": ("TYPE_STRING", ["1"]),
+                       "probabilities": ("TYPE_FP32", ["2"]), "confidence": ("TYPE_FP32", ["1"]),
+                       "exit_tier": ("TYPE_STRING", ["1"])}
+    assert config["dynamic_batching"]["preferred_batch_size"] == [32]
+    before = triton.get_inference_statistics(MODEL, as_json=True)["model_stats"][0]
+    tier_client.classify(["a good film", "a dull plot", "fine"])
+    infer_outputs(triton, ["a good film"])
+    after = triton.get_inference_statistics(MODEL, as_json=True)["model_stats"][0]
+    assert int(after["inference_count"]) - int(before.get("inference_count", 0)) == 4
+    assert int(after["execution_count"]) - int(before.get("execution_count", 0)) == 2
+    success = after["inference_stats"]["success"]
+    assert int(success["count"]) == int(after["execution_count"]) and int(success["ns"]) > 0
+    with pytest.raises(InferenceServerException) as failure:
+        triton.get_model_config("another")
+    assert failure.value.status() == "StatusCode.NOT_FOUND"
+
+
 def test_triton_only_rpcs_are_unimplemented(triton: grpcclient.InferenceServerClient) -> None:
-    for call in (triton.get_model_repository_index, triton.get_inference_statistics,
-                 triton.get_system_shared_memory_status, triton.get_log_settings):
+    for call in (triton.get_model_repository_index, triton.get_system_shared_memory_status,
+                 triton.get_log_settings):
         with pytest.raises(InferenceServerException) as failure:
             call()
         assert failure.value.status() == "StatusCode.UNIMPLEMENTED"
@@ -248,14 +270,20 @@ def test_our_proto_has_the_field_numbers_tritonclient_uses() -> None:
     ours = descriptor_pb2.FileDescriptorProto.FromString(
         subprocess.run([sys.executable, "-c", dump], check=True, capture_output=True,
                        cwd=Path(__file__).resolve().parent.parent).stdout)
-    theirs = descriptor_pb2.FileDescriptorProto()
+    theirs, their_config = descriptor_pb2.FileDescriptorProto(), descriptor_pb2.FileDescriptorProto()
     service_pb2.DESCRIPTOR.CopyToProto(theirs)
-    assert ours.package == theirs.package == "inference"
-    our_messages, their_messages = _messages(ours), _messages(theirs)
-    assert json.dumps({name: their_messages[name] for name in our_messages}) == json.dumps(our_messages)
+    model_config_pb2.DESCRIPTOR.CopyToProto(their_config)
+    assert ours.package == theirs.package == their_config.package == "inference"
+    our_messages, their_messages = _messages(ours), {**_messages(their_config), **_messages(theirs)}
+    for name, fields in our_messages.items():  # Triton's config messages: ours hold a subset of the fields
+        assert set(fields) <= set(their_messages[name]), name
+    our_types = {v.name: v.number for v in ours.enum_type[0].value}
+    assert ours.enum_type[0].name == "DataType" and our_types == {
+        v.name: v.number for v in their_config.enum_type[0].value} | our_types
     their_methods = {m.name: m for m in theirs.service[0].method}
     assert [m.name for m in ours.service[0].method] == [
-        "ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer"]
+        "ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer",
+        "ModelConfig", "ModelStatistics"]
     for method in ours.service[0].method:
         assert (method.input_type, method.output_type) == (
             their_methods[method.name].input_type, their_methods[method.name].output_type)

@@ -3,8 +3,9 @@
 Transport only: the texts come out of the request's one BYTES input and go down the same path as
 Classify (ClassifierServicer.classify_texts: checks, tokeniser, tier loop); the answers go back as
 raw output contents, which is all tritonclient reads. Failures become statuses in
-shared.serving.status, as Classify's do. Only the specification's six RPCs have handlers: Triton's others
-(RepositoryIndex, ModelStatistics, shared memory, trace, log settings) answer UNIMPLEMENTED.
+shared.serving.status, as Classify's do. The specification's six RPCs have handlers, and two of
+Triton's extensions that perf_analyzer calls (ModelConfig, ModelStatistics); Triton's others
+(repository, shared memory, trace, log settings) answer UNIMPLEMENTED.
 
 Model "tierserve" (MobileSettings.model_name), version "1":
   input   texts          BYTES  [-1] (or [-1, 1])   UTF-8 texts
@@ -38,6 +39,7 @@ SERVICE_NAME: str = oip_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].
 MODEL_VERSION = "1"
 PLATFORM = "tierserve"
 INPUT = "texts"
+CONFIG_TYPES = {"BYTES": oip_pb2.TYPE_STRING, "INT64": oip_pb2.TYPE_INT64, "FP32": oip_pb2.TYPE_FP32}
 BYTES = "BYTES"
 THRESHOLD_PARAMETER = "threshold_"  # + tier name
 _LENGTH = struct.Struct("<I")
@@ -199,6 +201,41 @@ class InferenceServicer(oip_pb2_grpc.GRPCInferenceServiceServicer):  # type: ign
             texts, thresholds, request.id, context.time_remaining())
         classes = len(self.classifier.ready_loop().manifest.labels)
         return infer_response(request, names, answers, classes)
+
+
+    async def ModelConfig(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        """Triton's ModelConfig, as perf_analyzer reads it: one BYTES input of a text per sample, the
+        outputs per sample, the dynamic batching of the entry tier."""
+        self._check_model(request.name, request.version)
+        manifest = self.classifier.ready_loop().manifest
+        classes = len(manifest.labels)
+        batcher = self.classifier.ready_loop().batcher
+        per_sample = {name: output.shape(1, classes)[1:] for name, output in OUTPUTS.items()}
+        config = oip_pb2.ModelConfig(
+            name=self.model_name, platform=PLATFORM, backend=PLATFORM, max_batch_size=self.classifier.max_batch,
+            input=[oip_pb2.ModelInput(name=INPUT, data_type=oip_pb2.TYPE_STRING, dims=[1],
+                                      reshape=oip_pb2.ModelTensorReshape(shape=[]))],
+            output=[oip_pb2.ModelOutput(
+                name=name, data_type=CONFIG_TYPES[output.datatype], dims=per_sample[name] or [1],
+                reshape=None if per_sample[name] else oip_pb2.ModelTensorReshape(shape=[]))
+                for name, output in OUTPUTS.items()])
+        if batcher is not None:
+            config.dynamic_batching.preferred_batch_size.append(batcher.max_batch_size)
+            config.dynamic_batching.max_queue_delay_microseconds = int(batcher.max_queue_delay * 1e6)
+        return oip_pb2.ModelConfigResponse(config=config)
+
+    async def ModelStatistics(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        """Counts and times of the requests this tier answered (Classify and ModelInfer alike)."""
+        if request.name:
+            self._check_model(request.name, request.version)
+        stats = self.classifier.stats
+        duration = oip_pb2.StatisticDuration
+        return oip_pb2.ModelStatisticsResponse(model_stats=[oip_pb2.ModelStatistics(
+            name=self.model_name, version=MODEL_VERSION, last_inference=stats.last_ms,
+            inference_count=stats.samples, execution_count=stats.successes,
+            inference_stats=oip_pb2.InferStatistics(
+                success=duration(count=stats.successes, ns=stats.success_ns),
+                fail=duration(count=stats.failures, ns=stats.failure_ns)))])
 
 
 def add_inference_service(server: grpc.aio.Server, classifier: ClassifierServicer, model_name: str,

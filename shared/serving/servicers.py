@@ -6,7 +6,10 @@ interceptor (shared.serving.status) turns them into gRPC statuses.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import grpc
 import numpy as np
@@ -47,6 +50,33 @@ class TierServicer:
         return self.loop
 
 
+@dataclass
+class RequestStats:
+    """What the entry tier answered, for the Open Inference Protocol's ModelStatistics: requests
+    (Classify and ModelInfer) that succeeded or failed once admitted, their samples and times."""
+
+    successes: int = 0
+    success_ns: int = 0
+    failures: int = 0
+    failure_ns: int = 0
+    samples: int = 0
+    last_ms: int = 0  # the last answer, milliseconds since the epoch
+
+    @contextmanager
+    def timed(self, samples: int) -> Iterator[None]:
+        started = time.perf_counter_ns()
+        try:
+            yield
+        except BaseException:
+            self.failures += 1
+            self.failure_ns += time.perf_counter_ns() - started
+            raise
+        self.successes += 1
+        self.success_ns += time.perf_counter_ns() - started
+        self.samples += samples
+        self.last_ms = time.time_ns() // 1_000_000
+
+
 class ContinuationServicer(TierServicer, pb2_grpc.ContinuationServicer):
     """Continue at the edge and cloud tiers."""
 
@@ -79,6 +109,7 @@ class ClassifierServicer(TierServicer, pb2_grpc.ClassifierServicer):
         self.max_text_chars = max_text_chars
         self.encoder: TextEncoder | None = None
         self.memory: AnswerMemory | None = None
+        self.stats = RequestStats()
 
     def ready(self, loop: TierLoop, encoder: TextEncoder | None = None, label_memory: int = 0) -> None:
         self.encoder = encoder
@@ -109,7 +140,7 @@ class ClassifierServicer(TierServicer, pb2_grpc.ClassifierServicer):
         self.check_texts(texts)
         checked = check_thresholds(thresholds)
         ids = sample_ids(request_id, len(texts))
-        with self.admission.admit(len(texts)):
+        with self.admission.admit(len(texts)), self.stats.timed(len(texts)):
             encoded = self.encoder.encode(texts)
             answers = await loop.process(encoded.tensors, ids, checked, time_left)
         for answer, truncated in zip(answers, encoded.truncated, strict=True):
@@ -129,7 +160,7 @@ class ClassifierServicer(TierServicer, pb2_grpc.ClassifierServicer):
             raise InvalidInput(f"too many images: {len(images)}, at most {self.max_batch} per request")
         checked = check_thresholds(thresholds)
         ids = sample_ids(request_id, len(images))
-        with self.admission.admit(len(images)):
+        with self.admission.admit(len(images)), self.stats.timed(len(images)):
             return await loop.process(tensors, ids, checked, time_left)
 
     async def Classify(self, request: pb2.ClassifyRequest,
