@@ -217,12 +217,12 @@ def test_bad_requests_get_a_status_and_the_tier_keeps_serving(
 def test_model_config_and_statistics_as_tritons_clients_read_them(
         triton: grpcclient.InferenceServerClient, tier_client: TierClient) -> None:
     config = triton.get_model_config(MODEL, as_json=True)["config"]
-    assert config["name"] == MODEL and config["max_batch_size"] == 256
-    assert [(i["name"], i["data_type"], i["dims"]) for i in config["input"]] == [("texts", "TYPE_STRING", ["1"])]
+    assert config["name"] == MODEL and config.get("max_batch_size", 0) == 0  # the texts' count is dims[0]
+    assert [(i["name"], i["data_type"], i["dims"]) for i in config["input"]] == [("texts", "TYPE_STRING", ["-1"])]
     outputs = {o["name"]: (o["data_type"], o["dims"]) for o in config["output"]}
-    assert outputs == {"label_index": ("TYPE_INT64", ["1"]), "label": ("TYPE_STRING", ["1"]),
-                       "probabilities": ("TYPE_FP32", ["2"]), "confidence": ("TYPE_FP32", ["1"]),
-                       "exit_tier": ("TYPE_STRING", ["1"])}
+    assert outputs == {"label_index": ("TYPE_INT64", ["-1"]), "label": ("TYPE_STRING", ["-1"]),
+                       "probabilities": ("TYPE_FP32", ["-1", "2"]), "confidence": ("TYPE_FP32", ["-1"]),
+                       "exit_tier": ("TYPE_STRING", ["-1"])}
     assert config["dynamic_batching"]["preferred_batch_size"] == [32]
     before = triton.get_inference_statistics(MODEL, as_json=True)["model_stats"][0]
     tier_client.classify(["a good film", "a dull plot", "fine"])

@@ -204,24 +204,20 @@ class InferenceServicer(oip_pb2_grpc.GRPCInferenceServiceServicer):  # type: ign
 
 
     async def ModelConfig(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        """Triton's ModelConfig, as perf_analyzer reads it: one BYTES input of a text per sample, the
-        outputs per sample, the dynamic batching of the entry tier."""
+        """Triton's ModelConfig, as perf_analyzer reads it, saying what ModelMetadata says: one BYTES
+        input of N texts and the outputs for N samples, the count of texts the first dimension
+        (max_batch_size 0: Triton's batching does not apply; the tier batches dynamically itself)."""
         self._check_model(request.name, request.version)
-        manifest = self.classifier.ready_loop().manifest
-        classes = len(manifest.labels)
-        batcher = self.classifier.ready_loop().batcher
-        per_sample = {name: output.shape(1, classes)[1:] for name, output in OUTPUTS.items()}
+        loop = self.classifier.ready_loop()
+        classes = len(loop.manifest.labels)
         config = oip_pb2.ModelConfig(
-            name=self.model_name, platform=PLATFORM, backend=PLATFORM, max_batch_size=self.classifier.max_batch,
-            input=[oip_pb2.ModelInput(name=INPUT, data_type=oip_pb2.TYPE_STRING, dims=[1],
-                                      reshape=oip_pb2.ModelTensorReshape(shape=[]))],
-            output=[oip_pb2.ModelOutput(
-                name=name, data_type=CONFIG_TYPES[output.datatype], dims=per_sample[name] or [1],
-                reshape=None if per_sample[name] else oip_pb2.ModelTensorReshape(shape=[]))
-                for name, output in OUTPUTS.items()])
-        if batcher is not None:
-            config.dynamic_batching.preferred_batch_size.append(batcher.max_batch_size)
-            config.dynamic_batching.max_queue_delay_microseconds = int(batcher.max_queue_delay * 1e6)
+            name=self.model_name, platform=PLATFORM, backend=PLATFORM, max_batch_size=0,
+            input=[oip_pb2.ModelInput(name=INPUT, data_type=oip_pb2.TYPE_STRING, dims=[-1])],
+            output=[oip_pb2.ModelOutput(name=name, data_type=CONFIG_TYPES[output.datatype],
+                                        dims=output.shape(-1, classes)) for name, output in OUTPUTS.items()])
+        if loop.batcher is not None:
+            config.dynamic_batching.preferred_batch_size.append(loop.batcher.max_batch_size)
+            config.dynamic_batching.max_queue_delay_microseconds = int(loop.batcher.max_queue_delay * 1e6)
         return oip_pb2.ModelConfigResponse(config=config)
 
     async def ModelStatistics(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
