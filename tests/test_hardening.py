@@ -217,3 +217,19 @@ def test_10_json_logs_process_metrics_and_404_off_the_metrics_path(cluster: Tier
     with pytest.raises(urllib.error.HTTPError) as caught:
         urllib.request.urlopen(f"http://127.0.0.1:{mobile.metrics_port}/v2/health/ready", timeout=5)
     assert caught.value.code == 404
+
+
+def test_a_model_file_the_tier_cannot_read_is_named_with_the_fix(tiny_artifacts: Path, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Was: a build folder of mode 0700 and a tier running as another user ended in a raw
+    PermissionError traceback. (As root every file is readable, so the read itself is made to fail.)"""
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_artifacts, folder)
+
+    def refuse(self: Path, *args: object, **kwargs: object) -> str:
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "read_text", refuse)
+    with pytest.raises(ArtifactError, match=r"cannot read .*manifest.json: Permission denied \(this process runs as "
+                                            r"uid \d+; the model folder must be readable by it, e\.g\. chmod -R a\+rX"):
+        load_manifest(folder)
