@@ -233,3 +233,28 @@ def test_a_model_file_the_tier_cannot_read_is_named_with_the_fix(tiny_artifacts:
     with pytest.raises(ArtifactError, match=r"cannot read .*manifest.json: Permission denied \(this process runs as "
                                             r"uid \d+; the model folder must be readable by it, e\.g\. chmod -R a\+rX"):
         load_manifest(folder)
+
+
+def test_opt_in_the_mobile_answers_early_and_says_so_while_the_edge_is_overloaded(
+        tiny_artifacts: Path, tmp_path: Path) -> None:
+    """overload_threshold: while the edge refuses for load, the mobile exit answers what it would
+    have forwarded, each answer flagged; once the edge has room again, samples go to it as before."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    flags = {"mobile": {"threshold": 0.999, "overload_threshold": 0.0},
+             "edge": {"inject_delay_ms": 1500, "max_inflight_samples": 2, "max_batch": 2}}
+    with running_tiers(tiny_artifacts, flags=flags, log_dir=tmp_path) as started, \
+            TierClient(started.entry_address, timeout=30) as tier_client:
+        with ThreadPoolExecutor(3) as pool:  # 3 x 2 samples for an edge that takes 2 at once: refusals
+            filling = [pool.submit(tier_client.classify, TEXTS[2 * i:2 * i + 2]) for i in range(3)]
+            time.sleep(0.4)  # the refusals are in; the edge is still busy
+            began = time.monotonic()
+            early = tier_client.classify(TEXTS[10:12])
+            early_seconds = time.monotonic() - began
+            [f.result() for f in filling]
+        time.sleep(1.5)  # the edge idle again, its overload forgotten
+        later = tier_client.classify(TEXTS[14:15])
+    assert all(a.tier == "mobile" and a.degraded and "the edge tier is overloaded" in a.degraded_reason
+               for a in early), [a.degraded_reason for a in early]
+    assert early_seconds < 1.0, "answered at the mobile without waiting on the edge"
+    assert later[0].tier != "mobile" and not later[0].degraded

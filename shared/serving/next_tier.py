@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import math
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -33,6 +34,7 @@ from shared.wire.tls import ClientTLS, aio_channel
 
 log = logging.getLogger("tierserve.next_tier")
 CONTINUATION_SERVICE = pb2.DESCRIPTOR.services_by_name["Continuation"].full_name
+OVERLOAD_MEMORY = 1.0  # seconds a refusal for load or a too-slow answer counts as "the next tier is overloaded"
 
 
 @dataclass(frozen=True)
@@ -236,6 +238,7 @@ class GuardedNextTier:
         self.breaker = breaker or CircuitBreaker()
         self.min_attempt_seconds = min_attempt_seconds
         self.hop_deadline = hop_deadline or HopDeadline(ceiling=10.0)
+        self.overloaded_at = -math.inf  # when a call last found the next tier overloaded or too slow
 
     async def continue_batch(self, tensors: Mapping[str, pb2.Tensor], request_ids: Sequence[str],
                              thresholds: Mapping[str, float], timeout: float | None, audit: bool = False
@@ -276,7 +279,14 @@ class GuardedNextTier:
         self.breaker.success()
         return answers
 
+    def overloaded(self) -> bool:
+        """The next tier refused for load or answered too late within the last OVERLOAD_MEMORY
+        seconds, or its breaker is open."""
+        return self.breaker.opened_at is not None or time.monotonic() - self.overloaded_at < OVERLOAD_MEMORY
+
     def _failed(self, exc: NextTierError) -> None:
+        if exc.kind in ("overloaded", "deadline"):
+            self.overloaded_at = time.monotonic()
         if not exc.failure.unhealthy:
             self.breaker.release()
             return

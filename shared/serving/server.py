@@ -93,7 +93,9 @@ def _load(settings: TierSettings, metrics: TierMetrics, next_tier: GuardedNextTi
         forward_encoding=forwarding.forward_encoding if forwarding else "fp32",
         threshold_override=forwarding.threshold if forwarding else None,
         deadline_margin=forwarding.deadline_margin_ms / 1000 if forwarding else 0.0,
-        auditor=auditor, load=lambda: admission.current / admission.limit)
+        auditor=auditor, load=lambda: admission.current / admission.limit,
+        overload_threshold=forwarding.overload_threshold if forwarding else None,
+        next_overloaded=next_tier.overloaded if next_tier is not None else lambda: False)
     metrics.series.exit_threshold.set(loop.threshold({}) if next_tier is not None else 0.0)
     encoder = None
     if isinstance(settings, MobileSettings) and manifest.family == "text":

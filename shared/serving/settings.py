@@ -146,6 +146,11 @@ class ForwardingSettings(TierSettings):
     agreement_target: float = Field(
         0.9, ge=0, le=1, description="agreement with the final exit this exit should keep; exported for the "
         "alert that fires when the bound falls below it")
+    overload_threshold: float | None = Field(
+        None, ge=0, description="opt-in: while the next tier is overloaded (it refused for load or answered too "
+        "late within the last second, or its breaker is open), this exit answers at this lower threshold; those "
+        "answers are flagged degraded, saying so. Choose it for the accuracy you accept under load, e.g. from "
+        "`tierserve retune --policy p_tar --p-tar X` on a copy")
     threshold_controller: bool = Field(
         False, description="let this exit's threshold follow the traffic: the lowest threshold whose audited "
         "agreement with the final exit meets agreement_target (with probability 1 - audit_delta), moved in bounded "

@@ -130,6 +130,8 @@ class TierLoop:
     forward_encoding: str = "fp32"  # how forwarded float tensors travel (shared.wire.codec.FLOAT_ENCODINGS)
     auditor: Auditor | None = None  # audits of this exit's answers (shared.serving.audit)
     load: Callable[[], float] = lambda: 0.0  # the share of the tier's admission limit in use
+    overload_threshold: float | None = None  # opt-in: this exit's threshold while the next tier is overloaded
+    next_overloaded: Callable[[], bool] = lambda: False  # whether the next tier is overloaded now
     _degraded_logged_at: float = field(default=-math.inf, init=False)
     _degraded_unlogged: int = field(default=0, init=False)
 
@@ -209,14 +211,22 @@ class TierLoop:
         # Python lists from here: for the few rows of a request, numpy's per-call set-up costs more
         probs = softmax_rows(result.outputs[LOGITS].tolist(), self.exit.temperature)
         confidence = [max(p) for p in probs]
+        early_reason = ""
         if self.next_tier is None:
             rows = []
         else:
             threshold = self.threshold(thresholds)
+            under_load = self._threshold_under_load(thresholds)
+            if under_load is not None and under_load < threshold:
+                early_reason = (f"answered early by the {self.tier} exit (threshold {under_load:g} instead of "
+                                f"{threshold:g}): the {self.next_name} tier is overloaded")
+                threshold = under_load
             rows = [i for i, c in enumerate(confidence) if not c >= threshold]
         forwarded = set(rows)
         answers: list[pb2.Answer | None] = [
-            None if i in forwarded else self._answer(probs[i], request_ids[i]) for i in range(batch)]
+            None if i in forwarded else self._answer(probs[i], request_ids[i], self._early(probs[i], thresholds,
+                                                                                         early_reason))
+            for i in range(batch)]
         if not audit:
             _record_exit(metrics, confidence, batch - len(rows))
         if self.auditor is not None and not audit:
@@ -304,6 +314,19 @@ class TierLoop:
         log.warning("%s tier answered %d samples degraded (its own exit) since the last warning: %s",
                     self.tier, self._degraded_unlogged, reason)
         self._degraded_logged_at, self._degraded_unlogged = now, 0
+
+    def _threshold_under_load(self, request_thresholds: Mapping[str, float]) -> float | None:
+        """The opt-in threshold for while the next tier is overloaded (not over a request's own)."""
+        if self.overload_threshold is None or self.tier in request_thresholds or not self.next_overloaded():
+            return None
+        return self.overload_threshold
+
+    def _early(self, values: list[float], request_thresholds: Mapping[str, float], reason: str) -> str:
+        """The flag of an answer given only because the next tier is overloaded (below the usual threshold)."""
+        if not reason or max(values) >= self.threshold(request_thresholds):
+            return ""
+        self.metrics.degraded.labels(self.tier, "overloaded_early").inc()
+        return reason
 
     def _answer(self, values: list[float], request_id: str, degraded_reason: str = "") -> pb2.Answer:
         label = values.index(max(values))  # the first of equal maxima, as argmax
