@@ -258,3 +258,55 @@ def test_opt_in_the_mobile_answers_early_and_says_so_while_the_edge_is_overloade
                for a in early), [a.degraded_reason for a in early]
     assert early_seconds < 1.0, "answered at the mobile without waiting on the edge"
     assert later[0].tier != "mobile" and not later[0].degraded
+
+
+def test_review_a_tiny_lengths_mask_cannot_unfold_into_a_huge_one(cluster: TierCluster, manifest: Manifest) -> None:
+    """Was: a 26-byte attention mask sent as row lengths of shape [1, 10^7] unfolded (and was cached)
+    into 80 MB before any check; as Classify images it reached the decoder too."""
+    mask = pb2.Tensor(dtype="int64", shape=[1, 10_000_000], data=np.array([10_000_000], "<i4").tobytes(),
+                      encoding=pb2.TENSOR_ENCODING_LENGTHS)
+    hidden = to_tensor(np.zeros((1, 3, manifest.hidden_size), np.float32))
+    error = _continue(cluster, pb2.ContinueRequest(tensors={"hidden": hidden, "attention_mask": mask},
+                                                   request_ids=["m/0"]))
+    assert error is not None and error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "unfolds into 10000000 values" in error.details()
+    with grpc.insecure_channel(cluster.entry_address) as channel, pytest.raises(grpc.RpcError) as caught:
+        pb2_grpc.ClassifierStub(channel).Classify(pb2.ClassifyRequest(images=mask), timeout=10)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "images travel raw" in caught.value.details()
+
+
+def test_review_a_long_echoed_value_still_gets_its_own_status(client: TierClient) -> None:
+    """Was: an error quoting a 200 KB client value passed gRPC's metadata limit and reached the client
+    as RESOURCE_EXHAUSTED instead of INVALID_ARGUMENT."""
+    with pytest.raises(grpc.RpcError) as caught:
+        client.classify(TEXTS[:1], {"x" * 200_000: 0.5})
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert len(caught.value.details()) <= 2003 and caught.value.details().endswith("...")
+
+
+def test_review_a_callers_short_deadline_opens_no_breaker() -> None:
+    """Was: five calls whose callers' own deadlines were short opened the breaker for everyone."""
+    import asyncio
+
+    from shared.serving.next_tier import CircuitBreaker, GuardedNextTier, HopDeadline, NextTierError
+
+    class Slow:
+        address = "slow:1"
+
+        async def continue_batch(self, tensors: object, request_ids: list[str], thresholds: object,
+                                 timeout: float | None, audit: bool = False) -> list[pb2.Answer]:
+            raise NextTierError("too slow", "DEADLINE_EXCEEDED")
+
+        async def close(self) -> None: ...
+
+    guarded = GuardedNextTier(Slow(), "edge", breaker=CircuitBreaker(2), hop_deadline=HopDeadline(ceiling=10.0))
+
+    async def calls(timeout: float | None, count: int) -> None:
+        for _ in range(count):
+            with pytest.raises(NextTierError):
+                await guarded.continue_batch({}, ["a/0"], {}, timeout)
+
+    asyncio.run(calls(0.005, 5))  # the callers' own deadlines: no verdict on the edge
+    assert guarded.breaker.state == "closed" and not guarded.overloaded()
+    asyncio.run(calls(None, 2))  # the hop's own deadline passed: the edge is too slow
+    assert guarded.breaker.state == "open" and guarded.overloaded()

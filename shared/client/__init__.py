@@ -75,19 +75,19 @@ class TierClient:
                  timeout: float | None = None, request_id: str = "") -> list[pb2.Answer]:
         """One answer per text, in order. thresholds: per-request overrides by tier name."""
         request = _classify_request(texts, thresholds, request_id)
-        return list(self._classify(request, timeout=timeout or self.timeout).answers)
+        return list(self._classify(request, timeout=self.timeout if timeout is None else timeout).answers)
 
     def classify_images(self, images: np.ndarray, thresholds: Mapping[str, float] | None = None,
                         timeout: float | None = None, request_id: str = "") -> list[pb2.Answer]:
         """One answer per image of an image model: uint8 or float32 (0..255), [N, C, H, W] or [N, H, W]."""
         request = _images_request(images, thresholds, request_id)
-        return list(self._classify(request, timeout=timeout or self.timeout).answers)
+        return list(self._classify(request, timeout=self.timeout if timeout is None else timeout).answers)
 
     def report_labels(self, labels: Mapping[str, str], timeout: float | None = None) -> int:
         """Report true labels of answered samples, sample id (an answer's request_id) -> label name,
         for each exit's live accuracy; the number accepted. Unknown or forgotten ids: NOT_FOUND."""
         report = _label_report(labels)
-        return int(self._report(report, timeout=timeout or self.timeout).accepted)
+        return int(self._report(report, timeout=self.timeout if timeout is None else timeout).accepted)
 
     def close(self) -> None:
         self._channel.close()
@@ -113,16 +113,16 @@ class AsyncTierClient:
     async def classify(self, texts: Sequence[str], thresholds: Mapping[str, float] | None = None,
                        timeout: float | None = None, request_id: str = "") -> list[pb2.Answer]:
         request = _classify_request(texts, thresholds, request_id)
-        return list((await self._classify(request, timeout=timeout or self.timeout)).answers)
+        return list((await self._classify(request, timeout=self.timeout if timeout is None else timeout)).answers)
 
     async def classify_images(self, images: np.ndarray, thresholds: Mapping[str, float] | None = None,
                               timeout: float | None = None, request_id: str = "") -> list[pb2.Answer]:
         request = _images_request(images, thresholds, request_id)
-        return list((await self._classify(request, timeout=timeout or self.timeout)).answers)
+        return list((await self._classify(request, timeout=self.timeout if timeout is None else timeout)).answers)
 
     async def report_labels(self, labels: Mapping[str, str], timeout: float | None = None) -> int:
         report = _label_report(labels)
-        return int((await self._report(report, timeout=timeout or self.timeout)).accepted)
+        return int((await self._report(report, timeout=self.timeout if timeout is None else timeout)).accepted)
 
     async def close(self) -> None:
         await self._channel.close()
@@ -138,7 +138,7 @@ def health_status(address: str, timeout: float = 1.0, service: str = "",
                   tls: ClientTLS | None = None) -> str:
     """The standard health check's status name (SERVING, NOT_SERVING, ...), NOT_FOUND for a service
     the server does not know, UNREACHABLE on any other error."""
-    with secure_or_insecure_channel(address, [], tls) as channel:
+    with secure_or_insecure_channel(grpc_target(address), [], tls) as channel:
         try:
             response = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=service), timeout=timeout)

@@ -104,8 +104,11 @@ class Auditor:
         agreements = [answer.label_index == exit_.label for answer, exit_ in zip(answers, early, strict=True)]
         self.record([agrees for agrees, exit_ in zip(agreements, early, strict=True) if exit_.answered])
         if self.controller is not None:
-            for agrees, exit_ in zip(agreements, early, strict=True):
-                self.controller.observe(exit_.confidence, agrees)
+            try:
+                for agrees, exit_ in zip(agreements, early, strict=True):
+                    self.controller.observe(exit_.confidence, agrees)
+            except Exception:  # a background task: nobody else would see it
+                log.exception("the %s threshold controller failed on an audit", self.tier)
 
     def record(self, agreements: Sequence[bool]) -> None:
         """Count audited answers of this exit (agreeing or not with the final exit)."""

@@ -244,12 +244,16 @@ class GuardedNextTier:
                              thresholds: Mapping[str, float], timeout: float | None, audit: bool = False
                              ) -> list[pb2.Answer]:
         if audit:  # an audit passed on (shared.serving.audit): one try, no verdict on the tier's health
-            return await self.client.continue_batch(tensors, request_ids, thresholds, timeout, audit=True)
+            ceiling = self.hop_deadline.ceiling
+            return await self.client.continue_batch(tensors, request_ids, thresholds,
+                                                    ceiling if timeout is None else min(timeout, ceiling), audit=True)
         if not self.breaker.allow():
             raise NextTierError(
                 f"{self.name} circuit open after {self.breaker.failures} consecutive failures "
                 f"(next probe in {self.breaker.retry_in() * 1000:.0f} ms)", kind="circuit_open")
         own = self.hop_deadline.seconds(len(request_ids))
+        # a caller's own short deadline passing says nothing of the next tier's health
+        caller_bound = timeout is not None and timeout < own
         deadline = time.monotonic() + (own if timeout is None else min(timeout, own))
         retry = 0
         try:
@@ -267,7 +271,10 @@ class GuardedNextTier:
                             await asyncio.sleep(pause)
                             retry += 1
                             continue
-                    self._failed(exc)
+                    if caller_bound and exc.kind == "deadline":
+                        self.breaker.release()
+                    else:
+                        self._failed(exc)
                     raise self._explained(exc, remaining, retry + 1) from exc
         except NextTierError:
             raise

@@ -86,8 +86,9 @@ def split_bytes_tensor(raw: bytes, count: int) -> list[bytes]:
     return elements
 
 
-def request_texts(request: Any) -> list[str]:
-    """The texts of a ModelInferRequest: its one BYTES input, shape [N] or [N, 1]."""
+def request_texts(request: Any, max_texts: int) -> list[str]:
+    """The texts of a ModelInferRequest: its one BYTES input, shape [N] or [N, 1], N <= max_texts
+    (checked before any element is read)."""
     names = [tensor.name for tensor in request.inputs]
     if names != [INPUT]:
         raise InvalidInput(f"the model takes one input '{INPUT}' (BYTES, shape [N] or [N, 1]); got {names}")
@@ -97,6 +98,8 @@ def request_texts(request: Any) -> list[str]:
     shape = list(tensor.shape)
     if len(shape) not in (1, 2) or shape[0] < 0 or shape[1:] not in ([], [1]):
         raise InvalidInput(f"input '{INPUT}' must have shape [N] or [N, 1], not {shape}")
+    if shape[0] > max_texts:
+        raise InvalidInput(f"too many texts: {shape[0]}, at most {max_texts} per request")
     if request.raw_input_contents:
         if len(request.raw_input_contents) != 1 or tensor.HasField("contents"):
             raise InvalidInput("give the input's data once: in raw_input_contents or in contents")
@@ -194,7 +197,7 @@ class InferenceServicer(oip_pb2_grpc.GRPCInferenceServiceServicer):  # type: ign
 
     async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         self._check_model(request.model_name, request.model_version)
-        texts = request_texts(request)
+        texts = request_texts(request, self.classifier.max_batch)
         thresholds = request_thresholds(request.parameters)
         names = requested_outputs(request)
         answers = await self.classifier.classify_texts(  # admission and checks as Classify's

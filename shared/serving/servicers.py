@@ -141,7 +141,10 @@ class ClassifierServicer(TierServicer, pb2_grpc.ClassifierServicer):
         checked = check_thresholds(thresholds)
         ids = sample_ids(request_id, len(texts))
         with self.admission.admit(len(texts)), self.stats.timed(len(texts)):
+            began = time.perf_counter()
             encoded = self.encoder.encode(texts)
+            if time_left is not None:  # the tokeniser's time is the caller's too
+                time_left -= time.perf_counter() - began
             answers = await loop.process(encoded.tensors, ids, checked, time_left)
         for answer, truncated in zip(answers, encoded.truncated, strict=True):
             answer.truncated = bool(truncated)
@@ -169,9 +172,16 @@ class ClassifierServicer(TierServicer, pb2_grpc.ClassifierServicer):
         if request.HasField("images"):
             if request.texts:
                 raise InvalidInput("the request holds both texts and images: send one kind")
-            answers = await self.classify_images(from_tensor(request.images, "images"), request.thresholds,
+            images = request.images
+            if images.encoding != pb2.TENSOR_ENCODING_RAW:
+                raise InvalidInput("images travel raw (TensorEncoding RAW, uint8 or float32)")
+            if images.shape and images.shape[0] > self.max_batch:  # before decoding or converting them
+                raise InvalidInput(f"too many images: {images.shape[0]}, at most {self.max_batch} per request")
+            answers = await self.classify_images(from_tensor(images, "images"), request.thresholds,
                                                  request.request_id, time_left)
         else:
+            if len(request.texts) > self.max_batch:  # before copying them out of the message
+                raise InvalidInput(f"too many texts: {len(request.texts)}, at most {self.max_batch} per request")
             answers = await self.classify_texts(list(request.texts), request.thresholds, request.request_id,
                                                 time_left)
         if self.memory is not None:

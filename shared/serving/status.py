@@ -43,6 +43,14 @@ def lenient(deserializer: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
     return parse
 
 
+MAX_DETAILS_CHARS = 2000  # gRPC turns status details past its metadata limit into RESOURCE_EXHAUSTED
+
+
+def _bounded(details: str) -> str:
+    """A status message kept under gRPC's metadata limits (messages may quote what a client sent)."""
+    return details if len(details) <= MAX_DETAILS_CHARS else details[:MAX_DETAILS_CHARS] + "..."
+
+
 class StatusInterceptor(grpc.aio.ServerInterceptor):
     """Wraps every unary-unary method; `counted` names the methods whose calls are the tier's work
     (e.g. Classify, not ReportLabels or health checks): their durations and failures are recorded."""
@@ -63,14 +71,14 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or handler.unary_unary is None or handler.request_deserializer is None:
             return handler
         wrapped = grpc.unary_unary_rpc_method_handler(
-            self._guard(handler.unary_unary, method.rsplit("/", 1)[-1] in self.counted),
+            self._guard(handler.unary_unary, method.rsplit("/", 1)[-1] in self.counted, method.endswith("/Continue")),
             request_deserializer=lenient(handler.request_deserializer),
             response_serializer=handler.response_serializer)
         self._wrapped[method] = wrapped
         return wrapped
 
     def _guard(self, behavior: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]],
-               counted: bool) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]:
+               counted: bool, continue_call: bool) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]:
         async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
             started = time.perf_counter()
             code = "OK"
@@ -80,7 +88,7 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
                 return await behavior(request, context)
             except TierServeError as exc:
                 code = exc.code
-                await context.abort(grpc.StatusCode[exc.code], str(exc))
+                await context.abort(grpc.StatusCode[exc.code], _bounded(str(exc)))
             except asyncio.CancelledError:
                 left = context.time_remaining()
                 code = "DEADLINE_EXCEEDED" if left is not None and left <= 0 else "CANCELLED"
@@ -92,9 +100,9 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
                 log.exception("unexpected failure at the %s tier", self.tier)
                 code = "INTERNAL"
                 await context.abort(grpc.StatusCode.INTERNAL,
-                                    f"internal error at the {self.tier} tier: {type(exc).__name__}: {exc}")
+                                    _bounded(f"internal error at the {self.tier} tier: {type(exc).__name__}: {exc}"))
             finally:
-                if counted and not is_audit(context.invocation_metadata()):  # audits are not traffic
+                if counted and not (continue_call and is_audit(context.invocation_metadata())):  # not traffic
                     self._record(code, time.perf_counter() - started)
 
         return guarded

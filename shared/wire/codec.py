@@ -49,12 +49,16 @@ _UNPADDED_MASK = -1  # _encoding_of's answer for a mask of full rows: sent as LE
 
 
 _UNPADDED_MASKS: dict[tuple[tuple[int, ...], np.dtype], np.ndarray] = {}
+MAX_CACHED_MASK_VALUES = 8192
+MAX_LENGTHS_MASK_VALUES = 1 << 20  # rows x width of a mask sent as row lengths (far above 256 x a max_length)
 
 
 def unpadded_mask(shape: tuple[int, ...], dtype: np.dtype | type = np.int64) -> np.ndarray:
     """A read-only all-ones attention mask, one per shape and dtype: is_unpadded_mask() knows it
     without looking at its values (numpy calls are what a hop's code spends most on)."""
     key = (tuple(shape), np.dtype(dtype))
+    if math.prod(key[0]) > MAX_CACHED_MASK_VALUES:  # kept small: the cache holds up to 1024 of them
+        return np.ones(key[0], key[1])
     mask = _UNPADDED_MASKS.get(key)
     if mask is None:
         if len(_UNPADDED_MASKS) >= 1024:
@@ -234,6 +238,9 @@ def _decode(tensor: pb2.Tensor, name: str) -> np.ndarray:
             f"tensor '{name}' ({label}) has {len(data)} bytes of data and {len(scale_bytes)} of "
             f"scales; shape {list(shape)} needs {expected} and {4 * n_scales}")
     if kind == pb2.TENSOR_ENCODING_LENGTHS:  # one int per row: plain Python beats numpy's set-up
+        if size > MAX_LENGTHS_MASK_VALUES:  # a few bytes would otherwise unfold into any size of mask
+            raise InvalidInput(f"tensor '{name}' ({label}) of shape {list(shape)} unfolds into {size} values, at "
+                               f"most {MAX_LENGTHS_MASK_VALUES}")
         lengths = struct.unpack(f"<{shape[0]}i", data)
         if not lengths:
             return np.zeros(shape, native)
