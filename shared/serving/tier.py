@@ -27,7 +27,7 @@ from shared.serving.batching import Batcher
 from shared.serving.metrics import TierMetrics
 from shared.serving.next_tier import NextTierError
 from shared.serving.runner import ATTENTION_MASK, SliceResult, SliceRunner
-from shared.wire.codec import encode_tensors, is_unpadded_mask, wire_bytes
+from shared.wire.codec import all_finite, encode_tensors, is_unpadded_mask, wire_bytes
 from shared.wire.rpc import pb2
 
 LOGITS = "logits"
@@ -100,16 +100,10 @@ def forwarded_tensors(inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np
     return without_padding(picked)
 
 
-def _finite_sum(array: np.ndarray) -> bool:
-    """A finite sum means every value is finite: one pass; an overflowing sum gets the exact check."""
-    with np.errstate(over="ignore", invalid="ignore"):
-        return math.isfinite(float(array.sum()))
-
-
 def check_outputs(tier: str, outputs: Mapping[str, np.ndarray]) -> None:
     """A slice's float outputs must be finite: NaN or infinity is this tier's failure, never an answer."""
     for name, array in outputs.items():
-        if array.dtype.kind == "f" and not _finite_sum(array) and not np.isfinite(array).all():
+        if not all_finite(array):
             log.warning("the %s slice produced non-finite values in '%s'", tier, name)
             raise SliceFailure(f"the {tier} slice produced non-finite values in '{name}' for this input")
 

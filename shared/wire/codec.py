@@ -68,6 +68,17 @@ def unpadded_mask(shape: tuple[int, ...], dtype: np.dtype | type = np.int64) -> 
     return mask
 
 
+def all_finite(array: np.ndarray) -> bool:
+    """Whether every value is finite (always so for integers). A finite sum means every value is:
+    one pass instead of two; a sum that overflows (or an array holding NaN) gets the exact check."""
+    if array.dtype.kind != "f":
+        return True
+    with np.errstate(over="ignore", invalid="ignore"):
+        if math.isfinite(float(array.sum())):
+            return True
+    return bool(np.isfinite(array).all())
+
+
 def is_unpadded_mask(array: np.ndarray) -> bool:
     """True if `array` is all ones; False if unknown without looking at its values (it may still be)."""
     return _UNPADDED_MASKS.get((array.shape, array.dtype)) is array
@@ -110,11 +121,7 @@ def from_tensor(tensor: pb2.Tensor, name: str = "tensor") -> np.ndarray:
             f"tensor '{name}' has {len(data)} bytes of data; shape {list(shape)} "
             f"of {tensor.dtype} needs {expected}")
     array = np.frombuffer(data, dtype=dtype).reshape(shape)
-    # a finite sum means every value is finite: one pass instead of two; a sum that overflows
-    # (or an array that holds NaN) gets the exact check
-    with np.errstate(over="ignore", invalid="ignore"):
-        finite_sum = dtype.kind != "f" or math.isfinite(array.sum())
-    if not finite_sum and not np.isfinite(array).all():
+    if not all_finite(array):
         bad = int(np.flatnonzero(~np.isfinite(array.reshape(-1)))[0])
         raise InvalidInput(
             f"tensor '{name}' holds NaN or infinite values (first at flat index {bad})")

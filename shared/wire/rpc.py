@@ -16,7 +16,6 @@ from shared.wire.gen import tierserve_pb2_grpc as pb2_grpc  # noqa: E402
 
 __all__ = ["pb2", "pb2_grpc"]
 
-SERVICE_NAMES = tuple(s.full_name for s in pb2.DESCRIPTOR.services_by_name.values())
 DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
 KEEPALIVE_TIME_MS = 20_000
 KEEPALIVE_TIMEOUT_MS = 5_000
