@@ -205,11 +205,11 @@ class TierLoop:
         # Python lists from here: for the few rows of a request, numpy's per-call set-up costs more
         probs = softmax_rows(result.outputs[LOGITS].tolist(), self.exit.temperature)
         confidence = [max(p) for p in probs]
-        early_reason = ""
+        early_reason, usual = "", math.inf
         if self.next_tier is None:
             rows = []
         else:
-            threshold = self.threshold(thresholds)
+            threshold = usual = self.threshold(thresholds)
             under_load = self._threshold_under_load(thresholds)
             if under_load is not None and under_load < threshold:
                 early_reason = (f"answered early by the {self.tier} exit (threshold {under_load:g} instead of "
@@ -218,8 +218,8 @@ class TierLoop:
             rows = [i for i, c in enumerate(confidence) if not c >= threshold]
         forwarded = set(rows)
         answers: list[pb2.Answer | None] = [
-            None if i in forwarded else self._answer(probs[i], request_ids[i], self._early(probs[i], thresholds,
-                                                                                         early_reason))
+            None if i in forwarded else self._answer(
+                probs[i], request_ids[i], self._early(confidence[i] < usual, early_reason))
             for i in range(batch)]
         if not audit:
             _record_exit(metrics, confidence, batch - len(rows))
@@ -315,9 +315,9 @@ class TierLoop:
             return None
         return self.overload_threshold
 
-    def _early(self, values: list[float], request_thresholds: Mapping[str, float], reason: str) -> str:
+    def _early(self, below_usual: bool, reason: str) -> str:
         """The flag of an answer given only because the next tier is overloaded (below the usual threshold)."""
-        if not reason or max(values) >= self.threshold(request_thresholds):
+        if not reason or not below_usual:
             return ""
         self.metrics.degraded.labels(self.tier, "overloaded_early").inc()
         return reason
