@@ -24,7 +24,8 @@ def make_tokenizer(folder: Path) -> Path:
     tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
     tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tokenizer.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])]
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])]
     )
     path = folder / "tokenizer.json"
     tokenizer.save(str(path))
@@ -68,4 +69,21 @@ def make_dataset(folder: Path, num_classes: int = 2, train: int = 1200, dev: int
         labels[flip] = (labels[flip] + rng.integers(1, num_classes, size=int(flip.sum()))) % num_classes
         rows = [f"{text}\t{int(y)}" for text, y in zip(texts, labels, strict=True)]
         (folder / f"{name}.tsv").write_text("sentence\tlabel\n" + "\n".join(rows) + "\n")
+    return folder
+
+
+def make_pair_dataset(folder: Path, train: int = 1200, dev: int = 300, seed: int = 0) -> Path:
+    """GLUE RTE's layout (index, sentence1, sentence2, label): the label is the sentiment of the second
+    sentence, the first is a sentence of either sentiment, so only a model that reads the pair's second
+    text as such can learn it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    names = ["entailment", "not_entailment"]
+    for split, n in (("train", train), ("dev", dev)):
+        rows = []
+        for i in range(n):
+            label = int(rng.integers(0, 2))
+            first, second = sentence(rng, int(rng.integers(0, 2)), 2), sentence(rng, label, 2)
+            rows.append(f"{i}\t{first}\t{second}\t{names[label]}")
+        (folder / f"{split}.tsv").write_text("index\tsentence1\tsentence2\tlabel\n" + "\n".join(rows) + "\n")
     return folder

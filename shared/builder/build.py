@@ -47,7 +47,7 @@ from shared.contract.manifest import (
     sha256_file,
 )
 from shared.contract.policy import choose_policy, relative_cost, route
-from shared.contract.text import TextEncoder
+from shared.contract.text import TextEncoder, Tokens
 from shared.data.text import (
     Columns,
     TextDataset,
@@ -154,7 +154,8 @@ def build(config: BuildConfig, out: str | Path, force: bool = False) -> Path:
     return out
 
 
-DATA_FIELDS = ("family", "data", "text_columns", "label_column", "header", "quoting", "test_fraction")
+DATA_FIELDS = ("family", "data", "text_columns", "second_text_columns", "label_column", "header", "quoting",
+               "test_fraction")
 
 
 def _refuse_other_data(out: Path, config: BuildConfig) -> None:
@@ -198,7 +199,8 @@ def _train_text(config: BuildConfig) -> TrainedModel:
     """The text family: SST-2 or a labeled table -> an early-exit BERT -> exit logits."""
     profile = PROFILES[config.profile]
     checkpoint = resolve_backbone(config.backbone)
-    columns = Columns(tuple(config.text_columns or ()), config.label_column, config.header, config.quoting)
+    columns = Columns(text=tuple(config.text_columns or ()), label=config.label_column, header=config.header,
+                      quoting=config.quoting, second_text=tuple(config.second_text_columns or ()))
     train_set, test_set = load_splits(config.data, columns, config.test_fraction)
     requested = config.label_names
     if requested is None and config.data is None and train_set.label_names == ["0", "1"]:
@@ -216,29 +218,30 @@ def _train_text(config: BuildConfig) -> TrainedModel:
     points = check_split_points(config.split_points, encoder_model.config.num_hidden_layers)
     model = EarlyExitBert(encoder_model, points, len(label_names))
     encoder = _text_encoder(checkpoint, config.max_length)
-    fit_ids = encoder.token_ids(fit_set.texts)[0]
+    pairs = fit_set.second_texts is not None
+    fit_tokens = encoder.tokens(fit_set.texts, fit_set.second_texts)
     settings = TrainSettings(
         epochs=config.epochs or profile.epochs, batch_size=profile.batch_size,
         learning_rate=profile.learning_rate, head_learning_rate=profile.head_learning_rate,
         freeze_encoder=config.freeze_encoder, seed=config.seed,
     )
-    train_summary = train(model, fit_ids, fit_set.labels, settings)
+    train_summary = train(model, fit_tokens, fit_set.labels, settings)
 
-    test_ids = encoder.token_ids(test_set.texts)[0]
+    test_tokens = encoder.tokens(test_set.texts, test_set.second_texts)
 
     def export(folder: Path) -> tuple[list[SliceSpec], float, dict[str, Any]]:
-        specs = export_slices(model, folder)
-        max_diff = check_chain(model, folder, _mixed_length_sample(test_ids, config.seed))
+        specs = export_slices(model, folder, pairs)
+        max_diff = check_chain(model, folder, _mixed_length_sample(test_tokens, config.seed))
         encoder.tokenizer.save(str(folder / "tokenizer.json"))
-        return specs, max_diff, {"family": "text", "max_length": config.max_length,
+        return specs, max_diff, {"family": "text", "max_length": config.max_length, "text_pairs": pairs,
                                  "tokenizer_file": "tokenizer.json",
                                  "tokenizer_sha256": sha256_file(folder / "tokenizer.json")}
 
     return TrainedModel(
         label_names=label_names, split_points=points, hidden_size=model.config.hidden_size,
         backbone=config.backbone or DEFAULT_BACKBONE, data_source=train_set.source, test_source=test_set.source,
-        calib_logits=predict_logits(model, encoder.token_ids(calib_set.texts)[0]), calib_labels=calib_set.labels,
-        test_logits=predict_logits(model, test_ids), test_labels=test_set.labels,
+        calib_logits=predict_logits(model, encoder.tokens(calib_set.texts, calib_set.second_texts)),
+        calib_labels=calib_set.labels, test_logits=predict_logits(model, test_tokens), test_labels=test_set.labels,
         train_samples=len(fit_set), training=train_summary, export=export,
         train_description=train_set.describe(), test_description=test_set.describe(),
         data_labels=train_set.raw_labels)
@@ -261,6 +264,8 @@ def split_summary(train: TextDataset, test: TextDataset, fit: TextDataset, fit_r
         f"  test: {len(test)} rows from {test.describe()}",
         "  classes: " + ", ".join(n if n == r else f"{r}={n}"
                                   for r, n in zip(train.raw_labels, train.label_names, strict=True)),
+        "  input: " + ("sentence pairs (a first and a second text per sample)" if train.second_texts is not None
+                       else "single texts"),
     ]
     if test.portion:
         lines.append(f"  (one file: {round(100 * config.test_fraction)}% of it is the test split, seeded; "
@@ -280,10 +285,9 @@ def _text_encoder(checkpoint: Path, max_length: int) -> TextEncoder:
     return TextEncoder.from_tokenizer(tokenizer.backend_tokenizer, max_length)
 
 
-def _mixed_length_sample(ids: list[list[int]], seed: int, n: int = 96) -> list[list[int]]:
+def _mixed_length_sample(tokens: Tokens, seed: int, n: int = 96) -> Tokens:
     """Real test sequences in random order, so each batch mixes lengths (padding is exercised)."""
-    order = np.random.default_rng(seed).permutation(len(ids))[:n]
-    return [ids[i] for i in order]
+    return tokens.take(np.random.default_rng(seed).permutation(len(tokens))[:n])
 
 
 def _report(manifest: Manifest, test_logits: list[np.ndarray], test_probs: list[np.ndarray],
@@ -322,6 +326,7 @@ def _report(manifest: Manifest, test_logits: list[np.ndarray], test_probs: list[
         "policy": manifest.policy.model_dump(),
         "cost_model": manifest.cost_model.model_dump(),
         "labels": manifest.labels,
+        "text_pairs": manifest.text_pairs,
         "provenance": manifest.provenance.model_dump(),
     }
 

@@ -60,6 +60,9 @@ class BuildConfig(BaseModel):
                                           "LABEL=NAME each; checked against the labels found")
     text_columns: list[str] | None = Field(None, description="text column(s), names or 0-based positions, joined "
                                            "with a space (default: sentence, text or review)")
+    second_text_columns: list[str] | None = Field(
+        None, description="sentence pairs: the second text's column(s), names or 0-based positions (default: "
+        "single texts, unless the header names a pair such as sentence1 + sentence2)")
     label_column: str | None = Field(None, description="label column, name or 0-based position (default: label)")
     header: bool = Field(True, description="the data files' first row names the columns")
     quoting: Literal["auto", "csv", "none"] = "auto"

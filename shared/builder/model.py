@@ -8,15 +8,24 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from transformers import BertConfig, BertModel
+
+from shared.contract.text import TOKEN_TYPE_IDS
 
 
 def additive_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """[B, S] 1/0 mask -> [B, 1, 1, S] additive mask (0 where attended, dtype-min where padded)."""
     mask = attention_mask[:, None, None, :].to(dtype)
     return (1.0 - mask) * torch.finfo(dtype).min
+
+
+def model_inputs(tensors: dict[str, np.ndarray]) -> tuple[torch.Tensor, ...]:
+    """EarlyExitBert's positional inputs from padded tensors: (input_ids, attention_mask[, token_type_ids])."""
+    names = ["input_ids", "attention_mask", *([TOKEN_TYPE_IDS] if TOKEN_TYPE_IDS in tensors else [])]
+    return tuple(torch.from_numpy(tensors[name]) for name in names)
 
 
 class ExitHead(nn.Module):
@@ -52,9 +61,15 @@ class EarlyExitBert(nn.Module):
             hidden = layer(hidden, mask)
         return hidden
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[torch.Tensor]:
+    def embed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None) -> torch.Tensor:
+        """Token embeddings; a single text is all segment 0, a pair's second text segment 1."""
+        return self.embeddings(input_ids=input_ids,
+                               token_type_ids=torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                token_type_ids: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Logits of every exit, in order."""
-        hidden = self.embeddings(input_ids=input_ids, token_type_ids=torch.zeros_like(input_ids))
+        hidden = self.embed(input_ids, token_type_ids)
         logits, first = [], 1
         for head, last in zip(self.heads, self.split_points, strict=True):
             hidden = self.run_layers(hidden, attention_mask, first, last)
@@ -69,17 +84,28 @@ class EarlyExitBert(nn.Module):
 
 
 class MobileSlice(nn.Module):
-    """Embeddings + layers 1..m + exit 1: (input_ids, attention_mask) -> (logits, hidden)."""
+    """Embeddings + layers 1..m + exit 1: (input_ids, attention_mask) -> (logits, hidden), single texts."""
 
     def __init__(self, model: EarlyExitBert) -> None:
         super().__init__()
         self.model = model
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.run(input_ids, attention_mask, None)
+
+    def run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+            token_type_ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         m = self.model
-        hidden = m.embeddings(input_ids=input_ids, token_type_ids=torch.zeros_like(input_ids))
-        hidden = m.run_layers(hidden, attention_mask, 1, m.split_points[0])
+        hidden = m.run_layers(m.embed(input_ids, token_type_ids), attention_mask, 1, m.split_points[0])
         return m.heads[0](hidden, attention_mask), hidden
+
+
+class PairMobileSlice(MobileSlice):
+    """The mobile slice of a sentence-pair model: (input_ids, attention_mask, token_type_ids) -> (logits, hidden)."""
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,  # type: ignore[override]
+                token_type_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.run(input_ids, attention_mask, token_type_ids)
 
 
 class MiddleSlice(nn.Module):

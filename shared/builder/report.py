@@ -51,7 +51,8 @@ def summary_text(report: dict[str, Any]) -> str:
 def data_line(report: dict[str, Any]) -> str:
     """"trained on N sentences from X, calibrated on M, evaluated on the test split (Y); built in S s"."""
     provenance = report.get("provenance") or {}
-    unit = "images" if report.get("family") == "image" else "sentences"
+    unit = "images" if report.get("family") == "image" else "sentence pairs" if report.get("text_pairs") \
+        else "sentences"
     train = report.get("train_data") or provenance.get("data", "?")
     test = report.get("test_data") or report.get("test_split", "?")
     n_train, n_calib, n_test = (provenance.get(k) for k in ("train_samples", "calibration_samples", "test_samples"))

@@ -20,8 +20,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from shared.builder.model import EarlyExitBert
-from shared.contract.text import pad
+from shared.builder.model import EarlyExitBert, model_inputs
+from shared.contract.text import Tokens
 
 
 @dataclass(frozen=True)
@@ -53,18 +53,15 @@ def length_bucketed_batches(lengths: np.ndarray, batch_size: int, rng: np.random
 Batch = tuple[tuple[torch.Tensor, ...], torch.Tensor]  # (model inputs, target labels)
 
 
-def train(
-    model: EarlyExitBert, ids: list[list[int]], labels: np.ndarray, settings: TrainSettings
-) -> dict[str, float]:
+def train(model: EarlyExitBert, tokens: Tokens, labels: np.ndarray, settings: TrainSettings) -> dict[str, float]:
     """Train a text model in place on length-bucketed, per-batch padded batches; returns a summary."""
-    lengths = np.array([len(x) for x in ids])
+    lengths = np.array([len(x) for x in tokens.ids])
 
     def epoch(rng: np.random.Generator) -> Iterator[Batch]:
         for batch in length_bucketed_batches(lengths, settings.batch_size, rng):
-            input_ids, mask = pad([ids[i] for i in batch])
-            yield (torch.from_numpy(input_ids), torch.from_numpy(mask)), torch.from_numpy(labels[batch])
+            yield model_inputs(tokens.take(batch).padded()), torch.from_numpy(labels[batch])
 
-    return train_loop(model, epoch, len(ids), settings)
+    return train_loop(model, epoch, len(tokens), settings)
 
 
 def train_loop(
@@ -165,17 +162,14 @@ def _optimizer(model: nn.Module, settings: TrainSettings) -> torch.optim.Optimiz
 
 
 @torch.no_grad()
-def predict_logits(
-    model: EarlyExitBert, ids: list[list[int]], batch_size: int = 128
-) -> list[np.ndarray]:
+def predict_logits(model: EarlyExitBert, tokens: Tokens, batch_size: int = 128) -> list[np.ndarray]:
     """Logits of every exit for every sample, in input order: a list (one per exit) of [N, C]."""
     model.eval()
-    order = np.argsort([len(x) for x in ids], kind="stable")
+    order = np.argsort([len(x) for x in tokens.ids], kind="stable")
     outputs: list[list[np.ndarray]] = [[] for _ in model.heads]
     for start in range(0, len(order), batch_size):
         batch = order[start : start + batch_size]
-        input_ids, mask = pad([ids[i] for i in batch])
-        for store, logits in zip(outputs, model(torch.from_numpy(input_ids), torch.from_numpy(mask)), strict=True):
+        for store, logits in zip(outputs, model(*model_inputs(tokens.take(batch).padded())), strict=True):
             store.append(logits.float().numpy())
     inverse = np.argsort(order, kind="stable")
     return [np.concatenate(parts)[inverse] for parts in outputs]

@@ -30,6 +30,12 @@ def _classify_request(texts: Sequence[str], thresholds: Mapping[str, float] | No
                                request_id=request_id)
 
 
+def _pairs_request(pairs: Sequence[tuple[str, str]], thresholds: Mapping[str, float] | None,
+                   request_id: str) -> pb2.ClassifyRequest:
+    return pb2.ClassifyRequest(pairs=[pb2.TextPair(first=first, second=second) for first, second in pairs],
+                               thresholds=dict(thresholds or {}), request_id=request_id)
+
+
 def _images_request(images: np.ndarray, thresholds: Mapping[str, float] | None,
                     request_id: str) -> pb2.ClassifyRequest:
     return pb2.ClassifyRequest(images=to_tensor(np.asarray(images)), thresholds=dict(thresholds or {}),
@@ -77,6 +83,12 @@ class TierClient:
         request = _classify_request(texts, thresholds, request_id)
         return list(self._classify(request, timeout=self.timeout if timeout is None else timeout).answers)
 
+    def classify_pairs(self, pairs: Sequence[tuple[str, str]], thresholds: Mapping[str, float] | None = None,
+                       timeout: float | None = None, request_id: str = "") -> list[pb2.Answer]:
+        """One answer per (first, second) sentence pair of a pair model (paraphrase, entailment), in order."""
+        request = _pairs_request(pairs, thresholds, request_id)
+        return list(self._classify(request, timeout=self.timeout if timeout is None else timeout).answers)
+
     def classify_images(self, images: np.ndarray, thresholds: Mapping[str, float] | None = None,
                         timeout: float | None = None, request_id: str = "") -> list[pb2.Answer]:
         """One answer per image of an image model: uint8 or float32 (0..255), [N, C, H, W] or [N, H, W]."""
@@ -113,6 +125,11 @@ class AsyncTierClient:
     async def classify(self, texts: Sequence[str], thresholds: Mapping[str, float] | None = None,
                        timeout: float | None = None, request_id: str = "") -> list[pb2.Answer]:
         request = _classify_request(texts, thresholds, request_id)
+        return list((await self._classify(request, timeout=self.timeout if timeout is None else timeout)).answers)
+
+    async def classify_pairs(self, pairs: Sequence[tuple[str, str]], thresholds: Mapping[str, float] | None = None,
+                             timeout: float | None = None, request_id: str = "") -> list[pb2.Answer]:
+        request = _pairs_request(pairs, thresholds, request_id)
         return list((await self._classify(request, timeout=self.timeout if timeout is None else timeout)).answers)
 
     async def classify_images(self, images: np.ndarray, thresholds: Mapping[str, float] | None = None,

@@ -98,6 +98,8 @@ class Manifest(BaseModel):
     max_length: int | None = Field(None, description="text: tokens per sequence after truncation")
     tokenizer_file: str | None = None
     tokenizer_sha256: str | None = Field(None, description="text: checked at load when recorded")
+    text_pairs: bool = Field(False, description="text: each sample is a pair of texts (ClassifyRequest.pairs); the "
+                             "mobile slice takes token_type_ids besides input_ids and attention_mask")
     input_shape: list[int] | None = Field(
         None, description="image: channels, height, width of the mobile slice's `pixels` input, "
         "float32 [batch, C, H, W] holding 0..255 pixel values (normalised inside the slice)")
@@ -115,6 +117,8 @@ class Manifest(BaseModel):
             raise ValueError("a text model needs max_length and tokenizer_file")
         if self.family == "image" and self.input_shape is None:
             raise ValueError("an image model needs input_shape")
+        if self.text_pairs and self.family != "text":
+            raise ValueError("text_pairs is for text models only")
         return self
 
     def slice(self, tier: Tier) -> SliceSpec:

@@ -5,16 +5,19 @@ Accepted by `load_splits`:
   (dev first: GLUE's own test.tsv has no labels);
 - one .tsv or .csv file, split 90/10 (seeded; `TEST_FRACTION`) into train and test, which the
   build prints.
-Each file has a header naming a text column (sentence, text or review) and a label column (label
-or labels), or its columns are named by a `Columns`: by header name or 0-based position, several
-text columns joined with a space (title + description), or no header at all (`--no-header`).
+Each file has a header naming a text column (sentence, text or review), or a pair of them
+(sentence1 + sentence2, #1 String + #2 String, question + sentence, question1 + question2,
+premise + hypothesis: GLUE's layouts), and a label column (label, labels or Quality), or its
+columns are named by a `Columns`: by header name or 0-based position, several text columns joined
+with a space (title + description), a second text for sentence pairs, or no header at all
+(`--no-header`).
 Quoting follows Python's csv module (a TSV written by csv.writer round-trips); a file that only
 parses as raw text (GLUE's TSVs hold unbalanced quotes) is read without quote handling.
 With no path, ../shared/data/sst2 beside the repo is used, else SST-2 is fetched from GLUE, and a
 failed fetch says how to pass --data.
 
-Sentence pairs are not read yet. They will be a second text of their own: a `Columns.second_text`
-beside `Columns.text` and a `TextDataset.second_texts` beside `texts`, never a separator convention.
+Sentence pairs are a second text of their own (`TextDataset.second_texts` beside `texts`), never a
+separator convention: the tokenizer pairs them.
 """
 
 from __future__ import annotations
@@ -35,7 +38,10 @@ import numpy as np
 from shared.errors import BuildInputError
 
 TEXT_COLUMNS = ("sentence", "text", "review")
-LABEL_COLUMNS = ("label", "labels")
+# header names of sentence-pair datasets (GLUE: RTE, WNLI; MRPC; QNLI; QQP; MNLI-style), looked for first
+PAIR_COLUMNS = (("sentence1", "sentence2"), ("#1 string", "#2 string"), ("question", "sentence"),
+                ("question1", "question2"), ("premise", "hypothesis"))
+LABEL_COLUMNS = ("label", "labels", "quality")
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_SST2 = REPO_ROOT.parent / "shared" / "data" / "sst2"
 GLUE_SST2_URL = "https://dl.fbaipublicfiles.com/glue/data/SST-2.zip"
@@ -48,8 +54,10 @@ Quoting = Literal["auto", "csv", "none"]
 class Columns:
     """Which columns of a delimited file hold the text and the label, and how to read it.
 
-    `text`: header names or 0-based positions; several are joined with a space (empty: the first of
-    TEXT_COLUMNS in the header). `label`: a name or position (None: the first of LABEL_COLUMNS).
+    `text`: header names or 0-based positions; several are joined with a space (empty: a pair of
+    PAIR_COLUMNS, else the first of TEXT_COLUMNS in the header). `second_text`: the same for the
+    second text of a sentence pair (empty: single texts, unless the header names a pair and `text` is
+    not given). `label`: a name or position (None: the first of LABEL_COLUMNS).
     `header`: whether the first row names the columns. `quoting`: csv (Python's csv module, quotes
     doubled), none (raw text), auto (csv unless the file parses only as raw text).
     """
@@ -58,6 +66,7 @@ class Columns:
     label: str | None = None
     header: bool = True
     quoting: Quoting = "auto"
+    second_text: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -68,12 +77,14 @@ class TextDataset:
     source: str  # the file read
     portion: str = ""  # which part of `source` this is, when not all of it (a single file's split)
     raw_labels: list[str] = field(default_factory=list)  # the label strings as in the file, per class
+    second_texts: list[str] | None = None  # sentence pairs: the second text of each pair
 
     def __len__(self) -> int:
         return len(self.texts)
 
     def subset(self, index: np.ndarray, portion: str | None = None) -> TextDataset:
-        return replace(self, texts=[self.texts[i] for i in index], labels=self.labels[index],
+        second = None if self.second_texts is None else [self.second_texts[i] for i in index]
+        return replace(self, texts=[self.texts[i] for i in index], labels=self.labels[index], second_texts=second,
                        portion=self.portion if portion is None else portion)
 
     def describe(self) -> str:
@@ -92,18 +103,20 @@ def read_table(path: Path, label_names: list[str] | None = None, columns: Column
         raise BuildInputError(f"{path} is empty")
     first_line, first = rows[0]
     body = rows[1:] if columns.header else rows
-    text_at, label_at = _resolve_columns(path, first if columns.header else None, first, columns)
-    needed = max([*text_at, label_at]) + 1
-    texts, raw = [], []
+    text_at, second_at, label_at = _resolve_columns(path, first if columns.header else None, first, columns)
+    needed = max([*text_at, *second_at, label_at]) + 1
+    texts, seconds, raw = [], [], []
     for line, row in body:
         if len(row) < needed:
+            where = f"text in {list(text_at)}" + (f", second text in {list(second_at)}" if second_at else "")
             raise BuildInputError(
-                f"{path}:{line}: {len(row)} column(s), need {needed} (text in {list(text_at)}, label in {label_at}); "
-                f"row: {_show(row)}")
+                f"{path}:{line}: {len(row)} column(s), need {needed} ({where}, label in {label_at}); row: {_show(row)}")
         label = row[label_at].strip()
         if not label:
             raise BuildInputError(f"{path}:{line}: empty label (column {label_at})")
         texts.append(" ".join(part for part in (row[i].strip() for i in text_at) if part))
+        if second_at:
+            seconds.append(" ".join(part for part in (row[i].strip() for i in second_at) if part))
         raw.append(label)
     if not texts:
         raise BuildInputError(f"{path} has a header but no rows")
@@ -113,7 +126,7 @@ def read_table(path: Path, label_names: list[str] | None = None, columns: Column
         raise BuildInputError(f"{path}: labels {unknown[:5]} do not occur in the training data {names}")
     index = {name: i for i, name in enumerate(names)}
     return TextDataset(texts, np.array([index[x] for x in raw], dtype=np.int64), list(names), str(path),
-                       raw_labels=list(names))
+                       raw_labels=list(names), second_texts=seconds if second_at else None)
 
 
 def _read_rows(path: Path, quoting: Quoting) -> list[tuple[int, list[str]]]:
@@ -150,22 +163,32 @@ def _parse(path: Path, text: str, delimiter: str, quoting: Quoting) -> list[tupl
 
 
 def _resolve_columns(path: Path, header: list[str] | None, first: list[str], columns: Columns
-                     ) -> tuple[tuple[int, ...], int]:
-    """Positions of the text column(s) and the label column."""
+                     ) -> tuple[tuple[int, ...], tuple[int, ...], int]:
+    """Positions of the text column(s), the second text's column(s) (empty: single texts) and the label."""
     names = [c.strip().lower() for c in header] if header is not None else None
+    if columns.second_text and not columns.text:
+        raise BuildInputError(f"{path}: --second-text-column needs --text-column too (the first text of each pair)")
     if names is not None and (not columns.text or columns.label is None):
+        auto_pair = next((pair for pair in PAIR_COLUMNS if all(c in names for c in pair)), None)
         auto_text = next((c for c in TEXT_COLUMNS if c in names), None)
         auto_label = next((c for c in LABEL_COLUMNS if c in names), None)
-        missing = [what for what, found, given in (("text", auto_text, columns.text),
+        missing = [what for what, found, given in (("text", auto_pair or auto_text, columns.text),
                                                    ("label", auto_label, columns.label)) if not given and not found]
         if missing:
             raise BuildInputError(
                 f"{path}: the first row {_show(first)} names no {' and no '.join(m + ' column' for m in missing)} "
-                f"(text: one of {list(TEXT_COLUMNS)}, label: one of {list(LABEL_COLUMNS)}). If that row is data, "
-                f"the file has no header: pass --no-header with --text-column and --label-column as 0-based "
-                f"positions (e.g. --no-header --label-column 0 --text-column 1,2 joins columns 1 and 2). If it is "
-                f"a header, name its columns: --text-column NAME[,NAME] --label-column NAME")
-        text_spec = columns.text or (auto_text,)
+                f"(text: one of {list(TEXT_COLUMNS)}, or a pair such as {' + '.join(PAIR_COLUMNS[0])}; label: one "
+                f"of {list(LABEL_COLUMNS)}). If that row is data, the file has no header: pass --no-header with "
+                f"--text-column and --label-column as 0-based positions (e.g. --no-header --label-column 0 "
+                f"--text-column 1,2 joins columns 1 and 2; add --second-text-column for sentence pairs). If it is "
+                f"a header, name its columns: --text-column NAME[,NAME] [--second-text-column NAME] "
+                f"--label-column NAME")
+        if columns.text:
+            text_spec, second_spec = columns.text, columns.second_text
+        elif auto_pair is not None:
+            text_spec, second_spec = (auto_pair[0],), (auto_pair[1],)
+        else:
+            text_spec, second_spec = (auto_text,), ()
         label_spec = columns.label or auto_label
     else:
         if not columns.text or columns.label is None:
@@ -173,13 +196,17 @@ def _resolve_columns(path: Path, header: list[str] | None, first: list[str], col
                 f"{path}: without a header, say where the text and the label are: --text-column and "
                 f"--label-column as 0-based positions (the first row has {len(first)} columns: "
                 f"{', '.join(f'{i}={_clip(c)!r}' for i, c in enumerate(first))})")
-        text_spec, label_spec = columns.text, columns.label
+        text_spec, second_spec, label_spec = columns.text, columns.second_text, columns.label
     width = len(first)
     text_at = tuple(_position(path, c, names, width) for c in text_spec)
+    second_at = tuple(_position(path, c, names, width) for c in second_spec)
     label_at = _position(path, str(label_spec), names, width)
-    if label_at in text_at:
+    if label_at in text_at + second_at:
         raise BuildInputError(f"{path}: column {label_at} is both the label and a text column")
-    return text_at, label_at
+    if set(text_at) & set(second_at):
+        both = sorted(set(text_at) & set(second_at))
+        raise BuildInputError(f"{path}: column(s) {both} are in both texts of the pair")
+    return text_at, second_at, label_at
 
 
 def _position(path: Path, spec: str | None, names: list[str] | None, width: int) -> int:
@@ -218,6 +245,11 @@ def load_splits(path: str | Path | None = None, columns: Columns | None = None,
         train_file, test_file = _split_file(root, "train"), _split_file(root, "dev", "test")
         train = read_table(train_file, columns=columns)
         test = read_table(test_file, train.label_names, columns)
+        if (train.second_texts is None) != (test.second_texts is None):
+            kinds = {d.source: "sentence pairs" if d.second_texts is not None else "single texts"
+                     for d in (train, test)}
+            raise BuildInputError(f"the splits hold different inputs: {kinds}; name the columns with --text-column "
+                                  "and --second-text-column")
     elif root.is_file():
         whole = read_table(root, columns=columns)
         order = np.random.default_rng(SPLIT_SEED).permutation(len(whole))
@@ -322,7 +354,9 @@ def hold_out_calibration(data: TextDataset, n: int, seed: int) -> tuple[TextData
     takes whole examples only (rows that are not a word span of another row), and every row
     that is a word span of a calibration example leaves the fit set. Plain datasets are unaffected.
     """
-    norm = [" ".join(t.split()) for t in data.texts]
+    texts = data.texts if data.second_texts is None else \
+        [f"{a} \u2016 {b}" for a, b in zip(data.texts, data.second_texts, strict=True)]  # a pair is one example
+    norm = [" ".join(t.split()) for t in texts]
     corpus = "\n".join(f" {t} " for t in norm)
     order = np.random.default_rng(seed).permutation(len(data))
     n = calibration_size(n, len(data))

@@ -1,14 +1,15 @@
 """The Open Inference Protocol (KServe v2, `inference.GRPCInferenceService`) at the entry tier.
 
-Transport only: the texts come out of the request's one BYTES input and go down the same path as
-Classify (ClassifierServicer.classify_texts: checks, tokeniser, tier loop); the answers go back as
+Transport only: the texts come out of the request's BYTES input (two for a sentence-pair model) and go
+down the same path as Classify (ClassifierServicer.classify_texts: checks, tokeniser, tier loop); the answers go back as
 raw output contents, which is all tritonclient reads. Failures become statuses in
 shared.serving.status, as Classify's do. The specification's six RPCs have handlers, and two of
 Triton's extensions that perf_analyzer calls (ModelConfig, ModelStatistics); Triton's others
 (repository, shared memory, trace, log settings) answer UNIMPLEMENTED.
 
 Model "tierserve" (MobileSettings.model_name), version "1":
-  input   texts          BYTES  [-1] (or [-1, 1])   UTF-8 texts
+  input   texts          BYTES  [-1] (or [-1, 1])   UTF-8 texts (a pair model: the first text of each pair)
+          second_texts   BYTES  [-1] (or [-1, 1])   a sentence-pair model only: the second text of each pair
   outputs label_index    INT64  [-1]
           label          BYTES  [-1]                the label's name
           probabilities  FP32   [-1, classes]       calibrated, of the exit that answered
@@ -39,6 +40,7 @@ SERVICE_NAME: str = oip_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].
 MODEL_VERSION = "1"
 PLATFORM = "tierserve"
 INPUT = "texts"
+SECOND_INPUT = "second_texts"
 CONFIG_TYPES = {"BYTES": oip_pb2.TYPE_STRING, "INT64": oip_pb2.TYPE_INT64, "FP32": oip_pb2.TYPE_FP32}
 BYTES = "BYTES"
 THRESHOLD_PARAMETER = "threshold_"  # + tier name
@@ -68,50 +70,66 @@ OUTPUTS: dict[str, Output] = {
 }
 
 
-def split_bytes_tensor(raw: bytes, count: int) -> list[bytes]:
+def input_names(pairs: bool) -> list[str]:
+    """The model's inputs: texts, and second_texts for a sentence-pair model."""
+    return [INPUT, SECOND_INPUT] if pairs else [INPUT]
+
+
+def split_bytes_tensor(raw: bytes, count: int, name: str = INPUT) -> list[bytes]:
     """The elements of a raw BYTES tensor, at most `count`: each a 4-byte little-endian length, then the bytes."""
     elements: list[bytes] = []
     offset = 0
     while offset < len(raw):
         if len(elements) == count:
-            raise InvalidInput(f"input '{INPUT}': raw contents hold more than the {count} elements of its shape")
+            raise InvalidInput(f"input '{name}': raw contents hold more than the {count} elements of its shape")
         if offset + _LENGTH.size > len(raw):
-            raise InvalidInput(f"input '{INPUT}': raw contents end inside an element's length")
+            raise InvalidInput(f"input '{name}': raw contents end inside an element's length")
         (length,) = _LENGTH.unpack_from(raw, offset)
         offset += _LENGTH.size
         if offset + length > len(raw):
-            raise InvalidInput(f"input '{INPUT}': an element's length {length} runs past the raw contents")
+            raise InvalidInput(f"input '{name}': an element's length {length} runs past the raw contents")
         elements.append(raw[offset:offset + length])
         offset += length
     return elements
 
 
-def request_texts(request: Any, max_texts: int) -> list[str]:
-    """The texts of a ModelInferRequest: its one BYTES input, shape [N] or [N, 1], N <= max_texts
-    (checked before any element is read)."""
-    names = [tensor.name for tensor in request.inputs]
-    if names != [INPUT]:
-        raise InvalidInput(f"the model takes one input '{INPUT}' (BYTES, shape [N] or [N, 1]); got {names}")
-    tensor = request.inputs[0]
-    if tensor.datatype != BYTES:
-        raise InvalidInput(f"input '{INPUT}' must be {BYTES} (UTF-8 texts), not {tensor.datatype}")
-    shape = list(tensor.shape)
-    if len(shape) not in (1, 2) or shape[0] < 0 or shape[1:] not in ([], [1]):
-        raise InvalidInput(f"input '{INPUT}' must have shape [N] or [N, 1], not {shape}")
-    if shape[0] > max_texts:
-        raise InvalidInput(f"too many texts: {shape[0]}, at most {max_texts} per request")
-    if request.raw_input_contents:
-        if len(request.raw_input_contents) != 1 or tensor.HasField("contents"):
-            raise InvalidInput("give the input's data once: in raw_input_contents or in contents")
-        elements = split_bytes_tensor(request.raw_input_contents[0], shape[0])
-    else:
-        elements = list(tensor.contents.bytes_contents)
-    if len(elements) != shape[0]:
-        raise InvalidInput(f"input '{INPUT}' has shape {shape} but {len(elements)} elements")
-    try:
-        return [element.decode() for element in elements]
-    except UnicodeDecodeError as exc:
-        raise InvalidInput(f"input '{INPUT}': texts must be UTF-8 ({exc})") from exc
+def request_texts(request: Any, max_texts: int, names: Sequence[str] = (INPUT,)) -> list[list[str]]:
+    """The texts of a ModelInferRequest, one list per input of `names` (in that order): BYTES inputs of
+    shape [N] or [N, 1], the same N <= max_texts (checked before any element is read)."""
+    given = [tensor.name for tensor in request.inputs]
+    if sorted(given) != sorted(names):
+        wanted = " and ".join(f"'{n}'" for n in names)
+        raise InvalidInput(f"the model takes {'one input' if len(names) == 1 else 'the inputs'} {wanted} (BYTES, "
+                           f"shape [N] or [N, 1]); got {given}")
+    if request.raw_input_contents and len(request.raw_input_contents) != len(given):
+        raise InvalidInput(f"raw_input_contents holds {len(request.raw_input_contents)} entries for {len(given)} "
+                           "inputs: give each input's data once, in raw_input_contents or in contents")
+    texts: dict[str, list[str]] = {}
+    for position, tensor in enumerate(request.inputs):
+        name = tensor.name
+        if tensor.datatype != BYTES:
+            raise InvalidInput(f"input '{name}' must be {BYTES} (UTF-8 texts), not {tensor.datatype}")
+        shape = list(tensor.shape)
+        if len(shape) not in (1, 2) or shape[0] < 0 or shape[1:] not in ([], [1]):
+            raise InvalidInput(f"input '{name}' must have shape [N] or [N, 1], not {shape}")
+        if shape[0] > max_texts:
+            raise InvalidInput(f"too many texts: {shape[0]}, at most {max_texts} per request")
+        if request.raw_input_contents:
+            if tensor.HasField("contents"):
+                raise InvalidInput("give the input's data once: in raw_input_contents or in contents")
+            elements = split_bytes_tensor(request.raw_input_contents[position], shape[0], name)
+        else:
+            elements = list(tensor.contents.bytes_contents)
+        if len(elements) != shape[0]:
+            raise InvalidInput(f"input '{name}' has shape {shape} but {len(elements)} elements")
+        try:
+            texts[name] = [element.decode() for element in elements]
+        except UnicodeDecodeError as exc:
+            raise InvalidInput(f"input '{name}': texts must be UTF-8 ({exc})") from exc
+    counts = {name: len(values) for name, values in texts.items()}
+    if len(set(counts.values())) > 1:
+        raise InvalidInput(f"the inputs hold different numbers of texts {counts}: one of each per pair")
+    return [texts[name] for name in names]
 
 
 def request_thresholds(parameters: Mapping[str, Any]) -> dict[str, float]:
@@ -187,35 +205,38 @@ class InferenceServicer(oip_pb2_grpc.GRPCInferenceServiceServicer):  # type: ign
 
     async def ModelMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         self._check_model(request.name, request.version)
-        classes = len(self.classifier.ready_loop().manifest.labels)
+        manifest = self.classifier.ready_loop().manifest
+        classes = len(manifest.labels)
         tensor = oip_pb2.ModelMetadataResponse.TensorMetadata
         return oip_pb2.ModelMetadataResponse(
             name=self.model_name, versions=[MODEL_VERSION], platform=PLATFORM,
-            inputs=[tensor(name=INPUT, datatype=BYTES, shape=[-1])],
+            inputs=[tensor(name=name, datatype=BYTES, shape=[-1]) for name in input_names(manifest.text_pairs)],
             outputs=[tensor(name=name, datatype=output.datatype, shape=output.shape(-1, classes))
                      for name, output in OUTPUTS.items()])
 
     async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         self._check_model(request.model_name, request.model_version)
-        texts = request_texts(request, self.classifier.max_batch)
+        manifest = self.classifier.ready_loop().manifest
+        texts = request_texts(request, self.classifier.max_batch, input_names(manifest.text_pairs))
         thresholds = request_thresholds(request.parameters)
         names = requested_outputs(request)
         answers = await self.classifier.classify_texts(  # admission and checks as Classify's
-            texts, thresholds, request.id, context.time_remaining())
-        classes = len(self.classifier.ready_loop().manifest.labels)
+            texts[0], thresholds, request.id, context.time_remaining(), texts[1] if len(texts) > 1 else None)
+        classes = len(manifest.labels)
         return infer_response(request, names, answers, classes)
 
 
     async def ModelConfig(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         """Triton's ModelConfig, as perf_analyzer reads it, saying what ModelMetadata says: one BYTES
-        input of N texts and the outputs for N samples, the count of texts the first dimension
+        input of N texts (two for a pair model) and the outputs for N samples, the count the first dimension
         (max_batch_size 0: Triton's batching does not apply; the tier batches dynamically itself)."""
         self._check_model(request.name, request.version)
         loop = self.classifier.ready_loop()
         classes = len(loop.manifest.labels)
         config = oip_pb2.ModelConfig(
             name=self.model_name, platform=PLATFORM, backend=PLATFORM, max_batch_size=0,
-            input=[oip_pb2.ModelInput(name=INPUT, data_type=oip_pb2.TYPE_STRING, dims=[-1])],
+            input=[oip_pb2.ModelInput(name=name, data_type=oip_pb2.TYPE_STRING, dims=[-1])
+                   for name in input_names(loop.manifest.text_pairs)],
             output=[oip_pb2.ModelOutput(name=name, data_type=CONFIG_TYPES[output.datatype],
                                         dims=output.shape(-1, classes)) for name, output in OUTPUTS.items()])
         if loop.batcher is not None:

@@ -117,32 +117,43 @@ class ClassifierServicer(TierServicer, pb2_grpc.ClassifierServicer):
             self.memory = AnswerMemory(loop.manifest.labels, self.metrics, label_memory)
         super().ready(loop)
 
-    def check_texts(self, texts: Sequence[str]) -> None:
+    def check_texts(self, texts: Sequence[str], second_texts: Sequence[str] | None = None) -> None:
+        what = "text" if second_texts is None else "pair"
+        if second_texts is not None and len(second_texts) != len(texts):
+            raise InvalidInput(f"{len(texts)} first texts but {len(second_texts)} second texts: one of each per pair")
         if not texts:
-            raise InvalidInput("no texts: send at least one")
+            raise InvalidInput(f"no {what}s: send at least one")
         if len(texts) > self.max_batch:
-            raise InvalidInput(
-                f"too many texts: {len(texts)}, at most {self.max_batch} per request")
-        for i, text in enumerate(texts):
+            raise InvalidInput(f"too many {what}s: {len(texts)}, at most {self.max_batch} per request")
+        named = [(f"text {i}", text) for i, text in enumerate(texts)] if second_texts is None else [
+            (f"pair {i}'s {which} text", text)
+            for which, values in (("first", texts), ("second", second_texts)) for i, text in enumerate(values)]
+        for name, text in named:
             if not text.strip():
-                raise InvalidInput(f"text {i} is empty")
+                raise InvalidInput(f"{name} is empty")
             if len(text) > self.max_text_chars:
-                raise InvalidInput(
-                    f"text {i} has {len(text)} characters, at most {self.max_text_chars}")
+                raise InvalidInput(f"{name} has {len(text)} characters, at most {self.max_text_chars}")
 
     async def classify_texts(self, texts: Sequence[str], thresholds: Mapping[str, float],
-                             request_id: str, time_left: float | None) -> list[pb2.Answer]:
-        """Check, tokenise, run the tier loop: what Classify and the Open Inference Protocol share."""
+                             request_id: str, time_left: float | None,
+                             second_texts: Sequence[str] | None = None) -> list[pb2.Answer]:
+        """Check, tokenise, run the tier loop: what Classify and the Open Inference Protocol share.
+        `second_texts`: a sentence-pair model's second text of each pair (texts are the first)."""
         loop = self.ready_loop()
         if self.encoder is None:
             raise InvalidInput(f"this model ({loop.manifest.family}) does not take texts"
                                + ("; send images (ClassifyRequest.images)" if loop.manifest.family == "image" else ""))
-        self.check_texts(texts)
+        if loop.manifest.text_pairs and second_texts is None:
+            raise InvalidInput("this model classifies sentence pairs: send pairs (ClassifyRequest.pairs, "
+                               "or the inputs texts and second_texts), not single texts")
+        if not loop.manifest.text_pairs and second_texts is not None:
+            raise InvalidInput("this model classifies single texts: send texts, not sentence pairs")
+        self.check_texts(texts, second_texts)
         checked = check_thresholds(thresholds)
         ids = sample_ids(request_id, len(texts))
         with self.admission.admit(len(texts)), self.stats.timed(len(texts)):
             began = time.perf_counter()
-            encoded = self.encoder.encode(texts)
+            encoded = self.encoder.encode(texts, second_texts)
             if time_left is not None:  # the tokeniser's time is the caller's too
                 time_left -= time.perf_counter() - began
             answers = await loop.process(encoded.tensors, ids, checked, time_left)
@@ -156,7 +167,8 @@ class ClassifierServicer(TierServicer, pb2_grpc.ClassifierServicer):
         loop = self.ready_loop()
         manifest = loop.manifest
         if manifest.family != "image" or manifest.input_shape is None:
-            raise InvalidInput(f"this model ({manifest.family}) does not take images; send texts")
+            raise InvalidInput(f"this model ({manifest.family}) does not take images; send "
+                               + ("sentence pairs" if manifest.text_pairs else "texts"))
         c, h, w = manifest.input_shape
         tensors = ImageInput((c, h, w)).tensors(images)
         if len(images) > self.max_batch:
@@ -169,9 +181,16 @@ class ClassifierServicer(TierServicer, pb2_grpc.ClassifierServicer):
     async def Classify(self, request: pb2.ClassifyRequest,
                        context: grpc.aio.ServicerContext) -> pb2.ClassifyResponse:
         time_left = context.time_remaining()
-        if request.HasField("images"):
-            if request.texts:
-                raise InvalidInput("the request holds both texts and images: send one kind")
+        kinds = [kind for kind, given in (("texts", request.texts), ("pairs", request.pairs),
+                                          ("images", request.HasField("images"))) if given]
+        if len(kinds) > 1:
+            raise InvalidInput(f"the request holds {' and '.join(kinds)}: send one kind")
+        if request.pairs:
+            if len(request.pairs) > self.max_batch:
+                raise InvalidInput(f"too many pairs: {len(request.pairs)}, at most {self.max_batch} per request")
+            answers = await self.classify_texts([p.first for p in request.pairs], request.thresholds,
+                                                request.request_id, time_left, [p.second for p in request.pairs])
+        elif request.HasField("images"):
             images = request.images
             if images.encoding != pb2.TENSOR_ENCODING_RAW:
                 raise InvalidInput("images travel raw (TensorEncoding RAW, uint8 or float32)")

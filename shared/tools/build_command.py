@@ -35,10 +35,16 @@ def add_build_parser(subparsers: argparse._SubParsersAction) -> None:
                                   "(default: Fashion-MNIST from the dataset-fashion-mnist package)")
     data = p.add_argument_group("reading a .tsv/.csv (text family)")
     data.add_argument("--text-column", type=_names, metavar="COL[,COL...]",
-                      help="the text column: a header name or a 0-based position; several are joined with a space, "
-                           "e.g. 1,2 for title + description (default: the column named sentence, text or review)")
+                      help="the text column (a pair's first text): a header name or a 0-based position; several are "
+                           "joined with a space, e.g. 1,2 for title + description (default: the column named "
+                           "sentence, text or review)")
+    data.add_argument("--second-text-column", type=_names, metavar="COL[,COL...]",
+                      help="sentence pairs: the second text's column, as --text-column (default: single texts, "
+                           "unless the header names a pair: sentence1 + sentence2, #1 String + #2 String, "
+                           "question + sentence, question1 + question2, premise + hypothesis)")
     data.add_argument("--label-column", metavar="COL",
-                      help="the label column: a header name or a 0-based position (default: the column named label)")
+                      help="the label column: a header name or a 0-based position (default: the column named "
+                           "label, labels or Quality)")
     data.add_argument("--no-header", dest="header", action="store_false",
                       help="the first row is data, not column names: give --text-column and --label-column as "
                            "positions (default: the first row is a header)")
@@ -86,7 +92,8 @@ def run_build(args: argparse.Namespace) -> int:
             seed=args.seed, policy=args.policy, p_tar=args.p_tar, target=args.target, max_drop_points=args.max_drop,
             delta=args.delta, max_length=args.max_length, freeze_encoder=args.freeze_encoder,
             label_names=args.labels, train_samples=args.train_samples, epochs=args.epochs,
-            text_columns=args.text_column, label_column=args.label_column, header=args.header, quoting=args.quoting,
+            text_columns=args.text_column, second_text_columns=args.second_text_column,
+            label_column=args.label_column, header=args.header, quoting=args.quoting,
             test_fraction=args.test_fraction, calibration_samples=args.calibration_samples,
         )
     except ValueError as exc:  # pydantic: a value out of range

@@ -39,11 +39,17 @@ def run_serve(args: argparse.Namespace) -> int:
 
 def add_classify_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "classify", help="classify texts through the running tiers",
-        description="Send texts to the mobile tier; print label, confidence, exit tier per text.")
+        "classify", help="classify texts (or sentence pairs) through the running tiers",
+        description="Send texts, or sentence pairs to a pair model, to the mobile tier; print label, confidence, "
+                    "exit tier per sample.")
     p.add_argument("texts", nargs="*", metavar="TEXT", help="texts to classify; '-' reads stdin")
     p.add_argument("-f", "--file", action="append", default=[], metavar="FILE",
                    help="read texts from FILE, one per line ('-': stdin); repeatable")
+    p.add_argument("--pair", action="append", default=[], nargs=2, metavar=("FIRST", "SECOND"),
+                   help="a sentence pair for a pair model (paraphrase, entailment); repeatable")
+    p.add_argument("--pair-file", action="append", default=[], metavar="FILE",
+                   help="read sentence pairs from FILE, one per line, first and second text separated by a tab "
+                        "('-': stdin); repeatable")
     p.add_argument("--address", default=DEFAULT_ENTRY, help="the mobile tier (default %(default)s)")
     p.add_argument("--threshold", action="append", default=[], type=threshold_argument,
                    metavar="TIER=VALUE", help="per-request threshold override, e.g. mobile=0.95")
@@ -74,6 +80,20 @@ def _lines(stream: Iterable[str]) -> list[str]:
     return [line.rstrip("\r\n") for line in stream if line.strip()]
 
 
+def read_pairs(pairs: Iterable[Sequence[str]], files: Iterable[str]) -> list[tuple[str, str]]:
+    """Pairs from --pair and from files of `first<TAB>second` lines; a line without a tab is an error."""
+    collected = [(first, second) for first, second in pairs]
+    for name in files:
+        lines = _lines(sys.stdin) if name == "-" else Path(name).read_text(encoding="utf-8").splitlines()
+        lines = [line for line in lines if line.strip()]
+        for number, line in enumerate(lines, 1):
+            first, tab, second = line.partition("\t")
+            if not tab:
+                raise ValueError(f"{name}: line {number} has no tab between the first and the second text")
+            collected.append((first, second))
+    return collected
+
+
 def run_classify(args: argparse.Namespace) -> int:
     import json
 
@@ -82,10 +102,19 @@ def run_classify(args: argparse.Namespace) -> int:
     from shared.client import TierClient, not_an_entry_tier
 
     texts = read_texts(args.texts, args.file)
-    if not texts:
-        print("tierserve classify: no texts (give TEXT arguments, -f FILE or '-' for stdin)",
-              file=sys.stderr)
+    try:
+        pairs = read_pairs(args.pair, args.pair_file)
+    except (OSError, ValueError) as exc:
+        print(f"tierserve classify: {exc}", file=sys.stderr)
         return 2
+    if texts and pairs:
+        print("tierserve classify: give texts or sentence pairs (--pair, --pair-file), not both", file=sys.stderr)
+        return 2
+    if not texts and not pairs:
+        print("tierserve classify: no texts (give TEXT arguments, -f FILE or '-' for stdin; sentence pairs with "
+              "--pair FIRST SECOND or --pair-file FILE)", file=sys.stderr)
+        return 2
+    samples: list[str] | list[tuple[str, str]] = pairs or texts
     thresholds = dict(args.threshold)
     tls = None
     if args.tls or args.tls_ca or args.tls_cert:
@@ -93,10 +122,11 @@ def run_classify(args: argparse.Namespace) -> int:
 
         tls = ClientTLS(args.tls_ca, args.tls_cert, args.tls_key)
     with TierClient(args.address, timeout=args.timeout, tls=tls) as client:
-        for start in range(0, len(texts), CLASSIFY_BATCH):
-            batch = texts[start:start + CLASSIFY_BATCH]
+        for start in range(0, len(samples), CLASSIFY_BATCH):
+            batch = samples[start:start + CLASSIFY_BATCH]
             try:
-                answers = client.classify(batch, thresholds)
+                answers = client.classify_pairs(pairs[start:start + CLASSIFY_BATCH], thresholds) if pairs \
+                    else client.classify(texts[start:start + CLASSIFY_BATCH], thresholds)
             except grpc.RpcError as exc:
                 wrong_tier = not_an_entry_tier(exc, args.address, tls)
                 hint = (" (is it running? `tierserve serve mobile` or `make demo`)"
@@ -105,10 +135,12 @@ def run_classify(args: argparse.Namespace) -> int:
                       f"tierserve classify: {args.address}: {exc.code().name}: {exc.details()}{hint}",
                       file=sys.stderr)
                 return 1
-            for text, answer in zip(batch, answers, strict=True):
+            for sample, answer in zip(batch, answers, strict=True):
+                text = sample if isinstance(sample, str) else f"{sample[0]} | {sample[1]}"
                 if args.json:
+                    given = {"text": sample} if isinstance(sample, str) else {"first": sample[0], "second": sample[1]}
                     print(json.dumps({
-                        "text": text, "label": answer.label, "label_index": answer.label_index,
+                        **given, "label": answer.label, "label_index": answer.label_index,
                         "confidence": answer.confidence, "tier": answer.tier,
                         "exit_layer": answer.exit_layer, "truncated": answer.truncated,
                         "degraded": answer.degraded, "degraded_reason": answer.degraded_reason,

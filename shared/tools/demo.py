@@ -13,7 +13,7 @@ import json
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,14 +35,16 @@ def add_demo_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "demo", help="start the three tiers locally and send a labeled set through them",
         description="Start mobile, edge and cloud as separate processes on free 127.0.0.1 ports, "
-                    "classify the SST-2 dev set (or --data) through the mobile tier, print "
+                    "classify a labeled set through the mobile tier (the test split of the model's "
+                    "data; SST-2 dev for the default model; or --data), print "
                     "accuracy, exits per tier and latency per exit tier, then stop the tiers. "
                     "It builds nothing: run `tierserve build` (make model) first.")
     p.add_argument("--artifacts", type=Path, default=DEFAULT_ARTIFACTS,
                    help="the built model (default %(default)s: in the working directory, else in the source "
                         "checkout tierserve runs from)")
-    p.add_argument("--data", help="labeled .tsv/.csv or GLUE-style folder (default: the SST-2 "
-                                  "dev set in ../shared/data/sst2)")
+    p.add_argument("--data", help="labeled .tsv/.csv or GLUE-style folder, read as the build read its data "
+                                  "(default: the test split of the data the model was built on; the SST-2 dev set "
+                                  "in ../shared/data/sst2 for the default model)")
     p.add_argument("--batch-size", type=int, default=32, help="texts per request, first pass")
     p.add_argument("--latency-samples", type=int, default=None,
                    help="texts sent one per request for latency (default: all; 0: skip)")
@@ -139,26 +141,49 @@ def _build_columns(artifacts: Path | None) -> Columns | None:
         config = json.loads((artifacts / "build_config.json").read_text()) if artifacts is not None else {}
     except (OSError, ValueError):
         return None
-    return Columns(tuple(config.get("text_columns") or ()), config.get("label_column"), config.get("header", True),
-                   config.get("quoting", "auto"))
+    return Columns(text=tuple(config.get("text_columns") or ()), label=config.get("label_column"),
+                   header=config.get("header", True), quoting=config.get("quoting", "auto"),
+                   second_text=tuple(config.get("second_text_columns") or ()))
+
+
+def _build_data(artifacts: Path | None) -> tuple[str, float] | None:
+    """The data a text model was built on and its test fraction (build_config.json), None for the default SST-2."""
+    try:
+        config = json.loads((artifacts / "build_config.json").read_text()) if artifacts is not None else {}
+    except (OSError, ValueError):
+        return None
+    data = config.get("data") if config.get("family", "text") == "text" else None
+    return (data, float(config.get("test_fraction", 0.1))) if data else None
+
+
+Samples = list[str] | list[tuple[str, str]] | np.ndarray
 
 
 def load_labeled(data: str | None, limit: int | None, manifest: Manifest, artifacts: Path | None = None
-                 ) -> tuple[list[str] | np.ndarray, np.ndarray, str]:
-    """Texts (image model: images) and label indices in the manifest's label order, and the data's source."""
+                 ) -> tuple[Samples, np.ndarray, str]:
+    """Texts (a pair model: (first, second) pairs; an image model: images) and label indices in the manifest's
+    label order, and the data's source. Without `data`: the test split of the data the model was built on,
+    or SST-2 dev for the default model."""
     from shared.data.text import DEFAULT_SST2, load_split, load_splits
 
     if manifest.family == "image":
         return _load_labeled_images(data, limit, manifest)
+    built_on = _build_data(artifacts)
     if data is not None:
         dataset = load_split(data, _build_columns(artifacts))
+    elif built_on is not None and Path(built_on[0]).exists():
+        dataset = load_splits(built_on[0], _build_columns(artifacts), built_on[1])[1]
     elif (DEFAULT_SST2 / "dev.tsv").is_file():
         dataset = load_split(DEFAULT_SST2 / "dev.tsv")
     else:
         dataset = load_splits(None)[1]
     order = _label_order(dataset.label_names, manifest, artifacts)
     labels = np.array(order)[dataset.labels]
-    texts = dataset.texts
+    if manifest.text_pairs != (dataset.second_texts is not None):
+        raise ValueError(f"{dataset.source} holds {'sentence pairs' if dataset.second_texts else 'single texts'}, "
+                         f"the model classifies {'sentence pairs' if manifest.text_pairs else 'single texts'}")
+    texts: Samples = dataset.texts if dataset.second_texts is None else \
+        list(zip(dataset.texts, dataset.second_texts, strict=True))
     if limit is not None:
         texts, labels = texts[:limit], labels[:limit]
     return texts, labels, dataset.source
@@ -194,7 +219,8 @@ def run_demo(artifacts: Path, data: str | None = None, batch_size: int = 32,
             print("demo: tiers SERVING at " + ", ".join(
                 f"{t} {p.address}" for t, p in cluster.tiers.items()), flush=True)
             with TierClient(cluster.entry_address, timeout=120) as client:
-                classify = client.classify_images if manifest.family == "image" else client.classify
+                classify = (client.classify_images if manifest.family == "image" else
+                            client.classify_pairs if manifest.text_pairs else client.classify)
                 batched = _batched_pass(classify, texts, batch_size, thresholds)
                 n_latency = len(texts) if latency_samples is None else min(latency_samples,
                                                                             len(texts))
@@ -210,7 +236,7 @@ def run_demo(artifacts: Path, data: str | None = None, batch_size: int = 32,
     return results
 
 
-def _batched_pass(classify: Callable[..., list[Any]], texts: Sequence[str] | np.ndarray, batch_size: int,
+def _batched_pass(classify: Callable[..., list[Any]], texts: Samples, batch_size: int,
                   thresholds: dict[str, float]) -> dict[str, Any]:
     tiers, predictions, request_seconds = [], [], []
     started = time.perf_counter()
@@ -225,7 +251,7 @@ def _batched_pass(classify: Callable[..., list[Any]], texts: Sequence[str] | np.
             "batch_size": batch_size}
 
 
-def _single_pass(classify: Callable[..., list[Any]], texts: Sequence[str] | np.ndarray,
+def _single_pass(classify: Callable[..., list[Any]], texts: Samples,
                  thresholds: dict[str, float]) -> dict[str, Any]:
     tiers, latency, predictions = [], [], []
     for i in range(len(texts)):
