@@ -2,6 +2,8 @@
 
 `python -m bench.run_all --artifacts artifacts/default [--quick]`; each script also runs alone
 (`python -m bench.overhead --help`, ...). --quick shrinks every run (fewer samples, shorter loads).
+`--only peers,links` runs those and updates their keys in an existing summary.json (the rest kept).
+bench.links needs root (network namespaces) and says so, skipped, without it.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import sys
 import time
 from typing import Any
 
-from bench import calibration, codec, overhead, policy, throughput, tradeoff
+from bench import calibration, codec, links, overhead, peers, policy, throughput, tradeoff
 from bench.common import base_parser, machine, write_result
 
 TARGETS = {  # the issue's goals: (key, comparison, bound)
@@ -34,7 +36,10 @@ def met(value: float | None, comparison: str, bound: float) -> bool | None:
 def main(argv: list[str] | None = None) -> int:
     parser = base_parser(__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller runs: 300 dev samples, 3 s per load level")
+    parser.add_argument("--only", help="comma-separated steps among peers,links: run those, update summary.json")
     args = parser.parse_args(argv)
+    if args.only:
+        return update(args, [step for step in args.only.split(",") if step], argv)
     limit = args.limit or (300 if args.quick else None)
     started = time.perf_counter()
     parts: dict[str, Any] = {}
@@ -46,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         ("calibration", lambda: calibration.run(args.artifacts, args.data, limit, args.out)),
         ("codec", lambda: codec.run(args.artifacts, args.data, limit, args.out)),
         ("policy", lambda: policy.run(args.artifacts, args.data, limit, args.out)),
+        *peer_steps(args, limit),
     ]
     for name, step in steps:
         print(f"\n== {name} ==", flush=True)
@@ -70,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         "cost_policy_vs_p_tar": {name: p[name]["dev"] | {"calibration": p[name]["calibration"]}
                                  for name in ("cost_aware", "p_tar")},
         "cost_policy_no_more_expensive": p["cost_aware_no_more_expensive"],
+        **peer_headlines(parts),
         "machine": machine(), "artifacts": str(args.artifacts), "samples_limit": limit, "quick": args.quick,
         "command": " ".join(["python -m bench.run_all", *(argv if argv is not None else sys.argv[1:])]),
         "seconds": time.perf_counter() - started,
@@ -82,6 +89,37 @@ def main(argv: list[str] | None = None) -> int:
     for key, target in summary["targets"].items():
         print(f"{key:<30} {target['value']!s:<24} goal {target['goal']:<10} met: {target['met']}")
     print(f"wrote {path} in {summary['seconds']:.0f} s")
+    return 0
+
+
+def peer_steps(args: Any, limit: int | None) -> list[tuple[str, Any]]:
+    """bench.peers (KServe and tierserve, one load generator) and bench.links (shaped links; root only)."""
+    seconds, blocks = (1.5, 2) if args.quick else (2.0, 3)
+    return [("peers", lambda: peers.run(args.artifacts, args.data, limit, args.out, seconds, blocks)),
+            ("links", lambda: links.run(args.artifacts, args.data, limit, args.out))]
+
+
+def peer_headlines(parts: dict[str, Any]) -> dict[str, Any]:
+    """summary.json's keys for peers and links (links: None where it was skipped)."""
+    return {"peers": peers.headline(parts["peers"]) if parts.get("peers") else None,
+            "links": links.headline(parts["links"]) if parts.get("links") else None}
+
+
+def update(args: Any, only: list[str], argv: list[str] | None) -> int:
+    """Run only `only` (of peers, links) and replace their keys in summary.json, keeping the others."""
+    unknown = set(only) - {"peers", "links"}
+    if unknown:
+        raise SystemExit(f"--only takes peers and/or links, not {', '.join(sorted(unknown))}")
+    path = args.out / "summary.json"
+    summary = json.loads(path.read_text()) if path.is_file() else {}
+    parts = {name: step() for name, step in peer_steps(args, args.limit or (300 if args.quick else None))
+             if name in only}
+    summary |= {k: v for k, v in peer_headlines(parts).items() if k in only}
+    summary[f"command_{'_'.join(only)}"] = " ".join(["python -m bench.run_all", *(argv if argv is not None
+                                                                                   else sys.argv[1:])])
+    write_result(args.out, "summary", summary)
+    print(json.dumps({k: summary[k] for k in only}, indent=2, default=str))
+    print(f"updated {path}: {', '.join(only)}")
     return 0
 
 
