@@ -54,7 +54,9 @@ test: install
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q
 
 # The benchmarks measure the full-profile model (the one to deploy; its first build takes ~20 min on
-# 2 cores, then it is cached). `make bench-quick` measures the demo's quick model instead.
+# 2 cores, then it is cached). `make bench-quick` measures the demo's quick model instead. Both include
+# bench.peers (KServe in its own venv, made on first use; perf_analyzer from /var/tmp/trixie if there) and
+# bench.links (network namespaces: root only, skipped with a message otherwise).
 bench: full-model
 	$(BIN)/python -m bench.run_all --artifacts artifacts/full
 
