@@ -221,7 +221,7 @@ def _train_text(config: BuildConfig) -> TrainedModel:
     pairs = fit_set.second_texts is not None
     fit_tokens = encoder.tokens(fit_set.texts, fit_set.second_texts)
     settings = TrainSettings(
-        epochs=config.epochs or profile.epochs, batch_size=profile.batch_size,
+        epochs=config.epochs or profile.epochs_for(len(fit_set)), batch_size=profile.batch_size,
         learning_rate=profile.learning_rate, head_learning_rate=profile.head_learning_rate,
         freeze_encoder=config.freeze_encoder, seed=config.seed,
     )
@@ -250,6 +250,8 @@ def _train_text(config: BuildConfig) -> TrainedModel:
 def split_summary(train: TextDataset, test: TextDataset, fit: TextDataset, fit_rows: int, calib: TextDataset,
                   asked: int, config: BuildConfig) -> str:
     """Every split's size and origin, printed before training starts."""
+    profile = PROFILES[config.profile]
+    epochs = config.epochs or profile.epochs_for(len(fit))
     capped = calibration_size(asked, len(train)) < asked
     why = (f"{asked} asked, capped at a fifth of train's {len(train)} rows" if capped
            else f"--calibration-samples {asked}" if config.calibration_samples else f"the {config.profile} profile's")
@@ -260,7 +262,9 @@ def split_summary(train: TextDataset, test: TextDataset, fit: TextDataset, fit_r
     lines = [
         f"data: train {len(train)} rows from {train.describe()}",
         f"  calibration: {len(calib)} held out of train ({why}), never trained on",
-        f"  training: the other {fit_rows}{used}",
+        f"  training: the other {fit_rows}{used}, {epochs:.3g} epoch(s)"
+        + (f" (the {config.profile} profile's budget of {profile.min_samples_seen:,} samples on a small set)"
+           if not config.epochs and epochs > profile.epochs else ""),
         f"  test: {len(test)} rows from {test.describe()}",
         "  classes: " + ", ".join(n if n == r else f"{r}={n}"
                                   for r, n in zip(train.raw_labels, train.label_names, strict=True)),

@@ -20,17 +20,24 @@ class ProfileSettings(BaseModel):
     train_samples: int | None  # None: all that is left after the calibration split
     calibration_samples: int
     epochs: float
+    # a small dataset is seen this many samples' worth at least (more epochs), so that a profile means a
+    # training budget, not a number of passes that leaves a 2,000-row dataset nearly untrained
+    min_samples_seen: int = 0
     batch_size: int
     learning_rate: float
     head_learning_rate: float
 
+    def epochs_for(self, rows: int) -> float:
+        """Passes over `rows` training rows: the profile's epochs, more on a small dataset (min_samples_seen)."""
+        return max(self.epochs, self.min_samples_seen / max(1, rows))
+
 
 PROFILES: dict[str, ProfileSettings] = {
     # quick: the demo's model, whole build <= 8 min on 2 cores
-    "quick": ProfileSettings(train_samples=20000, calibration_samples=1500, epochs=1.0, batch_size=32,
-                             learning_rate=1e-4, head_learning_rate=1e-3),
-    "full": ProfileSettings(train_samples=None, calibration_samples=1500, epochs=2.0, batch_size=32,
-                            learning_rate=5e-5, head_learning_rate=5e-4),
+    "quick": ProfileSettings(train_samples=20000, calibration_samples=1500, epochs=1.0, min_samples_seen=20000,
+                             batch_size=32, learning_rate=1e-4, head_learning_rate=1e-3),
+    "full": ProfileSettings(train_samples=None, calibration_samples=1500, epochs=2.0, min_samples_seen=60000,
+                            batch_size=32, learning_rate=5e-5, head_learning_rate=5e-4),
     # tiny: tests, on a small random model and generated data
     "tiny": ProfileSettings(train_samples=None, calibration_samples=200, epochs=3.0, batch_size=16,
                             learning_rate=3e-3, head_learning_rate=3e-3),
