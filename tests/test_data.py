@@ -147,6 +147,21 @@ def test_calibration_size_is_the_profiles_capped_at_a_fifth_of_train() -> None:
     assert text_data.calibration_size(1500, 67349) == 1500
     assert text_data.calibration_size(1500, 6000) == 1200
     assert text_data.calibration_size(200, 400) == 80
+    assert text_data.calibration_size(160, 400, max_share=0.4) == 160  # --calibration-fraction 0.4: its own cap
+
+
+def test_calibration_fraction_holds_out_that_share(tmp_path: Path) -> None:
+    train, _ = load_splits(write_rows(tmp_path / "news.csv", news_rows(500)), NEWS)
+    fit, calib = text_data.hold_out_calibration(train, round(0.4 * len(train)), seed=0, max_share=0.4)
+    assert (len(calib), len(fit)) == (180, 270)
+    assert not set(calib.texts) & set(fit.texts)
+
+
+def test_calibration_samples_and_fraction_together_are_refused(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["build", "--data", str(tmp_path / "x.csv"), "--calibration-samples", "100",
+                 "--calibration-fraction", "0.3"]) == 2
+    assert "--calibration-samples or --calibration-fraction, not both" in capsys.readouterr().err
 
 
 # ---- --labels

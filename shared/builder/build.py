@@ -206,8 +206,10 @@ def _train_text(config: BuildConfig) -> TrainedModel:
     if requested is None and config.data is None and train_set.label_names == ["0", "1"]:
         requested = SST2_LABELS  # GLUE SST-2: 0 negative, 1 positive
     train_set, test_set, label_names = name_labels(train_set, test_set, requested)
-    asked = config.calibration_samples or profile.calibration_samples
-    fit_set, calib_set = hold_out_calibration(train_set, asked, config.seed)
+    share = config.calibration_fraction or 0.2
+    asked = (max(1, round(len(train_set) * config.calibration_fraction)) if config.calibration_fraction
+             else config.calibration_samples or profile.calibration_samples)
+    fit_set, calib_set = hold_out_calibration(train_set, asked, config.seed, share)
     n_train = config.train_samples or profile.train_samples
     fit_rows = len(fit_set)
     if n_train is not None and n_train < len(fit_set):
@@ -252,10 +254,12 @@ def split_summary(train: TextDataset, test: TextDataset, fit: TextDataset, fit_r
     """Every split's size and origin, printed before training starts."""
     profile = PROFILES[config.profile]
     epochs = config.epochs or profile.epochs_for(len(fit))
-    capped = calibration_size(asked, len(train)) < asked
-    why = (f"{asked} asked, capped at a fifth of train's {len(train)} rows" if capped
+    share = config.calibration_fraction or 0.2
+    capped = calibration_size(asked, len(train), share) < asked
+    why = (f"--calibration-fraction {config.calibration_fraction}" if config.calibration_fraction
+           else f"{asked} asked, capped at a fifth of train's {len(train)} rows" if capped
            else f"--calibration-samples {asked}" if config.calibration_samples else f"the {config.profile} profile's")
-    if len(calib) < calibration_size(asked, len(train)):
+    if len(calib) < calibration_size(asked, len(train), share):
         why += f"; only {len(calib)} rows are whole examples"
     used = (f" ({len(fit)} of them used: --train-samples / the {config.profile} profile)"
             if len(fit) < fit_rows else "")

@@ -76,6 +76,8 @@ class BuildConfig(BaseModel):
     test_fraction: float = Field(0.1, gt=0, lt=1, description="a single data file: the share held out as test")
     calibration_samples: int | None = Field(None, ge=20, description="overrides the profile's (capped at a fifth "
                                             "of train)")
+    calibration_fraction: float | None = Field(None, gt=0, le=0.5, description="the share of train held out for "
+                                               "calibration, instead of a count (not capped at a fifth)")
     train_samples: int | None = Field(None, ge=2, description="overrides the profile")
     epochs: float | None = Field(None, gt=0, description="overrides the profile")
     cost_model: CostModel = CostModel()

@@ -344,10 +344,12 @@ def _default_sst2() -> Path:
     return target
 
 
-def hold_out_calibration(data: TextDataset, n: int, seed: int) -> tuple[TextDataset, TextDataset]:
+def hold_out_calibration(data: TextDataset, n: int, seed: int, max_share: float = 0.2
+                         ) -> tuple[TextDataset, TextDataset]:
     """(fit, calibration): `n` whole examples held out of `data`, and nothing of them left in fit.
 
-    `n` is capped at a fifth of `data` (calibration_size), so that training keeps most of a small set.
+    `n` is capped at `max_share` of `data` (calibration_size; a fifth unless --calibration-fraction
+    says otherwise), so that training keeps most of a small set.
     Some datasets (SST-2's train split) hold every phrase of each sentence as a row of its own.
     A random hold-out would then leak: the model trains on most phrases of the sentences it is
     calibrated on, and looks better calibrated than it is on unseen sentences. So calibration
@@ -359,7 +361,7 @@ def hold_out_calibration(data: TextDataset, n: int, seed: int) -> tuple[TextData
     norm = [" ".join(t.split()) for t in texts]
     corpus = "\n".join(f" {t} " for t in norm)
     order = np.random.default_rng(seed).permutation(len(data))
-    n = calibration_size(n, len(data))
+    n = calibration_size(n, len(data), max_share)
     chosen: list[int] = []
     for i in order:
         needle = f" {norm[i]} "
@@ -377,6 +379,7 @@ def hold_out_calibration(data: TextDataset, n: int, seed: int) -> tuple[TextData
     return (data.subset(fit, data.portion), data.subset(np.array(chosen, dtype=np.int64), data.portion))
 
 
-def calibration_size(requested: int, train_rows: int) -> int:
-    """The calibration split's size: the profile's (1,500 for quick and full), capped at a fifth of train."""
-    return min(requested, max(1, train_rows // 5))
+def calibration_size(requested: int, train_rows: int, max_share: float = 0.2) -> int:
+    """The calibration split's size: the profile's (1,500 for quick and full), capped at a fifth of train
+    (`max_share`)."""
+    return min(requested, max(1, int(train_rows * max_share)))

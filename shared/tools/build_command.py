@@ -62,6 +62,9 @@ def add_build_parser(subparsers: argparse._SubParsersAction) -> None:
     data.add_argument("--calibration-samples", type=int,
                       help="rows held out of train to fit the temperatures and thresholds (default: the profile's, "
                            "1500 for quick and full, 200 for tiny; always capped at a fifth of train)")
+    data.add_argument("--calibration-fraction", type=float, metavar="F",
+                      help="instead of --calibration-samples: the share of train held out for calibration, "
+                           "0 < F <= 0.5, not capped at a fifth (default: unset)")
     p.add_argument("--split-points", type=_split_points, metavar="M,N,L",
                    help="last layer of the mobile, edge and cloud slices (default: L/3, 2L/3, L); "
                         "image: block indices, L is the CNN's depth (default: 2,4,6)")
@@ -84,6 +87,10 @@ def run_build(args: argparse.Namespace) -> int:
     from shared.builder.build import BuildConfig, build
     from shared.builder.export import ExportMismatch
 
+    if args.calibration_samples is not None and args.calibration_fraction is not None:
+        print("tierserve build: give --calibration-samples or --calibration-fraction, not both", file=sys.stderr)
+        return 2
+
     try:
         config = BuildConfig(
             family=args.family, backbone=args.backbone, split_points=args.split_points,
@@ -95,6 +102,7 @@ def run_build(args: argparse.Namespace) -> int:
             text_columns=args.text_column, second_text_columns=args.second_text_column,
             label_column=args.label_column, header=args.header, quoting=args.quoting,
             test_fraction=args.test_fraction, calibration_samples=args.calibration_samples,
+            calibration_fraction=args.calibration_fraction,
         )
     except ValueError as exc:  # pydantic: a value out of range
         print(f"tierserve build: {exc}", file=sys.stderr)
