@@ -13,7 +13,8 @@ blocks with its min..max. Accuracy: every dev text once per server, after the lo
 - tierserve cloud-only (B): the entry-tier server on that same whole-model graph (bench.throughput).
 - tierserve three-tier (C): mobile -> edge -> cloud on 127.0.0.1, the manifest's thresholds.
 KServe runs as it comes and tuned (one onnxruntime thread, no log line per request); the cloud-only
-tier at its default (one thread) and with a thread per core, as KServe's default. Ratios: each side's
+tier at its default (one thread), with a thread per core, and with a thread per core and
+`--onnx-spinning true` (a user setting, off by default), as KServe's default. Ratios: each side's
 best variant at that level over KServe's best, the medians, and per block; every pair is in the JSON.
 The generator is Triton's perf_analyzer from a Debian 13 chroot
 (--chroot, default /var/tmp/trixie; see bench.perf_analyzer) where it exists, else bench.oip_load
@@ -276,6 +277,10 @@ def run(artifacts: Path, data: str | None = None, limit: int | None = None, out:
         if cores > 1:  # as KServe's default: an intra-op thread per core
             servers[f"cloud-only, {cores} threads"] = (stack.enter_context(cloud_only(whole, {"onnx_threads": cores})),
                                                        "tierserve")
+            # and spinning between runs, as KServe's onnxruntime does by default: the tier's own setting
+            spinning = {"onnx_threads": cores, "onnx_spinning": "true"}
+            servers[f"cloud-only, {cores} threads, spinning"] = (stack.enter_context(cloud_only(whole, spinning)),
+                                                                 "tierserve")
         servers["three-tier"] = (stack.enter_context(tiers(artifacts)).entry_address, "tierserve")
         cells = {server: {level: [] for level in levels} for server in servers}
         for block in range(blocks):
