@@ -76,3 +76,17 @@ def test_a_profile_is_a_training_budget_on_small_datasets() -> None:
     assert quick.epochs_for(20000) == 1.0 and full.epochs_for(65000) == 2.0  # SST-2: as before
     assert quick.epochs_for(2934) == pytest.approx(20000 / 2934)  # MRPC's training pairs: ~6.8 passes
     assert full.epochs_for(2000) == pytest.approx(30.0)
+
+
+@pytest.mark.parametrize("tier", ["mobile", "edge", "cloud"])
+def test_every_tier_prints_its_help(tier: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """`python -m <tier>_node --help`: help texts holding a % once crashed argparse's formatting."""
+    from shared.serving.server import main as serve_main
+
+    with pytest.raises(SystemExit) as done:
+        serve_main(tier, ["--help"])
+    assert done.value.code == 0
+    printed = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "--max-batch" in printed and "--artifacts" in printed
+    if tier != "cloud":
+        assert "5% of the time left" in printed

@@ -248,8 +248,8 @@ def add_settings_arguments(parser: argparse.ArgumentParser, cls: type[TierSettin
     for name, field in cls.model_fields.items():
         parser.add_argument(
             "--" + name.replace("_", "-"), dest=name, default=None, metavar=name.upper(),
-            help=f"{_description(cls, name)}; default {field.default} "
-                 f"(env {cls.model_config['env_prefix']}{name.upper()})")
+            help=(f"{_description(cls, name)}; default {field.default} "  # argparse formats help with %
+                  f"(env {cls.model_config['env_prefix']}{name.upper()})").replace("%", "%%"))
 
 
 def _description(cls: type[TierSettings], name: str) -> str:
