@@ -24,6 +24,7 @@ from shared.data.text import DEFAULT_SST2, Columns, load_splits, read_table
 from shared.errors import BuildInputError
 from shared.tools.cli import main
 from shared.tools.processes import TierCluster, running_tiers
+from shared.wire.rpc import pb2
 from tests.tiny_model import make_pair_dataset
 
 GLUE = DEFAULT_SST2.parent
@@ -155,6 +156,10 @@ def test_pairs_and_texts_sent_to_the_wrong_model_are_invalid(
         client.classify_pairs(pairs)  # the single-text tiny model
     assert code(pairs_to_texts) == grpc.StatusCode.INVALID_ARGUMENT
     assert "classifies single texts" in pairs_to_texts.value.details()  # type: ignore[attr-defined]
+    with pytest.raises(grpc.RpcError) as both:
+        pair_client._classify(pb2.ClassifyRequest(texts=["a"], pairs=[pb2.TextPair(first="a", second="b")]))
+    assert code(both) == grpc.StatusCode.INVALID_ARGUMENT
+    assert "holds both texts and pairs: send one kind" in both.value.details()  # type: ignore[attr-defined]
     with pytest.raises(grpc.RpcError) as empty:
         pair_client.classify_pairs([pairs[0], (pairs[1][0], " ")])
     assert code(empty) == grpc.StatusCode.INVALID_ARGUMENT

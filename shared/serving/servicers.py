@@ -184,7 +184,8 @@ class ClassifierServicer(TierServicer, pb2_grpc.ClassifierServicer):
         kinds = [kind for kind, given in (("texts", request.texts), ("pairs", request.pairs),
                                           ("images", request.HasField("images"))) if given]
         if len(kinds) > 1:
-            raise InvalidInput(f"the request holds {' and '.join(kinds)}: send one kind")
+            raise InvalidInput(f"the request holds {'both ' if len(kinds) == 2 else ''}{' and '.join(kinds)}: "
+                               "send one kind")
         if request.pairs:
             if len(request.pairs) > self.max_batch:
                 raise InvalidInput(f"too many pairs: {len(request.pairs)}, at most {self.max_batch} per request")
