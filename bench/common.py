@@ -6,11 +6,13 @@ import argparse
 import json
 import os
 import platform
+import signal
+import subprocess
 import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -39,8 +41,10 @@ def dev_set(manifest: Manifest, data: str | None = None, limit: int | None = Non
     SST-2 dev by default (Fashion-MNIST's test split for an image model)."""
     from shared.tools.demo import load_labeled
 
+    if manifest.text_pairs:
+        raise ValueError("the benchmarks measure single-text and image models; this one classifies sentence pairs")
     texts, labels, _ = load_labeled(data, limit, manifest)
-    return texts, labels
+    return cast(list[str] | np.ndarray, texts), labels
 
 
 def machine() -> dict[str, Any]:
@@ -195,3 +199,15 @@ def calibration_probs(artifacts: Path, manifest: Manifest, calibrated: bool = Tr
     logits, labels = load_calibration_logits(artifacts)
     temps = [e.temperature if calibrated else 1.0 for e in manifest.exits]
     return [softmax(z, t) for z, t in zip(logits, temps, strict=True)], labels
+
+
+def stop_group(process: subprocess.Popen, grace: float) -> None:
+    """SIGTERM a server started with start_new_session=True (its whole process group), SIGKILL after `grace` s."""
+    with suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(grace)
+    except subprocess.TimeoutExpired:
+        with suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()

@@ -20,11 +20,9 @@ edge and cloud hardware would take. Namespaces and processes are removed on exit
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -36,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import REPO_ROOT, base_parser, dev_set, load, machine, table, write_result
+from bench.common import REPO_ROOT, base_parser, dev_set, load, machine, stop_group, table, write_result
 from bench.whole_model import assemble
 
 ENCODINGS = ("fp32", "fp16", "int8")
@@ -105,14 +103,7 @@ def tier_in(ns: str, node: str, artifacts: Path, listen: str, metrics: tuple[str
     try:
         yield
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        stop_group(process, 10)
 
 
 def run_client(ns: str, spec: Mapping[str, Any], work: Path) -> dict[str, Any]:

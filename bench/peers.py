@@ -28,7 +28,6 @@ import importlib.metadata
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import tempfile
@@ -41,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from bench import oip_load
-from bench.common import REPO_ROOT, base_parser, dev_set, load, machine, table, tiers, write_result
+from bench.common import REPO_ROOT, base_parser, dev_set, load, machine, stop_group, table, tiers, write_result
 from bench.perf_analyzer import FIGURES
 from bench.throughput import cloud_only
 from bench.whole_model import assemble
@@ -114,13 +113,7 @@ def kserve_server(python: Path, whole: Path, classes: int, log_dir: Path, onnx_t
         _wait_ready(address, KSERVE_MODEL, process, log_path)
         yield address
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        stop_group(process, 15)
 
 
 def _wait_ready(address: str, model: str, process: subprocess.Popen[bytes], log_path: Path,
