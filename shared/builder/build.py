@@ -49,6 +49,7 @@ from shared.contract.manifest import (
 from shared.contract.policy import choose_policy, relative_cost, route
 from shared.contract.text import TextEncoder, Tokens
 from shared.data.text import (
+    CALIBRATION_SHARE,
     Columns,
     TextDataset,
     calibration_size,
@@ -206,9 +207,7 @@ def _train_text(config: BuildConfig) -> TrainedModel:
     if requested is None and config.data is None and train_set.label_names == ["0", "1"]:
         requested = SST2_LABELS  # GLUE SST-2: 0 negative, 1 positive
     train_set, test_set, label_names = name_labels(train_set, test_set, requested)
-    share = config.calibration_fraction or 0.2
-    asked = (max(1, round(len(train_set) * config.calibration_fraction)) if config.calibration_fraction
-             else config.calibration_samples or profile.calibration_samples)
+    asked, share = calibration_request(config, len(train_set))
     fit_set, calib_set = hold_out_calibration(train_set, asked, config.seed, share)
     n_train = config.train_samples or profile.train_samples
     fit_rows = len(fit_set)
@@ -249,12 +248,20 @@ def _train_text(config: BuildConfig) -> TrainedModel:
         data_labels=train_set.raw_labels)
 
 
+def calibration_request(config: BuildConfig, train_rows: int) -> tuple[int, float]:
+    """(rows asked for, the most of train they may take): --calibration-fraction's share of train, else
+    --calibration-samples or the profile's count, capped at a fifth."""
+    if config.calibration_fraction:
+        return max(1, round(train_rows * config.calibration_fraction)), config.calibration_fraction
+    return config.calibration_samples or PROFILES[config.profile].calibration_samples, CALIBRATION_SHARE
+
+
 def split_summary(train: TextDataset, test: TextDataset, fit: TextDataset, fit_rows: int, calib: TextDataset,
                   asked: int, config: BuildConfig) -> str:
     """Every split's size and origin, printed before training starts."""
     profile = PROFILES[config.profile]
     epochs = config.epochs or profile.epochs_for(len(fit))
-    share = config.calibration_fraction or 0.2
+    share = calibration_request(config, len(train))[1]
     capped = calibration_size(asked, len(train), share) < asked
     why = (f"--calibration-fraction {config.calibration_fraction}" if config.calibration_fraction
            else f"{asked} asked, capped at a fifth of train's {len(train)} rows" if capped

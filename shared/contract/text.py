@@ -93,9 +93,7 @@ class TextEncoder:
         longest_first), so both texts keep a part."""
         if second_texts is None:
             encodings = self.tokenizer.encode_batch(list(texts))
-        else:
-            if len(second_texts) != len(texts):
-                raise ValueError(f"{len(texts)} first texts but {len(second_texts)} second texts")
+        else:  # strict: unequal counts raise ValueError
             encodings = self.tokenizer.encode_batch(list(zip(texts, second_texts, strict=True)))
         return Tokens([e.ids for e in encodings],
                       None if second_texts is None else [e.type_ids for e in encodings],

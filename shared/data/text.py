@@ -48,6 +48,7 @@ GLUE_SST2_URL = "https://dl.fbaipublicfiles.com/glue/data/SST-2.zip"
 CACHE_DIR = Path.home() / ".cache" / "tierserve" / "data"
 TEST_FRACTION = 0.1  # a single file: this share of its rows (seeded) is the test split
 SPLIT_SEED = 0
+CALIBRATION_SHARE = 0.2  # a calibration count takes at most this share of train, so training keeps most of it
 Quoting = Literal["auto", "csv", "none"]
 
 @dataclass(frozen=True)
@@ -344,7 +345,7 @@ def _default_sst2() -> Path:
     return target
 
 
-def hold_out_calibration(data: TextDataset, n: int, seed: int, max_share: float = 0.2
+def hold_out_calibration(data: TextDataset, n: int, seed: int, max_share: float = CALIBRATION_SHARE
                          ) -> tuple[TextDataset, TextDataset]:
     """(fit, calibration): `n` whole examples held out of `data`, and nothing of them left in fit.
 
@@ -379,7 +380,7 @@ def hold_out_calibration(data: TextDataset, n: int, seed: int, max_share: float 
     return (data.subset(fit, data.portion), data.subset(np.array(chosen, dtype=np.int64), data.portion))
 
 
-def calibration_size(requested: int, train_rows: int, max_share: float = 0.2) -> int:
+def calibration_size(requested: int, train_rows: int, max_share: float = CALIBRATION_SHARE) -> int:
     """The calibration split's size: the profile's (1,500 for quick and full), capped at a fifth of train
     (`max_share`)."""
     return min(requested, max(1, int(train_rows * max_share)))

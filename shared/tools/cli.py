@@ -84,8 +84,11 @@ def read_pairs(pairs: Iterable[Sequence[str]], files: Iterable[str]) -> list[tup
     """Pairs from --pair and from files of `first<TAB>second` lines; a line without a tab is an error."""
     collected = [(first, second) for first, second in pairs]
     for name in files:
-        lines = _lines(sys.stdin) if name == "-" else Path(name).read_text(encoding="utf-8").splitlines()
-        lines = [line for line in lines if line.strip()]
+        if name == "-":
+            lines = _lines(sys.stdin)
+        else:
+            with open(Path(name), encoding="utf-8") as f:
+                lines = _lines(f)
         for number, line in enumerate(lines, 1):
             first, tab, second = line.partition("\t")
             if not tab:

@@ -132,28 +132,22 @@ def _label_order(found: list[str], manifest: Manifest, artifacts: Path | None) -
                      + (f" (as its training data spelled them: {data_labels})" if data_labels else ""))
 
 
-def _build_columns(artifacts: Path | None) -> Columns | None:
+def _build_config(artifacts: Path | None) -> dict[str, Any]:
+    """The build's build_config.json ({} when there is none or it cannot be read)."""
+    try:
+        return dict(json.loads((artifacts / "build_config.json").read_text())) if artifacts is not None else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _build_columns(config: dict[str, Any]) -> Columns:
     """How the build read its data files (--text-column, --label-column, --no-header, --quoting): the demo
     reads a file of the same layout the same way."""
     from shared.data.text import Columns
 
-    try:
-        config = json.loads((artifacts / "build_config.json").read_text()) if artifacts is not None else {}
-    except (OSError, ValueError):
-        return None
     return Columns(text=tuple(config.get("text_columns") or ()), label=config.get("label_column"),
                    header=config.get("header", True), quoting=config.get("quoting", "auto"),
                    second_text=tuple(config.get("second_text_columns") or ()))
-
-
-def _build_data(artifacts: Path | None) -> tuple[str, float] | None:
-    """The data a text model was built on and its test fraction (build_config.json), None for the default SST-2."""
-    try:
-        config = json.loads((artifacts / "build_config.json").read_text()) if artifacts is not None else {}
-    except (OSError, ValueError):
-        return None
-    data = config.get("data") if config.get("family", "text") == "text" else None
-    return (data, float(config.get("test_fraction", 0.1))) if data else None
 
 
 Samples = list[str] | list[tuple[str, str]] | np.ndarray
@@ -168,11 +162,12 @@ def load_labeled(data: str | None, limit: int | None, manifest: Manifest, artifa
 
     if manifest.family == "image":
         return _load_labeled_images(data, limit, manifest)
-    built_on = _build_data(artifacts)
+    config = _build_config(artifacts)
+    built_on = config.get("data") if config.get("family", "text") == "text" else None  # None: the default SST-2
     if data is not None:
-        dataset = load_split(data, _build_columns(artifacts))
-    elif built_on is not None and Path(built_on[0]).exists():
-        dataset = load_splits(built_on[0], _build_columns(artifacts), built_on[1])[1]
+        dataset = load_split(data, _build_columns(config))
+    elif built_on and Path(built_on).exists():
+        dataset = load_splits(built_on, _build_columns(config), float(config.get("test_fraction", 0.1)))[1]
     elif (DEFAULT_SST2 / "dev.tsv").is_file():
         dataset = load_split(DEFAULT_SST2 / "dev.tsv")
     else:
