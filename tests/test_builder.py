@@ -142,13 +142,50 @@ def test_calibration_hold_out_leaves_no_phrase_of_it_in_training() -> None:
     phrases = [p for s in sentences for p in (s.split(" and ")[0], "a rather good plot", s.split()[-2])]
     texts = sentences + phrases
     data = TextDataset(texts, np.zeros(len(texts), dtype=np.int64), ["a"], "generated")
-    fit, calib = hold_out_calibration(data, 5, seed=0)
+    fit, calib, _ = hold_out_calibration(data, 5, seed=0)
     assert len(calib) == 5
     assert set(calib.texts) <= set(sentences)  # whole examples only, never a phrase of another row
     for held in calib.texts:
         assert not any(f" {t} " in f" {held} " for t in fit.texts)
     # each held sentence takes its two own phrases along, and the 50 rows of the phrase all share
     assert len(fit) == len(texts) - 5 - 5 * 2 - 50
+    # a holdout: more whole sentences, none of them calibration's, and no phrase of theirs in fit either
+    fit, again, holdout = hold_out_calibration(data, 5, seed=0, holdout=7)
+    assert again.texts == calib.texts  # asking for a holdout leaves the calibration split as it was
+    assert len(holdout) == 7 and set(holdout.texts) <= set(sentences) and not set(holdout.texts) & set(calib.texts)
+    for held in holdout.texts:
+        assert not any(f" {t} " in f" {held} " for t in fit.texts)
+    assert len(fit) == len(texts) - 12 - 12 * 2 - 50
+
+
+def test_holdout_is_evaluated_written_and_refreshed_by_retune(tiny_checkpoint: Path, tiny_data: Path,
+                                                              tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                                                              ) -> None:
+    from shared.tools.cli import main
+    from shared.tools.demo import load_labeled
+    from tests.conftest import TINY_LABELS
+
+    config = BuildConfig(backbone=str(tiny_checkpoint), data=str(tiny_data), profile="tiny", split_points=(1, 2, 3),
+                         label_names=TINY_LABELS, max_length=32, holdout_samples=100)
+    out = build(config, tmp_path / "model")
+    printed = capsys.readouterr().out
+    assert "holdout: 100 more whole examples" in printed and "on 100 held-out examples of train" in printed
+    figures = json.loads((out / "report.json").read_text())["holdout"]
+    assert figures["samples"] == 100 and abs(sum(figures["exit_fraction"]) - 1) < 1e-9
+    texts, labels, _ = load_labeled(str(out / "holdout.tsv"), None, load_manifest(out), out)
+    with np.load(out / "holdout_logits.npz") as saved:
+        assert len(texts) == 100 and (labels == saved["labels"]).all()
+    assert set(texts) <= {line.split("\t")[0] for line in (tiny_data / "train.tsv").read_text().splitlines()}
+    # never exit early: every held-out sample answers at the cloud, and the report says so
+    assert main(["retune", "--artifacts", str(out), "--in-place", "--policy", "p_tar", "--p-tar", "1", "1"]) == 0
+    refreshed = json.loads((out / "report.json").read_text())["holdout"]
+    assert refreshed["exit_fraction"] == [0.0, 0.0, 1.0] and refreshed["accuracy_drop_points"] == 0.0
+    assert "held-out examples of train" in capsys.readouterr().out
+
+
+def test_holdout_is_refused_for_an_image_model(tmp_path: Path) -> None:
+    with pytest.raises(BuildInputError, match="--holdout-samples is for text models"):
+        build(BuildConfig(family="image", holdout_samples=10), tmp_path / "out")
 
 
 def test_retune_switches_policy_without_retraining(tiny_artifacts: Path, tmp_path: Path) -> None:

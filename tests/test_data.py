@@ -152,7 +152,7 @@ def test_calibration_size_is_the_profiles_capped_at_a_fifth_of_train() -> None:
 
 def test_calibration_fraction_holds_out_that_share(tmp_path: Path) -> None:
     train, _ = load_splits(write_rows(tmp_path / "news.csv", news_rows(500)), NEWS)
-    fit, calib = text_data.hold_out_calibration(train, round(0.4 * len(train)), seed=0, max_share=0.4)
+    fit, calib, _ = text_data.hold_out_calibration(train, round(0.4 * len(train)), seed=0, max_share=0.4)
     assert (len(calib), len(fit)) == (180, 270)
     assert not set(calib.texts) & set(fit.texts)
 

@@ -8,6 +8,7 @@ supplies data, model, training and export (shared.builder.family.TrainedModel); 
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -21,7 +22,16 @@ import numpy as np
 import torch
 
 import shared
-from shared.builder.config import CONFIG_FILE, DEFAULT_BACKBONE, PROFILES, SST2_LABELS, TEST_LOGITS_FILE, BuildConfig
+from shared.builder.config import (
+    CONFIG_FILE,
+    DEFAULT_BACKBONE,
+    HOLDOUT_FILE,
+    HOLDOUT_LOGITS_FILE,
+    PROFILES,
+    SST2_LABELS,
+    TEST_LOGITS_FILE,
+    BuildConfig,
+)
 from shared.builder.export import check_chain, export_slices
 from shared.builder.family import TrainedModel
 from shared.builder.model import EarlyExitBert, load_encoder
@@ -46,7 +56,7 @@ from shared.contract.manifest import (
     save_manifest,
     sha256_file,
 )
-from shared.contract.policy import choose_policy, relative_cost, route
+from shared.contract.policy import choose_policy, relative_cost, route, routed_figures
 from shared.contract.text import TextEncoder, Tokens
 from shared.data.text import (
     CALIBRATION_SHARE,
@@ -105,6 +115,9 @@ def build(config: BuildConfig, out: str | Path, force: bool = False) -> Path:
     if config.family == "image":
         from shared.builder.image_build import train_image_model
 
+        if config.holdout_samples:
+            raise BuildInputError("--holdout-samples is for text models; an image model's test split is held out "
+                                  "already")
         trained = train_image_model(config)
     else:
         trained = _train_text(config)
@@ -143,7 +156,13 @@ def build(config: BuildConfig, out: str | Path, force: bool = False) -> Path:
                       test_data=trained.test_description or trained.test_source)
         if trained.data_labels is not None:
             report["data_labels"] = trained.data_labels
-        save_test_logits(staging, test_logits, test_labels)
+        save_test_logits(staging / TEST_LOGITS_FILE, test_logits, test_labels)
+        if trained.holdout_logits is not None and trained.holdout_labels is not None and trained.holdout_rows:
+            save_test_logits(staging / HOLDOUT_LOGITS_FILE, trained.holdout_logits, trained.holdout_labels)
+            write_holdout(staging / HOLDOUT_FILE, trained.holdout_rows)
+            holdout_probs = [softmax(z, t) for z, t in zip(trained.holdout_logits, temperatures, strict=True)]
+            report["holdout"] = routed_figures(holdout_probs, trained.holdout_labels, thresholds, points,
+                                               config.cost_model)
         plot_reliability(staging / "reliability.png", list(TIERS), test_logits, test_labels, temperatures,
                          [e["ece_after_interval"] for e in report["exits"]])
         plot_tradeoff(staging / "tradeoff.png", test_probs, test_labels, thresholds, points, config.cost_model)
@@ -180,11 +199,22 @@ def _data_key(name: str, value: Any) -> Any:
     return str(Path(value).resolve()) if name == "data" and value is not None else value
 
 
-def save_test_logits(folder: Path, logits: list[np.ndarray], labels: np.ndarray) -> Path:
-    """The test split's raw logits per exit: `tierserve retune` refreshes report.json from them."""
-    path = folder / TEST_LOGITS_FILE
+def save_test_logits(path: Path, logits: list[np.ndarray], labels: np.ndarray) -> Path:
+    """An evaluation split's raw logits per exit (test, holdout): `tierserve retune` refreshes report.json
+    from them."""
     arrays: dict[str, Any] = {"labels": labels, **{f"exit{i}": z for i, z in enumerate(logits)}}
     np.savez_compressed(path, **arrays)
+    return path
+
+
+def write_holdout(path: Path, rows: list[list[str]]) -> Path:
+    """The held-out examples as a TSV with a header (sentence or sentence1 + sentence2, then label, the model's
+    label names), csv-quoted where a text holds a tab or a quote: `tierserve demo --data` and the benchmarks read it."""
+    header = ["sentence", "label"] if len(rows[0]) == 2 else ["sentence1", "sentence2", "label"]
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f, delimiter="\t", lineterminator="\n")
+        writer.writerow(header)
+        writer.writerows(rows)
     return path
 
 
@@ -208,7 +238,14 @@ def _train_text(config: BuildConfig) -> TrainedModel:
         requested = SST2_LABELS  # GLUE SST-2: 0 negative, 1 positive
     train_set, test_set, label_names = name_labels(train_set, test_set, requested)
     asked, share = calibration_request(config, len(train_set))
-    fit_set, calib_set = hold_out_calibration(train_set, asked, config.seed, share)
+    fit_set, calib_set, holdout_set = hold_out_calibration(train_set, asked, config.seed, share,
+                                                           config.holdout_samples or 0)
+    if config.holdout_samples and len(holdout_set) < config.holdout_samples:
+        raise BuildInputError(f"--holdout-samples {config.holdout_samples}: only {len(holdout_set)} whole examples "
+                              f"of train are left after the {len(calib_set)} for calibration")
+    if config.holdout_samples and len(fit_set) < len(train_set) // 2:
+        raise BuildInputError(f"--holdout-samples {config.holdout_samples} with {len(calib_set)} for calibration "
+                              f"leaves {len(fit_set)} of train's {len(train_set)} rows to train on: ask for fewer")
     n_train = config.train_samples or profile.train_samples
     fit_rows = len(fit_set)
     if n_train is not None and n_train < len(fit_set):
@@ -229,6 +266,13 @@ def _train_text(config: BuildConfig) -> TrainedModel:
     train_summary = train(model, fit_tokens, fit_set.labels, settings)
 
     test_tokens = encoder.tokens(test_set.texts, test_set.second_texts)
+    holdout: dict[str, Any] = {}
+    if len(holdout_set):
+        seconds = holdout_set.second_texts
+        rows = [[t, *([seconds[i]] if seconds is not None else []), label_names[y]]
+                for i, (t, y) in enumerate(zip(holdout_set.texts, holdout_set.labels, strict=True))]
+        holdout = {"holdout_rows": rows, "holdout_labels": holdout_set.labels,
+                   "holdout_logits": predict_logits(model, encoder.tokens(holdout_set.texts, seconds))}
 
     def export(folder: Path) -> tuple[list[SliceSpec], float, dict[str, Any]]:
         specs = export_slices(model, folder, pairs)
@@ -245,7 +289,7 @@ def _train_text(config: BuildConfig) -> TrainedModel:
         calib_labels=calib_set.labels, test_logits=predict_logits(model, test_tokens), test_labels=test_set.labels,
         train_samples=len(fit_set), training=train_summary, export=export,
         train_description=train_set.describe(), test_description=test_set.describe(),
-        data_labels=train_set.raw_labels)
+        data_labels=train_set.raw_labels, **holdout)
 
 
 def calibration_request(config: BuildConfig, train_rows: int) -> tuple[int, float]:
@@ -273,6 +317,8 @@ def split_summary(train: TextDataset, test: TextDataset, fit: TextDataset, fit_r
     lines = [
         f"data: train {len(train)} rows from {train.describe()}",
         f"  calibration: {len(calib)} held out of train ({why}), never trained on",
+        *([f"  holdout: {config.holdout_samples} more whole examples held out of train (--holdout-samples), "
+           "neither trained nor calibrated on"] if config.holdout_samples else []),
         f"  training: the other {fit_rows}{used}, {epochs:.3g} epoch(s)"
         + (f" (the {config.profile} profile's budget of {profile.min_samples_seen:,} samples on a small set)"
            if not config.epochs and epochs > profile.epochs else ""),

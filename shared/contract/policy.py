@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -320,6 +320,31 @@ def choose_policy(
     spec.expected_cost = relative_cost(r.fractions(), split_points, cost)
     spec.expected_accuracy = float(np.mean(r.prediction == labels))
     return thresholds, spec
+
+
+def routed_figures(probs: list[np.ndarray], labels: np.ndarray, thresholds: list[float],
+                   split_points: tuple[int, int, int], cost: CostModel) -> dict[str, Any]:
+    """Accuracy per exit, and where the samples answer at these thresholds: share and accuracy per exit,
+    system accuracy, drop against the final exit, cost relative to cloud-only."""
+    r = route(probs, thresholds)
+    final = float(np.mean(probs[-1].argmax(-1) == labels))
+    system = float(np.mean(r.prediction == labels))
+    exited = [r.exit_index == i for i in range(len(probs))]
+    return {
+        "samples": len(labels),
+        "exit_accuracy": [float(np.mean(p.argmax(-1) == labels)) for p in probs],
+        "exit_fraction": [float(e.mean()) for e in exited],
+        "exited_accuracy": [float(np.mean(r.prediction[e] == labels[e])) if e.any() else None for e in exited],
+        "final_accuracy": final, "system_accuracy": system, "accuracy_drop_points": 100.0 * (final - system),
+        "relative_cost": relative_cost(r.fractions(), split_points, cost),
+    }
+
+
+def holdout_line(figures: dict[str, Any]) -> str:
+    return (f"on {figures['samples']} held-out examples of train (never trained or calibrated on): system accuracy "
+            f"{figures['system_accuracy']:.4f} vs final exit {figures['final_accuracy']:.4f} (drop "
+            f"{figures['accuracy_drop_points']:+.2f} points); cost {figures['relative_cost']:.3f} of cloud-only; "
+            "exits " + " / ".join(f"{f:.3f}" for f in figures["exit_fraction"]))
 
 
 def describe_policy(spec: PolicySpec) -> str:

@@ -345,9 +345,10 @@ def _default_sst2() -> Path:
     return target
 
 
-def hold_out_calibration(data: TextDataset, n: int, seed: int, max_share: float = CALIBRATION_SHARE
-                         ) -> tuple[TextDataset, TextDataset]:
-    """(fit, calibration): `n` whole examples held out of `data`, and nothing of them left in fit.
+def hold_out_calibration(data: TextDataset, n: int, seed: int, max_share: float = CALIBRATION_SHARE,
+                         holdout: int = 0) -> tuple[TextDataset, TextDataset, TextDataset]:
+    """(fit, calibration, holdout): `n` whole examples held out of `data` for calibration, `holdout` more
+    for an evaluation that neither training nor calibration sees, and nothing of either left in fit.
 
     `n` is capped at `max_share` of `data` (calibration_size; a fifth unless --calibration-fraction
     says otherwise), so that training keeps most of a small set.
@@ -363,13 +364,14 @@ def hold_out_calibration(data: TextDataset, n: int, seed: int, max_share: float 
     corpus = "\n".join(f" {t} " for t in norm)
     order = np.random.default_rng(seed).permutation(len(data))
     n = calibration_size(n, len(data), max_share)
+    wanted = n + max(0, holdout)
     chosen: list[int] = []
     for i in order:
         needle = f" {norm[i]} "
         first = corpus.find(needle)
         if norm[i] and corpus.find(needle, first + 1) < 0 and len(corpus) > 0:
             chosen.append(int(i))  # occurs once: its own row, a whole example
-            if len(chosen) == n:
+            if len(chosen) == wanted:
                 break
     spans: set[str] = set()
     for i in chosen:
@@ -377,7 +379,8 @@ def hold_out_calibration(data: TextDataset, n: int, seed: int, max_share: float 
         spans.update(" ".join(words[a:b]) for a in range(len(words)) for b in range(a + 1, len(words) + 1))
     held = set(chosen)
     fit = np.array([i for i in range(len(data)) if i not in held and norm[i] not in spans], dtype=np.int64)
-    return (data.subset(fit, data.portion), data.subset(np.array(chosen, dtype=np.int64), data.portion))
+    calibration, held_out = np.array(chosen[:n], dtype=np.int64), np.array(chosen[n:], dtype=np.int64)
+    return data.subset(fit, data.portion), data.subset(calibration, data.portion), data.subset(held_out, data.portion)
 
 
 def calibration_size(requested: int, train_rows: int, max_share: float = CALIBRATION_SHARE) -> int:

@@ -65,6 +65,10 @@ def add_build_parser(subparsers: argparse._SubParsersAction) -> None:
     data.add_argument("--calibration-fraction", type=float, metavar="F",
                       help="instead of --calibration-samples: the share of train held out for calibration, "
                            "0 < F <= 0.5, not capped at a fifth (default: unset)")
+    data.add_argument("--holdout-samples", type=int, metavar="N",
+                      help="text: N more whole examples of train held out besides calibration, never trained or "
+                           "calibrated on; the report gives the thresholds' accuracy and cost on them, and the "
+                           "build writes them to holdout.tsv (default: none)")
     p.add_argument("--split-points", type=_split_points, metavar="M,N,L",
                    help="last layer of the mobile, edge and cloud slices (default: L/3, 2L/3, L); "
                         "image: block indices, L is the CNN's depth (default: 2,4,6)")
@@ -102,7 +106,7 @@ def run_build(args: argparse.Namespace) -> int:
             text_columns=args.text_column, second_text_columns=args.second_text_column,
             label_column=args.label_column, header=args.header, quoting=args.quoting,
             test_fraction=args.test_fraction, calibration_samples=args.calibration_samples,
-            calibration_fraction=args.calibration_fraction,
+            calibration_fraction=args.calibration_fraction, holdout_samples=args.holdout_samples,
         )
     except ValueError as exc:  # pydantic: a value out of range
         print(f"tierserve build: {exc}", file=sys.stderr)

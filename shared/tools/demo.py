@@ -158,14 +158,17 @@ def load_labeled(data: str | None, limit: int | None, manifest: Manifest, artifa
     """Texts (a pair model: (first, second) pairs; an image model: images) and label indices in the manifest's
     label order, and the data's source. Without `data`: the test split of the data the model was built on,
     or SST-2 dev for the default model."""
-    from shared.data.text import DEFAULT_SST2, load_split, load_splits
+    from shared.builder.config import HOLDOUT_FILE
+    from shared.data.text import DEFAULT_SST2, Columns, load_split, load_splits
 
     if manifest.family == "image":
         return _load_labeled_images(data, limit, manifest)
     config = _build_config(artifacts)
     built_on = config.get("data") if config.get("family", "text") == "text" else None  # None: the default SST-2
     if data is not None:
-        dataset = load_split(data, _build_columns(config))
+        # the build's own holdout.tsv has a header of its own (sentence, label), whatever the data's layout
+        own_holdout = artifacts is not None and Path(data).resolve() == (artifacts / HOLDOUT_FILE).resolve()
+        dataset = load_split(data, Columns() if own_holdout else _build_columns(config))
     elif built_on and Path(built_on).exists():
         dataset = load_splits(built_on, _build_columns(config), float(config.get("test_fraction", 0.1)))[1]
     elif (DEFAULT_SST2 / "dev.tsv").is_file():

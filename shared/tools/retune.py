@@ -18,10 +18,19 @@ from pathlib import Path
 
 import numpy as np
 
-from shared.builder.config import TEST_LOGITS_FILE
+from shared.builder.config import HOLDOUT_LOGITS_FILE, TEST_LOGITS_FILE
 from shared.contract.calibration import softmax
 from shared.contract.manifest import CostModel, Manifest, load_calibration_logits, load_manifest, save_manifest
-from shared.contract.policy import DEFAULT_DELTA, Target, choose_policy, describe_policy, relative_cost, route
+from shared.contract.policy import (
+    DEFAULT_DELTA,
+    Target,
+    choose_policy,
+    describe_policy,
+    holdout_line,
+    relative_cost,
+    route,
+    routed_figures,
+)
 from shared.errors import ArtifactError
 from shared.tools.arguments import add_policy_arguments
 
@@ -50,6 +59,13 @@ def retune(folder: Path, policy: str, p_tar: tuple[float, float], max_drop_point
     return manifest
 
 
+def load_exit_logits(path: Path) -> tuple[list[np.ndarray], np.ndarray]:
+    """An evaluation split's logits per exit and labels, as the build saved them (save_test_logits)."""
+    with np.load(path, allow_pickle=False) as data:
+        names = sorted((k for k in data.files if k.startswith("exit")), key=lambda k: int(k[4:]))
+        return [data[k] for k in names], data["labels"]
+
+
 def refresh_report(folder: Path, manifest: Manifest) -> None:
     """report.json after new thresholds: the policy and, from test_logits.npz, the test split's exit shares,
     system accuracy, drop and cost; without that file (an older build), those figures are marked stale."""
@@ -63,9 +79,7 @@ def refresh_report(folder: Path, manifest: Manifest) -> None:
         entry["threshold"] = spec.threshold
     test_file = folder / TEST_LOGITS_FILE
     if test_file.is_file():
-        with np.load(test_file, allow_pickle=False) as data:
-            names = sorted((k for k in data.files if k.startswith("exit")), key=lambda k: int(k[4:]))
-            logits, labels = [data[k] for k in names], data["labels"]
+        logits, labels = load_exit_logits(test_file)
         probs = [softmax(z, e.temperature) for z, e in zip(logits, manifest.exits, strict=True)]
         r = route(probs, [e.threshold for e in manifest.exits[:-1]])
         for i, entry in enumerate(report.get("exits", [])):
@@ -76,6 +90,12 @@ def refresh_report(folder: Path, manifest: Manifest) -> None:
         report["accuracy_drop_points"] = 100.0 * (report["final_accuracy"] - report["system_accuracy"])
         report["relative_cost"] = relative_cost(r.fractions(), manifest.split_points(), manifest.cost_model)
         report.pop("stale", None)
+    holdout_file = folder / HOLDOUT_LOGITS_FILE
+    if holdout_file.is_file():
+        logits, labels = load_exit_logits(holdout_file)
+        probs = [softmax(z, e.temperature) for z, e in zip(logits, manifest.exits, strict=True)]
+        report["holdout"] = routed_figures(probs, labels, [e.threshold for e in manifest.exits[:-1]],
+                                           manifest.split_points(), manifest.cost_model)
     else:
         report["stale"] = ("retuned: exit_fraction, exited_accuracy, system_accuracy, accuracy_drop_points and "
                            "relative_cost are the build's thresholds' (no test_logits.npz: rebuild to refresh them)")
@@ -130,6 +150,8 @@ def run_retune(args: argparse.Namespace) -> int:
         if "stale" not in report:
             print(f"on the test split: system accuracy {report['system_accuracy']:.4f}, cost "
                   f"{report['relative_cost']:.3f} of cloud-only")
+        if report.get("holdout"):
+            print(holdout_line(report["holdout"]))
     except (OSError, ValueError, KeyError):
         pass
     print(f"wrote {written / 'manifest.json'} and report.json (restart or reload the tiers to apply)")
