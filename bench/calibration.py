@@ -106,7 +106,7 @@ def _fmt(value: float | None) -> str:
 def run(artifacts: Path, data: str | None = None, limit: int | None = None, out: Path | None = None,
         p_tars: tuple[float, ...] = P_TARS, delta: float = DEFAULT_DELTA) -> dict[str, Any]:
     manifest = load(artifacts)
-    texts, labels = dev_set(manifest, data, limit)
+    texts, labels = dev_set(manifest, data, limit, artifacts, pairs=True)
     calib, calib_labels = calibration_probs(artifacts, manifest)
     with tiers(artifacts) as cluster:
         dev = exit_probabilities(cluster.entry_address, texts)

@@ -35,15 +35,16 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
-def dev_set(manifest: Manifest, data: str | None = None, limit: int | None = None
-            ) -> tuple[list[str] | np.ndarray, np.ndarray]:
-    """Texts (an image model: images) and labels (manifest label order) of the evaluation split:
-    SST-2 dev by default (Fashion-MNIST's test split for an image model)."""
+def dev_set(manifest: Manifest, data: str | None = None, limit: int | None = None, artifacts: Path | None = None,
+            pairs: bool = False) -> tuple[list[str] | np.ndarray, np.ndarray]:
+    """Texts (an image model: images; with `pairs`, a pair model's (first, second) pairs) and labels (manifest
+    label order) of the evaluation split: given `artifacts`, the test split of the data the model was built on,
+    else SST-2 dev (Fashion-MNIST's test split for an image model)."""
     from shared.tools.demo import load_labeled
 
-    if manifest.text_pairs:
-        raise ValueError("the benchmarks measure single-text and image models; this one classifies sentence pairs")
-    texts, labels, _ = load_labeled(data, limit, manifest)
+    if manifest.text_pairs and not pairs:
+        raise ValueError("this benchmark measures single-text and image models; this one classifies sentence pairs")
+    texts, labels, _ = load_labeled(data, limit, manifest, artifacts)
     return cast(list[str] | np.ndarray, texts), labels
 
 
@@ -108,15 +109,17 @@ def tiers(artifacts: Path, flags: Mapping[str, Mapping[str, object]] | None = No
         yield cluster
 
 
-def classify_all(address: str, texts: Sequence[str] | np.ndarray, thresholds: Mapping[str, float] | None = None,
+def classify_all(address: str, texts: Sequence[str] | Sequence[tuple[str, str]] | np.ndarray,
+                 thresholds: Mapping[str, float] | None = None,
                  batch_size: int = 32) -> list[Any]:
-    """Answers of the running tiers for every text (or image: an image model's array from dev_set),
+    """Answers of the running tiers for every text (an image model's array, a pair model's pairs from dev_set),
     in order, `batch_size` per request."""
     from shared.client import TierClient
 
     answers: list[Any] = []
     with TierClient(address, timeout=300) as client:
-        classify = client.classify_images if isinstance(texts, np.ndarray) else client.classify
+        classify = client.classify_images if isinstance(texts, np.ndarray) else \
+            client.classify_pairs if len(texts) and isinstance(texts[0], tuple) else client.classify
         for start in range(0, len(texts), batch_size):
             answers += classify(texts[start:start + batch_size], thresholds)
     return answers
@@ -130,7 +133,8 @@ def predictions(answers: Sequence[Any]) -> np.ndarray:
     return np.array([a.label_index for a in answers])
 
 
-def exit_probabilities(address: str, texts: Sequence[str] | np.ndarray) -> list[np.ndarray]:
+def exit_probabilities(address: str, texts: Sequence[str] | Sequence[tuple[str, str]] | np.ndarray
+                       ) -> list[np.ndarray]:
     """Calibrated probabilities of every exit for every text, from the running tiers' answers:
     one pass answered at mobile (threshold 0), one at edge, one at cloud."""
     passes = [{"mobile": 0.0}, {"mobile": NEVER, "edge": 0.0}, FORCE_CLOUD]

@@ -80,7 +80,7 @@ def evaluate(answers: list[Any], labels: np.ndarray, split_points: tuple[int, in
 def run(artifacts: Path, data: str | None = None, limit: int | None = None, out: Path | None = None,
         grid: int = 40) -> dict[str, Any]:
     manifest = load(artifacts)
-    texts, labels = dev_set(manifest, data, limit)
+    texts, labels = dev_set(manifest, data, limit, artifacts)
     points = manifest.split_points()
     headline_cost = cost_model(manifest, HEADLINE_O)
     calib = {kind: calibration_probs(artifacts, manifest, kind == "calibrated")
