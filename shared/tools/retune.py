@@ -90,15 +90,15 @@ def refresh_report(folder: Path, manifest: Manifest) -> None:
         report["accuracy_drop_points"] = 100.0 * (report["final_accuracy"] - report["system_accuracy"])
         report["relative_cost"] = relative_cost(r.fractions(), manifest.split_points(), manifest.cost_model)
         report.pop("stale", None)
+    else:
+        report["stale"] = ("retuned: exit_fraction, exited_accuracy, system_accuracy, accuracy_drop_points and "
+                           "relative_cost are the build's thresholds' (no test_logits.npz: rebuild to refresh them)")
     holdout_file = folder / HOLDOUT_LOGITS_FILE
     if holdout_file.is_file():
         logits, labels = load_exit_logits(holdout_file)
         probs = [softmax(z, e.temperature) for z, e in zip(logits, manifest.exits, strict=True)]
         report["holdout"] = routed_figures(probs, labels, [e.threshold for e in manifest.exits[:-1]],
                                            manifest.split_points(), manifest.cost_model)
-    else:
-        report["stale"] = ("retuned: exit_fraction, exited_accuracy, system_accuracy, accuracy_drop_points and "
-                           "relative_cost are the build's thresholds' (no test_logits.npz: rebuild to refresh them)")
     report["retuned"] = True
     path.write_text(json.dumps(report, indent=2) + "\n")
 
