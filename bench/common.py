@@ -9,7 +9,7 @@ import platform
 import signal
 import subprocess
 import urllib.request
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, cast
@@ -118,7 +118,7 @@ def classify_all(address: str, texts: Sequence[str] | Sequence[tuple[str, str]] 
 
     answers: list[Any] = []
     with TierClient(address, timeout=300) as client:
-        classify = client.classify_images if isinstance(texts, np.ndarray) else \
+        classify: Callable[..., list[Any]] = client.classify_images if isinstance(texts, np.ndarray) else \
             client.classify_pairs if len(texts) and isinstance(texts[0], tuple) else client.classify
         for start in range(0, len(texts), batch_size):
             answers += classify(texts[start:start + batch_size], thresholds)

@@ -120,19 +120,20 @@ def run(artifacts: Path, data: str | None = None, limit: int | None = None, out:
         result["cost_aware"]["calibration"]["relative_cost"] <= result["p_tar"]["calibration"]["relative_cost"])
 
     names = {"cost_aware": f"cost, guaranteed (delta {delta})", "cost_four_paths": "cost, 4 paths",
-             "cost_uncorrected": "cost, uncorrected", "cost_chosen_on_dev": "cost, chosen on dev",
+             "cost_uncorrected": "cost, uncorrected", "cost_chosen_on_dev": "cost, chosen on eval split",
              "p_tar": f"p_tar {p_tar}"}
-    print(table(["policy", "mobile tau", "edge tau", "calib acc", "calib cost", "dev acc", "dev drop pts",
-                 "dev cost"],
+    # "dev": the evaluation split, SST-2 dev or the model's test split unless --data names another
+    print(table(["policy", "mobile tau", "edge tau", "calib acc", "calib cost", "eval acc", "eval drop pts",
+                 "eval cost"],
                 [[label, *[round(t, 4) for t in result[name]["thresholds"]],
                   result[name]["calibration"]["accuracy"], result[name]["calibration"]["relative_cost"],
                   result[name]["dev"]["accuracy"], result[name]["dev"]["accuracy_drop_points"],
                   result[name]["dev"]["relative_cost"]] for name, label in names.items()]))
+    saved = {name: f"{100 * (1 - result[name]['dev']['relative_cost']):.1f}%" for name in names}
     print(f"cost policy at <= {max_drop} points: drop bound on the calibration split {cost_spec.drop_bound_points:.2f} "
-          f"points; dev cost reduction vs cloud-only {100 * (1 - result['cost_aware']['dev']['relative_cost']):.1f}% "
-          f"(4 paths {100 * (1 - result['cost_four_paths']['dev']['relative_cost']):.1f}%, uncorrected "
-          f"{100 * (1 - result['cost_uncorrected']['dev']['relative_cost']):.1f}%, the model's ceiling chosen on dev "
-          f"{100 * (1 - result['cost_chosen_on_dev']['dev']['relative_cost']):.1f}%)")
+          f"points; evaluation-split cost reduction vs cloud-only {saved['cost_aware']} (4 paths "
+          f"{saved['cost_four_paths']}, uncorrected {saved['cost_uncorrected']}, the model's ceiling chosen on that "
+          f"split {saved['cost_chosen_on_dev']})")
     if out is not None:
         print(f"wrote {write_result(out, 'policy', result)}")
     return result

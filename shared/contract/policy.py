@@ -347,7 +347,7 @@ def holdout_line(figures: dict[str, Any]) -> str:
     return (f"on {figures['samples']} held-out examples of train (never trained or calibrated on): system accuracy "
             f"{figures['system_accuracy']:.4f} vs final exit {figures['final_accuracy']:.4f} (drop "
             f"{figures['accuracy_drop_points']:+.2f} points); cost {figures['relative_cost']:.3f} of cloud-only; "
-            "exits " + " / ".join(f"{f:.3f}" for f in figures["exit_fraction"]))
+            "answered at mobile / edge / cloud " + " / ".join(f"{f:.3f}" for f in figures["exit_fraction"]))
 
 
 def describe_policy(spec: PolicySpec) -> str:

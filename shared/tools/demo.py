@@ -165,6 +165,7 @@ def load_labeled(data: str | None, limit: int | None, manifest: Manifest, artifa
         return _load_labeled_images(data, limit, manifest)
     config = _build_config(artifacts)
     built_on = config.get("data") if config.get("family", "text") == "text" else None  # None: the default SST-2
+    own_holdout = False
     if data is not None:
         # the build's own holdout.tsv has a header of its own (sentence, label), whatever the data's layout
         own_holdout = artifacts is not None and Path(data).resolve() == (artifacts / HOLDOUT_FILE).resolve()
@@ -175,7 +176,8 @@ def load_labeled(data: str | None, limit: int | None, manifest: Manifest, artifa
         dataset = load_split(DEFAULT_SST2 / "dev.tsv")
     else:
         dataset = load_splits(None)[1]
-    order = _label_order(dataset.label_names, manifest, artifacts)
+    # the build's own holdout names classes as the model does; the data's spellings could be other classes' names
+    order = _label_order(dataset.label_names, manifest, None if own_holdout else artifacts)
     labels = np.array(order)[dataset.labels]
     if manifest.text_pairs != (dataset.second_texts is not None):
         raise ValueError(f"{dataset.source} holds {'sentence pairs' if dataset.second_texts else 'single texts'}, "
