@@ -1,0 +1,124 @@
+"""Training choices for the text model, judged by what the cost policy makes of them.
+
+Each variant (--epochs, one run per value) trains the early-exit model with the builder's own code
+(shared.builder: same split, sampling, seed and profile settings as `tierserve build`), then:
+- holds out --pool whole sentences of SST-2 train (as calibration is held out: none of their
+  phrases trained on); the first --calibration of them are the calibration split, the rest a
+  held-out check;
+- fits the temperatures and chooses the cost-aware thresholds within --max-drop points on the
+  calibration split only, with the default one-path search and the four-path family it replaced;
+- measures accuracy by exit, and cost and drop at those thresholds, on SST-2 dev and on the held-out
+  sentences; "ceiling" is the cheapest grid pair within budget chosen on dev itself (no policy can).
+
+No tiers are started: the thresholds' routing is the tier rule (shared.contract.policy.route).
+One variant takes about as long as a quick build's training (~3 min per pass over 20,000 sentences
+on 2 cores).
+
+    python -m bench.training --epochs 1 2 --out bench/results/training
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.common import RESULTS, machine, table, write_result
+from bench.policy import uncorrected_cost_thresholds
+from shared.contract.calibration import calibrate_exit, softmax
+from shared.contract.manifest import CostModel
+from shared.contract.policy import cost_aware_thresholds, routed_figures
+
+FOUR_PATHS = (1.0, 0.75, 0.5, 0.25)
+
+
+def train_variant(epochs: float, pool: int, train_samples: int, seed: int) -> dict[str, Any]:
+    """Train one model as the quick profile does (but `epochs`); logits of the held-out pool and of dev."""
+    import torch
+
+    from shared.builder.build import _text_encoder, resolve_backbone
+    from shared.builder.config import PROFILES
+    from shared.builder.model import EarlyExitBert, load_encoder
+    from shared.builder.train import TrainSettings, predict_logits, train
+    from shared.data.text import Columns, hold_out_calibration, load_splits
+
+    profile = PROFILES["quick"]
+    torch.manual_seed(seed)
+    train_set, dev = load_splits(None, Columns())
+    fit, held, _ = hold_out_calibration(train_set, pool, seed, max_share=0.5)
+    fit = fit.subset(np.random.default_rng(seed + 1).permutation(len(fit))[:train_samples])
+    checkpoint = resolve_backbone(None)
+    encoder = _text_encoder(checkpoint, 128)
+    model = EarlyExitBert(load_encoder(str(checkpoint)), (2, 4, 6), 2)
+    settings = TrainSettings(epochs=epochs, batch_size=profile.batch_size, learning_rate=profile.learning_rate,
+                             head_learning_rate=profile.head_learning_rate, seed=seed)
+    started = time.perf_counter()
+    summary = train(model, encoder.tokens(fit.texts), fit.labels, settings)
+    return {"train_seconds": time.perf_counter() - started, "steps": summary["steps"],
+            "pool": predict_logits(model, encoder.tokens(held.texts)), "pool_labels": held.labels,
+            "dev": predict_logits(model, encoder.tokens(dev.texts)), "dev_labels": dev.labels}
+
+
+def judge(trained: dict[str, Any], calibration: int, max_drop: float) -> dict[str, Any]:
+    """Temperatures and thresholds from the first `calibration` pool sentences; figures on dev and the rest."""
+    points, cost = (2, 4, 6), CostModel()
+    pool, labels = trained["pool"], trained["pool_labels"]
+    temperatures = [calibrate_exit(z[:calibration], labels[:calibration]).temperature for z in pool]
+    calib = [softmax(z[:calibration], t) for z, t in zip(pool, temperatures, strict=True)]
+    splits = {"dev": ([softmax(z, t) for z, t in zip(trained["dev"], temperatures, strict=True)],
+                      trained["dev_labels"]),
+              "held_out": ([softmax(z[calibration:], t) for z, t in zip(pool, temperatures, strict=True)],
+                           labels[calibration:])}
+    choices = {
+        "one path": cost_aware_thresholds(calib, labels[:calibration], points, cost, max_drop).thresholds,
+        "four paths": cost_aware_thresholds(calib, labels[:calibration], points, cost, max_drop,
+                                            exponents=FOUR_PATHS).thresholds,
+        "ceiling (dev)": uncorrected_cost_thresholds(*splits["dev"], points, cost, max_drop),
+    }
+    result: dict[str, Any] = {"temperatures": temperatures}
+    for split, (probs, y) in splits.items():
+        if not len(y):
+            continue
+        result[split] = {name: routed_figures(probs, y, thresholds, points, cost) | {"thresholds": thresholds}
+                         for name, thresholds in choices.items()}
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=float, nargs="+", default=[1.0, 2.0], help="one variant per value")
+    parser.add_argument("--pool", type=int, default=2500, help="whole train sentences held out (%(default)s)")
+    parser.add_argument("--calibration", type=int, default=1500, help="of them, the calibration split")
+    parser.add_argument("--train-samples", type=int, default=20000)
+    parser.add_argument("--max-drop", type=float, default=0.3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=RESULTS / "training")
+    args = parser.parse_args(argv)
+    if not 0 < args.calibration < args.pool:
+        parser.error(f"--calibration {args.calibration} must be between 0 and --pool {args.pool}")
+    variants = []
+    for epochs in args.epochs:
+        print(f"training: {epochs:g} epoch(s) over {args.train_samples} sentences", flush=True)
+        trained = train_variant(epochs, args.pool, args.train_samples, args.seed)
+        judged = judge(trained, args.calibration, args.max_drop)
+        accuracy = [float(np.mean(z.argmax(-1) == trained["dev_labels"])) for z in trained["dev"]]
+        variants.append({"epochs": epochs, "train_seconds": trained["train_seconds"], "dev_accuracy": accuracy,
+                         **judged})
+    rows = []
+    for v in variants:
+        for split in ("dev", "held_out"):
+            for name, f in v.get(split, {}).items():
+                rows.append([v["epochs"], round(v["train_seconds"]), " / ".join(f"{a:.3f}" for a in v["dev_accuracy"]),
+                             split, name, f["relative_cost"], f["accuracy_drop_points"]])
+    print(table(["epochs", "train s", "dev acc by exit", "split", "thresholds", "cost", "drop pts"], rows))
+    result = {"machine": machine(), "pool": args.pool, "calibration": args.calibration,
+              "train_samples": args.train_samples, "max_drop_points": args.max_drop, "seed": args.seed,
+              "variants": variants}
+    print(f"wrote {write_result(args.out, 'training', result)}")
+
+
+if __name__ == "__main__":
+    main()
