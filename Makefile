@@ -53,7 +53,7 @@ test: install
 	$(BIN)/mypy
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q
 
-# The benchmarks measure the full-profile model (the one to deploy; its first build takes ~20 min on
+# The benchmarks measure the full-profile model (the one to deploy; its first build takes ~12-20 min on
 # 2 cores, then it is cached). `make bench-quick` measures the demo's quick model instead. Both include
 # bench.peers (KServe in its own venv, made on first use; perf_analyzer from /var/tmp/trixie if there) and
 # bench.links (network namespaces: root only, skipped with a message otherwise).

@@ -40,8 +40,10 @@ PROFILES: dict[str, ProfileSettings] = {
     # lifts the mobile exit more than the final one, which is what lets the cost policy answer early
     "quick": ProfileSettings(train_samples=20000, calibration_samples=1500, epochs=2.0, min_samples_seen=20000,
                              batch_size=32, learning_rate=1e-4, head_learning_rate=1e-3),
+    # full: all of train, two passes, at the quick profile's learning rates (half of them gave a weaker model:
+    # SST-2 dev 84.8 / 88.3 / 88.9 % by exit against 86.6 / 89.0 / 89.0 %, and 0.619 of cloud-only against 0.522)
     "full": ProfileSettings(train_samples=None, calibration_samples=1500, epochs=2.0, min_samples_seen=60000,
-                            batch_size=32, learning_rate=5e-5, head_learning_rate=5e-4),
+                            batch_size=32, learning_rate=1e-4, head_learning_rate=1e-3),
     # tiny: tests, on a small random model and generated data
     "tiny": ProfileSettings(train_samples=None, calibration_samples=200, epochs=3.0, batch_size=16,
                             learning_rate=3e-3, head_learning_rate=3e-3),
