@@ -53,6 +53,7 @@ from shared.contract.manifest import (
     SliceSpec,
     load_manifest,
     save_calibration_logits,
+    save_exit_logits,
     save_manifest,
     sha256_file,
 )
@@ -156,9 +157,9 @@ def build(config: BuildConfig, out: str | Path, force: bool = False) -> Path:
                       test_data=trained.test_description or trained.test_source)
         if trained.data_labels is not None:
             report["data_labels"] = trained.data_labels
-        save_test_logits(staging / TEST_LOGITS_FILE, test_logits, test_labels)
+        save_exit_logits(staging / TEST_LOGITS_FILE, test_logits, test_labels)
         if trained.holdout_logits is not None and trained.holdout_labels is not None and trained.holdout_rows:
-            save_test_logits(staging / HOLDOUT_LOGITS_FILE, trained.holdout_logits, trained.holdout_labels)
+            save_exit_logits(staging / HOLDOUT_LOGITS_FILE, trained.holdout_logits, trained.holdout_labels)
             write_holdout(staging / HOLDOUT_FILE, trained.holdout_rows)
             holdout_probs = [softmax(z, t) for z, t in zip(trained.holdout_logits, temperatures, strict=True)]
             report["holdout"] = routed_figures(holdout_probs, trained.holdout_labels, thresholds, points,
@@ -197,14 +198,6 @@ def _refuse_other_data(out: Path, config: BuildConfig) -> None:
 
 def _data_key(name: str, value: Any) -> Any:
     return str(Path(value).resolve()) if name == "data" and value is not None else value
-
-
-def save_test_logits(path: Path, logits: list[np.ndarray], labels: np.ndarray) -> Path:
-    """An evaluation split's raw logits per exit (test, holdout): `tierserve retune` refreshes report.json
-    from them."""
-    arrays: dict[str, Any] = {"labels": labels, **{f"exit{i}": z for i, z in enumerate(logits)}}
-    np.savez_compressed(path, **arrays)
-    return path
 
 
 def write_holdout(path: Path, rows: list[list[str]]) -> Path:

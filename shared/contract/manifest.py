@@ -196,18 +196,28 @@ def verified_slice_path(folder: str | Path, spec: SliceSpec) -> Path:
     return verified_file(folder, spec.file, spec.sha256, f"the {spec.tier} slice")
 
 
-def save_calibration_logits(folder: str | Path, logits: list[np.ndarray], labels: np.ndarray) -> Path:
-    """The held-out calibration split's raw logits per exit: lets thresholds be re-tuned without torch."""
-    path = Path(folder) / CALIBRATION_FILE
+def save_exit_logits(path: Path, logits: list[np.ndarray], labels: np.ndarray) -> Path:
+    """A split's raw logits per exit and its labels (calibration, test, holdout): what lets thresholds be
+    re-tuned, and their figures refreshed, without torch."""
     arrays: dict[str, Any] = {"labels": labels, **{f"exit{i}": z for i, z in enumerate(logits)}}
     np.savez_compressed(path, **arrays)
     return path
+
+
+def load_exit_logits(path: Path) -> tuple[list[np.ndarray], np.ndarray]:
+    """What save_exit_logits wrote: the logits per exit, in exit order, and the labels."""
+    with np.load(path, allow_pickle=False) as data:
+        exits = sorted((k for k in data.files if k.startswith("exit")), key=lambda k: int(k[4:]))
+        return [data[k] for k in exits], data["labels"]
+
+
+def save_calibration_logits(folder: str | Path, logits: list[np.ndarray], labels: np.ndarray) -> Path:
+    """The held-out calibration split's raw logits per exit: lets thresholds be re-tuned without torch."""
+    return save_exit_logits(Path(folder) / CALIBRATION_FILE, logits, labels)
 
 
 def load_calibration_logits(folder: str | Path) -> tuple[list[np.ndarray], np.ndarray]:
     path = Path(folder) / CALIBRATION_FILE
     if not path.is_file():
         raise ArtifactError(f"{path} is missing: rebuild the model to re-tune its thresholds")
-    with np.load(path, allow_pickle=False) as data:
-        exits = sorted((k for k in data.files if k.startswith("exit")), key=lambda k: int(k[4:]))
-        return [data[k] for k in exits], data["labels"]
+    return load_exit_logits(path)

@@ -20,7 +20,14 @@ import numpy as np
 
 from shared.builder.config import HOLDOUT_LOGITS_FILE, TEST_LOGITS_FILE
 from shared.contract.calibration import softmax
-from shared.contract.manifest import CostModel, Manifest, load_calibration_logits, load_manifest, save_manifest
+from shared.contract.manifest import (
+    CostModel,
+    Manifest,
+    load_calibration_logits,
+    load_exit_logits,
+    load_manifest,
+    save_manifest,
+)
 from shared.contract.policy import (
     DEFAULT_DELTA,
     Target,
@@ -57,13 +64,6 @@ def retune(folder: Path, policy: str, p_tar: tuple[float, float], max_drop_point
     save_manifest(manifest, target_folder)
     refresh_report(target_folder, manifest)
     return manifest
-
-
-def load_exit_logits(path: Path) -> tuple[list[np.ndarray], np.ndarray]:
-    """An evaluation split's logits per exit and labels, as the build saved them (save_test_logits)."""
-    with np.load(path, allow_pickle=False) as data:
-        names = sorted((k for k in data.files if k.startswith("exit")), key=lambda k: int(k[4:]))
-        return [data[k] for k in names], data["labels"]
 
 
 def refresh_report(folder: Path, manifest: Manifest) -> None:
