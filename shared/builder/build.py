@@ -57,7 +57,7 @@ from shared.contract.manifest import (
     save_manifest,
     sha256_file,
 )
-from shared.contract.policy import choose_policy, relative_cost, route, routed_figures
+from shared.contract.policy import choose_policy, routed_figures
 from shared.contract.text import TextEncoder, Tokens
 from shared.data.text import (
     CALIBRATION_SHARE,
@@ -346,10 +346,9 @@ def _mixed_length_sample(tokens: Tokens, seed: int, n: int = 96) -> Tokens:
 
 def _report(manifest: Manifest, test_logits: list[np.ndarray], test_probs: list[np.ndarray],
             labels: np.ndarray, fits: list[TemperatureFit], global_t: float, thresholds: list[float]) -> dict:
-    r = route(test_probs, thresholds)
+    routed = routed_figures(test_probs, labels, thresholds, manifest.split_points(), manifest.cost_model)
     exits = []
     for i, (spec, z, fit) in enumerate(zip(manifest.exits, test_logits, fits, strict=True)):
-        exited = r.exit_index == i
         exits.append({
             "tier": spec.tier, "layer": spec.layer,
             "accuracy": float(np.mean(z.argmax(-1) == labels)),
@@ -364,18 +363,18 @@ def _report(manifest: Manifest, test_logits: list[np.ndarray], test_probs: list[
             "calibration_nll_before": fit.nll_before, "calibration_nll_after": fit.nll_after,
             "temperature_folds": list(fit.fold_temperatures),
             "threshold": spec.threshold if i < len(thresholds) else 0.0,
-            "exit_fraction": float(exited.mean()),
-            "exited_accuracy": float(np.mean(r.prediction[exited] == labels[exited])) if exited.any() else None,
+            "exit_fraction": routed["exit_fraction"][i],
+            "exited_accuracy": routed["exited_accuracy"][i],
         })
     final = exits[-1]["accuracy"]
-    system = float(np.mean(r.prediction == labels))
+    system = routed["system_accuracy"]
     return {
         "format_version": 1,
         "exits": exits,
         "final_accuracy": final,
         "system_accuracy": system,
         "accuracy_drop_points": 100.0 * (final - system),
-        "relative_cost": relative_cost(r.fractions(), manifest.split_points(), manifest.cost_model),
+        "relative_cost": routed["relative_cost"],
         "global_temperature": global_t,
         "policy": manifest.policy.model_dump(),
         "cost_model": manifest.cost_model.model_dump(),

@@ -15,8 +15,7 @@ import json
 import shutil
 import sys
 from pathlib import Path
-
-import numpy as np
+from typing import Any
 
 from shared.builder.config import HOLDOUT_LOGITS_FILE, TEST_LOGITS_FILE
 from shared.contract.calibration import softmax
@@ -34,8 +33,6 @@ from shared.contract.policy import (
     choose_policy,
     describe_policy,
     holdout_line,
-    relative_cost,
-    route,
     routed_figures,
 )
 from shared.errors import ArtifactError
@@ -66,6 +63,14 @@ def retune(folder: Path, policy: str, p_tar: tuple[float, float], max_drop_point
     return manifest
 
 
+def saved_split_figures(path: Path, manifest: Manifest) -> dict[str, Any]:
+    """routed_figures of a split whose logits the build saved, at the manifest's temperatures and thresholds."""
+    logits, labels = load_exit_logits(path)
+    probs = [softmax(z, e.temperature) for z, e in zip(logits, manifest.exits, strict=True)]
+    return routed_figures(probs, labels, [e.threshold for e in manifest.exits[:-1]], manifest.split_points(),
+                          manifest.cost_model)
+
+
 def refresh_report(folder: Path, manifest: Manifest) -> None:
     """report.json after new thresholds: the policy and, from test_logits.npz, the test split's exit shares,
     system accuracy, drop and cost; without that file (an older build), those figures are marked stale."""
@@ -79,26 +84,20 @@ def refresh_report(folder: Path, manifest: Manifest) -> None:
         entry["threshold"] = spec.threshold
     test_file = folder / TEST_LOGITS_FILE
     if test_file.is_file():
-        logits, labels = load_exit_logits(test_file)
-        probs = [softmax(z, e.temperature) for z, e in zip(logits, manifest.exits, strict=True)]
-        r = route(probs, [e.threshold for e in manifest.exits[:-1]])
-        for i, entry in enumerate(report.get("exits", [])):
-            exited = r.exit_index == i
-            entry["exit_fraction"] = float(exited.mean())
-            entry["exited_accuracy"] = float(np.mean(r.prediction[exited] == labels[exited])) if exited.any() else None
-        report["system_accuracy"] = float(np.mean(r.prediction == labels))
+        test = saved_split_figures(test_file, manifest)
+        for entry, share, accuracy in zip(report.get("exits", []), test["exit_fraction"], test["exited_accuracy"],
+                                          strict=False):
+            entry["exit_fraction"], entry["exited_accuracy"] = share, accuracy
+        report["system_accuracy"] = test["system_accuracy"]
         report["accuracy_drop_points"] = 100.0 * (report["final_accuracy"] - report["system_accuracy"])
-        report["relative_cost"] = relative_cost(r.fractions(), manifest.split_points(), manifest.cost_model)
+        report["relative_cost"] = test["relative_cost"]
         report.pop("stale", None)
     else:
         report["stale"] = ("retuned: exit_fraction, exited_accuracy, system_accuracy, accuracy_drop_points and "
                            "relative_cost are the build's thresholds' (no test_logits.npz: rebuild to refresh them)")
     holdout_file = folder / HOLDOUT_LOGITS_FILE
     if holdout_file.is_file():
-        logits, labels = load_exit_logits(holdout_file)
-        probs = [softmax(z, e.temperature) for z, e in zip(logits, manifest.exits, strict=True)]
-        report["holdout"] = routed_figures(probs, labels, [e.threshold for e in manifest.exits[:-1]],
-                                           manifest.split_points(), manifest.cost_model)
+        report["holdout"] = saved_split_figures(holdout_file, manifest)
     report["retuned"] = True
     path.write_text(json.dumps(report, indent=2) + "\n")
 
