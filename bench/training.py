@@ -27,12 +27,10 @@ from typing import Any
 import numpy as np
 
 from bench.common import RESULTS, machine, table, write_result
-from bench.policy import uncorrected_cost_thresholds
+from bench.policy import FOUR_PATHS, uncorrected_cost_thresholds
 from shared.contract.calibration import calibrate_exit, softmax
 from shared.contract.manifest import CostModel
 from shared.contract.policy import cost_aware_thresholds, routed_figures
-
-FOUR_PATHS = (1.0, 0.75, 0.5, 0.25)
 
 
 def train_variant(epochs: float, pool: int, train_samples: int, seed: int) -> dict[str, Any]:

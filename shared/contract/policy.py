@@ -233,8 +233,9 @@ class CostAwareChoice:
 
 # The cost policy's path: the edge's error allowance (1 - threshold) is the mobile's raised to an
 # exponent. 1 is one threshold for both exits; below 1 the edge, whose answers are closer to the
-# final exit's, answers at lower confidence. One path, fixed in advance: each extra path would
-# divide delta among the paths, and at 1,500 calibration samples the bound on one or two lost answers
+# final exit's, answers at lower confidence. One path, fixed before the build (the one the earlier
+# four-path search chose on SST-2 calibration splits, so SST-2 figures may flatter it a little): each
+# extra path would divide delta among the paths, and at 1,500 calibration samples the bound on one or two lost answers
 # decides the stop. At the default 0.3-point budget a family of four paths at delta / 4 was never
 # cheaper than this path alone (SST-2, news topics, MRPC, RTE, Fashion-MNIST; bench.policy shows both).
 # At a budget of a point, on a model whose edge is no closer to the final exit than its mobile (news
