@@ -28,7 +28,8 @@ def stream(rng: np.random.Generator, n: int, knee: float, below: float) -> list[
 
 
 def _controller(threshold: float = 0.9, **kwargs: object) -> ThresholdController:
-    settings: dict = {"target": 0.95, "delta": 0.1, "floor": 0.55, "ceiling": 0.99, "max_step": 0.02,
+    settings: dict = {"target": 0.95, "delta": 0.1, "floor": 0.55, "ceiling": 0.99, "max_raise": 0.05,
+                      "max_lower": 0.02,
                       "every": 100, "window": 2000, "min_samples": 300, **kwargs}
     return ThresholdController("mobile", TierMetrics("mobile"), threshold, **settings)
 
@@ -39,8 +40,8 @@ def test_it_converges_near_the_known_answer_in_bounded_steps() -> None:
     for confidence, agrees in stream(np.random.default_rng(0), 6000, knee=0.75, below=0.6):
         controller.observe(confidence, agrees)
         seen.append(controller.threshold)
-    moves = np.abs(np.diff(seen))
-    assert moves.max() <= 0.02 + 1e-12
+    moves = np.diff(seen)
+    assert moves.min() >= -0.02 - 1e-12 and moves.max() <= 0.05 + 1e-12
     assert 0.7 <= controller.threshold <= 0.82, controller.threshold  # the knee, give or take the bound's margin
     window = np.array(controller.window)
     exiting = window[window[:, 0] >= controller.threshold]
@@ -63,6 +64,24 @@ def test_after_a_shift_it_raises_the_threshold_and_it_stays_within_its_bounds() 
     for confidence, _ in stream(rng, 6000, knee=0.5, below=0.5):  # everything agrees: the floor holds
         controller.observe(confidence, True)
     assert controller.threshold == 0.55
+
+
+def test_it_rises_by_max_raise_and_falls_by_max_lower() -> None:
+    """A stream nothing agrees on drives it up, one on which everything agrees down: each update
+    moves by the full step of its direction, until the bound."""
+    rising = _controller(threshold=0.6, every=100, min_samples=100)
+    seen = [rising.threshold]
+    for confidence, agrees in stream(np.random.default_rng(5), 400, knee=2.0, below=0.0):
+        rising.observe(confidence, agrees)
+        seen.append(rising.threshold)
+    assert sorted(set(np.round(np.diff(seen), 9))) == [0.0, 0.05]
+    assert rising.threshold == pytest.approx(0.8)  # four updates of 0.05 from 0.6
+    falling = _controller(threshold=0.9, every=100, min_samples=200)  # fewer certify nothing: it would rise
+    for confidence, _ in stream(np.random.default_rng(6), 500, knee=0.5, below=0.5):
+        falling.observe(confidence, True)
+    assert falling.threshold == pytest.approx(0.82)  # four updates of 0.02 from 0.9
+    with pytest.raises(ValueError, match="positive"):
+        _controller(max_raise=0.0)
 
 
 def test_it_waits_for_enough_audits_holds_small_moves_and_logs_every_change(caplog: pytest.LogCaptureFixture) -> None:
@@ -98,4 +117,4 @@ def test_an_auditing_tier_feeds_its_controller(tiny_artifacts: Path, tmp_path: P
         log = cluster.tiers["mobile"].log_tail()
     threshold = samples[("tierserve_exit_threshold", (("tier", "mobile"),))]
     assert 0.6 < threshold <= 0.95
-    assert "mobile exit threshold 0.6000 -> 0.6200" in log, log
+    assert "mobile exit threshold 0.6000 -> 0.6500" in log, log

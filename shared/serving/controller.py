@@ -4,7 +4,10 @@ exit's), the lowest threshold whose agreement with the final exit meets the targ
 1 - delta, by the build's own guaranteed search (shared.contract.policy.guaranteed_threshold).
 
 Every `every` new audits the search runs again; the threshold moves towards its answer by at most
-`max_step`, only when the move is at least `hysteresis`, and never past [floor, ceiling]. Each
+`max_raise` up or `max_lower` down, only when the move is at least `hysteresis`, and never past
+[floor, ceiling]. It rises faster than it falls: a threshold left too low breaks the agreement the
+target promises while the window still holds the traffic from before a shift, one left too high
+only costs the next tiers' work. Each
 change is logged and shown in tierserve_exit_threshold. Each replica runs its own; a restart starts
 from the manifest's (or the configured) threshold.
 """
@@ -24,10 +27,12 @@ log = logging.getLogger("tierserve.controller")
 
 class ThresholdController:
     def __init__(self, tier: str, metrics: TierMetrics, threshold: float, target: float, delta: float,
-                 floor: float, ceiling: float, max_step: float = 0.02, hysteresis: float = 0.005,
-                 every: int = 200, window: int = 2000, min_samples: int = 300) -> None:
+                 floor: float, ceiling: float, max_raise: float = 0.05, max_lower: float = 0.02,
+                 hysteresis: float = 0.005, every: int = 200, window: int = 2000, min_samples: int = 300) -> None:
         if not floor <= ceiling:
             raise ValueError(f"controller floor {floor} above its ceiling {ceiling}")
+        if max_raise <= 0 or max_lower <= 0:
+            raise ValueError(f"controller steps must be positive, got max_raise {max_raise}, max_lower {max_lower}")
         self.tier = tier
         self.metrics = metrics
         self.threshold = min(max(threshold, floor), ceiling)
@@ -35,7 +40,8 @@ class ThresholdController:
         self.delta = delta
         self.floor = floor
         self.ceiling = ceiling
-        self.max_step = max_step
+        self.max_raise = max_raise
+        self.max_lower = max_lower
         self.hysteresis = hysteresis
         self.every = every
         self.min_samples = min_samples
@@ -64,7 +70,7 @@ class ThresholdController:
         if abs(move) < self.hysteresis:
             return self.threshold
         before = self.threshold
-        self.threshold = min(max(before + max(-self.max_step, min(self.max_step, move)), self.floor), self.ceiling)
+        self.threshold = min(max(before + max(-self.max_lower, min(self.max_raise, move)), self.floor), self.ceiling)
         self.metrics.series.exit_threshold.set(self.threshold)
         log.info("%s exit threshold %.4f -> %.4f (the guaranteed search on the last %d audits proposes %.4f for "
                     "agreement %.3f at delta %.2f)", self.tier, before, self.threshold, len(self.window), proposal,

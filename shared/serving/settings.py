@@ -158,7 +158,10 @@ class ForwardingSettings(TierSettings):
     controller_floor: float = Field(0.5, ge=0, description="the controller's lowest threshold")
     controller_ceiling: float = Field(
         1.0, ge=0, description="the controller's highest threshold (above 1: it may stop the exit answering)")
-    controller_max_step: float = Field(0.02, gt=0, description="the controller's largest move per update")
+    controller_max_raise: float = Field(
+        0.05, gt=0, description="the controller's largest rise per update (it rises faster than it falls: a "
+        "threshold too low breaks the agreement target, one too high only costs the next tiers' work)")
+    controller_max_lower: float = Field(0.02, gt=0, description="the controller's largest fall per update")
     controller_every: int = Field(200, ge=1, description="audits between two updates of the controller")
     controller_window: int = Field(2000, ge=10, description="recent audits the controller searches over")
     controller_min_samples: int = Field(300, ge=1, description="audits the controller waits for before moving")
