@@ -7,7 +7,10 @@ tells whether a lower threshold would still keep the target.
 
 The caller gets its early answer at once; the audit call runs in the background with thresholds
 that let only the final exit answer, marked as an audit (AUDIT_METADATA) so that every tier after
-this one drops it first when loaded. An audit is skipped when this tier's audits in flight would
+this one drops it first when loaded. Samples are picked at random with chance `fraction`, never
+more than `fraction` of the samples seen so far (a pick that would pass it waits for the next
+draw): audits cost at most that share of the next tiers' work, not only on average. An audit is
+skipped when this tier's audits in flight would
 pass `budget` samples or the tier itself is more than half full; it never raises, delays or
 changes an answer. Per exit: audited and agreeing counts, and the agreement rate's Clopper-Pearson
 lower bound over the last `window` audits, with probability 1 - delta (shared.contract.bounds).
@@ -69,16 +72,23 @@ class Auditor:
         self.delta = delta
         self.rng = rng or random.Random()
         self.inflight = 0  # samples
+        self.offered = 0  # samples that reached this exit
+        self.picked = 0  # of them, audits started
         self.recent: collections.deque[bool] = collections.deque(maxlen=window)
         self._tasks: set[asyncio.Task[None]] = set()
 
     def pick(self, rows: Sequence[int], load: float) -> list[int]:
         """Which rows to audit; none when the budget or the tier is full (load: the share of the
         tier's admission limit in use)."""
-        chosen = [row for row in rows if self.rng.random() < self.fraction]
+        chosen: list[int] = []
+        for row in rows:
+            self.offered += 1
+            if self.rng.random() < self.fraction and self.picked + len(chosen) + 1 <= self.fraction * self.offered:
+                chosen.append(row)
         if chosen and (self.inflight + len(chosen) > self.budget or load > 0.5):
             self.metrics.series.audits_dropped.inc(len(chosen))
             return []
+        self.picked += len(chosen)
         return chosen
 
     def start(self, tensors: Mapping[str, pb2.Tensor], request_ids: Sequence[str], early: Sequence[EarlyExit]) -> None:
