@@ -145,10 +145,24 @@ def test_drift_serves_one_stream_static_and_adaptive_and_plots_it(tiny_artifacts
     stream = drift.drift_stream(["a good film here", "a dull plot"], samples=40, shift_at=20, other=["news"] * 3)
     assert stream[:20] == ["a good film here", "a dull plot"] * 10 and "news" in stream[20:]
     assert drift.corrupt("one two three four", 0.0, random.Random(0)) == "one two three four"
+    reviews = drift.mixed_reviews(["a good film .", "great acting", "a dull plot"], [1, 1, 0], 20)
+    for review in reviews:
+        first, second = review.split(" , but ")
+        assert {first.rstrip(" ."), second.rstrip(" .")} in ({"a dull plot", "a good film"},
+                                                             {"a dull plot", "great acting"}), review
     result = drift.run(tiny_artifacts, str(tiny_data), out=tmp_path, target=0.9, fraction=0.5, samples=1000,
-                       shift="typos")
+                       shift="contrast")
     for run in result["runs"].values():
         assert [w["start"] for w in run["windows"]] == [0, 500]
         assert all(0 < w["cost"] <= 1 for w in run["windows"])
         assert run["audits"]["mobile"]["audited_answers"] > 0
+        assert run["audits"]["mobile"]["audited_samples"] <= 0.5 * 1000  # at most the fraction, not on average
     assert (tmp_path / "drift.png").stat().st_size > 0 and (tmp_path / "drift.json").exists()
+    # the replay routes as the tiers do: with a controller that never moves it is the static run
+    frozen = drift.replay(tiny_artifacts, str(tiny_data), out=tmp_path, target=0.9, fraction=0.5, samples=1000,
+                          shift="contrast", draws=2, controller={"controller_min_samples": 10**9})
+    for draw in frozen["draws"]:
+        for replayed, served in zip(draw["windows"], result["runs"]["static"]["windows"], strict=True):
+            assert replayed["cost"] == pytest.approx(served["cost"], abs=0.01)
+            assert replayed["agreement"] == pytest.approx(served["agreement"], abs=0.01)
+    assert (tmp_path / "drift-replay.json").exists()
