@@ -3,15 +3,16 @@ thresholds (shared.serving.controller) at the same agreement target, both with t
 The shift (--shift): `domain`, sentences of another domain (news, GLUE MRPC's first sentences)
 mixed in at a rising rate until they are all the stream; `typos`, progressively corrupted text
 (swapped, dropped, doubled letters; dropped words); or `contrast`, mixed reviews mixed in at a
-rising rate: two dev sentences of opposite sentiment joined by "but", whose sentiment only the
-deeper layers read from the clause after "but", so the early exits disagree with the final exit
-more often.
+rising rate: two dev sentences of opposite sentiment joined by "but", meant as inputs whose
+sentiment turns on the word "but" (on the quick model the early exits agree with the final exit
+far less often on them). --seed draws another stream.
 
 Both runs start from the same thresholds, the build's guaranteed search for the target's agreement
 with the final exit on the model's calibration split (policy.p_tar_thresholds, "consistency"): the
 thresholds a build for this target would ship; the static run keeps them, the adaptive one lets its
-controller (CONTROLLER: a window of 400 audits, an update every 25 once 200 have come, rising by
-0.05 and falling by 0.01 at most) move them.
+controller (CONTROLLER, for a stream of 8,000 samples: not the server's defaults, which are for
+long-running traffic audited at a few percent) move them. --replay N replays the adaptive run
+offline instead, to compare controller settings (--controller NAME=VALUE).
 
 Per window of WINDOW samples: the agreement of the early answers (mobile and edge) with the final
 exit (the final exit's label of every sample comes from a pass forced to the cloud), the share of
@@ -27,6 +28,7 @@ drift.png.
 from __future__ import annotations
 
 import random
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -58,11 +60,11 @@ RAMP = 1000  # samples over which the corruption rises to its full rate
 MAX_RATE = 0.35  # per word: chance of a typo, and (half of it) of being dropped
 DATA_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data"
 DELTA = 0.1  # the audits' and the static thresholds' delta
-# The adaptive run's controller, chosen with --replay on the contrast shift (the replays are in
-# bench/results/drift/drift-contrast-095-replay*.json): a smaller window and faster rises than the
-# former settings (window 800, an update every 50, steps of 0.02 both ways), which never brought
-# agreement back within 2,000 samples. The price: a small window certifies a high target only at
-# higher thresholds (at 0.975 it pins the mobile exit at its ceiling for stretches).
+# The adaptive run's controller. The stream shifts within a few thousand samples, so the window is
+# a few hundred audits and an update comes every few dozen; it rises faster than it falls, and falls
+# slower than the server's default, so that a window still holding pre-shift audits does not pull
+# a threshold back down before the shifted traffic fills it. Chosen with --replay on the contrast
+# shift; the former settings are in bench/results/drift/drift-contrast-095-replay-former.json.
 CONTROLLER = {"controller_every": 25, "controller_min_samples": 200, "controller_window": 400,
               "controller_max_raise": 0.05, "controller_max_lower": 0.01, "controller_floor": 0.5,
               "controller_ceiling": 1.0}
@@ -104,7 +106,7 @@ def drift_stream(texts: list[str], samples: int = SAMPLES, shift_at: int = SHIFT
 
 
 def mixed_reviews(texts: list[str], labels: list[int], count: int, seed: int = 0) -> list[str]:
-    """`count` reviews "A , but B", A and B dev sentences of different labels, in alternating order."""
+    """`count` reviews "A , but B", A and B dev sentences of different labels, either first at random."""
     rng = random.Random(seed)
     by_label: dict[int, list[str]] = {}
     for text, label in zip(texts, labels, strict=True):
@@ -166,11 +168,11 @@ def _serve(artifacts: Path, stream: list[str], final: np.ndarray, flags: dict[st
 
 
 def shifted_stream(manifest: Any, data: str | None, limit: int | None, samples: int, shift: str,
-                   data_root: Path) -> list[str]:
+                   data_root: Path, seed: int = 0) -> list[str]:
     texts, labels = dev_set(manifest, data, limit)
     other = other_domain(data_root) if shift == "domain" else \
-        mixed_reviews(list(texts), list(labels), len(texts)) if shift == "contrast" else None
-    return drift_stream(list(texts), samples, min(SHIFT_AT, samples // 2), other=other)
+        mixed_reviews(list(texts), list(labels), len(texts), seed) if shift == "contrast" else None
+    return drift_stream(list(texts), samples, min(SHIFT_AT, samples // 2), seed, other=other)
 
 
 def recovered(windows: list[dict[str, Any]], shift_at: int, target: float) -> int | None:
@@ -184,9 +186,9 @@ def recovered(windows: list[dict[str, Any]], shift_at: int, target: float) -> in
 
 def run(artifacts: Path, data: str | None = None, limit: int | None = None, out: Path | None = None,
         target: float = 0.95, fraction: float = 0.2, samples: int = SAMPLES, shift: str = "domain",
-        data_root: Path = DATA_ROOT) -> dict[str, Any]:
+        data_root: Path = DATA_ROOT, seed: int = 0) -> dict[str, Any]:
     manifest = load(artifacts)
-    stream = shifted_stream(manifest, data, limit, samples, shift, data_root)
+    stream = shifted_stream(manifest, data, limit, samples, shift, data_root, seed)
     starts = static_thresholds(artifacts, manifest, target)
     with tiers(artifacts) as cluster:
         final = np.array([a.label_index for a in classify_all(cluster.entry_address, stream, FORCE_CLOUD)])
@@ -205,7 +207,7 @@ def run(artifacts: Path, data: str | None = None, limit: int | None = None, out:
                  "adaptive", "adaptive tau mobile", "tau edge"], rows))
 
     result = {"target": target, "audit_fraction": fraction, "samples": samples, "shift": shift, "shift_at": shift_at,
-              "window": WINDOW, "start_thresholds": starts, "controller": CONTROLLER,
+              "seed": seed, "window": WINDOW, "start_thresholds": starts, "controller": CONTROLLER,
               "model": {"artifacts": str(artifacts), "created": manifest.provenance.created,
                         "thresholds": {e.tier: e.threshold for e in manifest.exits[:-1]}},
               "runs": runs, "recovered_within_samples": {name: recovered(r["windows"], shift_at, target)
@@ -226,20 +228,20 @@ def run(artifacts: Path, data: str | None = None, limit: int | None = None, out:
 
 def replay(artifacts: Path, data: str | None = None, limit: int | None = None, out: Path | None = None,
            target: float = 0.95, fraction: float = 0.2, samples: int = SAMPLES, shift: str = "domain",
-           data_root: Path = DATA_ROOT, draws: int = 10, controller: dict[str, float] | None = None
-           ) -> dict[str, Any]:
+           data_root: Path = DATA_ROOT, draws: int = 10, controller: Mapping[str, float] | None = None,
+           seed: int = 0) -> dict[str, Any]:
     """The adaptive run replayed offline, `draws` times: every exit's calibrated probabilities for the
-    stream come from the running tiers once, then the tiers' own audit sampling (Auditor.pick) and
-    ThresholdController route the stream sample by sample, each draw with its own audit seed. Cheap
-    enough to compare controller settings on one stream; the served run (`run`) is the measurement."""
-    from shared.serving.audit import Auditor
-    from shared.serving.controller import ThresholdController
-    from shared.serving.metrics import TierMetrics
-
+    stream come from the running tiers once, then `replay_exits` routes it, each draw with its own
+    audit seed. Cheap enough to compare controller settings on one stream; the served run (`run`)
+    is the measurement: there an audit reaches the controller only after its round trip, and the
+    thresholds hold for a request of BATCH samples."""
+    unknown = set(controller or {}) - set(CONTROLLER)
+    if unknown:
+        raise ValueError(f"unknown controller settings {sorted(unknown)}; known: {sorted(CONTROLLER)}")
+    settings = {name: type(CONTROLLER[name])(value) for name, value in {**CONTROLLER, **(controller or {})}.items()}
     manifest = load(artifacts)
-    stream = shifted_stream(manifest, data, limit, samples, shift, data_root)
+    stream = shifted_stream(manifest, data, limit, samples, shift, data_root, seed)
     starts = static_thresholds(artifacts, manifest, target)
-    settings = {**CONTROLLER, **(controller or {})}
     with tiers(artifacts) as cluster:
         probs = exit_probabilities(cluster.entry_address, stream)
     final = probs[-1].argmax(-1)
@@ -248,26 +250,8 @@ def replay(artifacts: Path, data: str | None = None, limit: int | None = None, o
     shift_at = min(SHIFT_AT, samples // 2)
     results: list[dict[str, Any]] = []
     for draw in range(draws):
-        controllers, auditors = [], []
-        for k, tier in enumerate(TIERS[:-1]):
-            metrics = TierMetrics(tier)
-            controllers.append(ThresholdController(
-                tier, metrics, starts[tier], target, DELTA, settings["controller_floor"],
-                settings["controller_ceiling"], settings["controller_max_raise"], settings["controller_max_lower"],
-                every=int(settings["controller_every"]), window=int(settings["controller_window"]),
-                min_samples=int(settings["controller_min_samples"])))
-            auditors.append(Auditor(tier, metrics, _no_send, fraction, budget=1, rng=random.Random(1000 * draw + k)))
-        exits = np.empty(len(stream), dtype=int)
-        for i in range(len(stream)):
-            exit_ = len(TIERS) - 1
-            for k, (controller_, auditor) in enumerate(zip(controllers, auditors, strict=True)):
-                answered = confidence[k][i] >= controller_.threshold
-                if auditor.pick([i], load=0.0):
-                    controller_.observe(float(confidence[k][i]), bool(agrees[k][i]))
-                if answered:
-                    exit_ = k
-                    break
-            exits[i] = exit_
+        controllers, auditors = adaptive_exits(starts, target, fraction, settings, draw)
+        exits = replay_exits(confidence, agrees, controllers, auditors)
         windows: list[dict[str, Any]] = []
         for start in range(0, len(stream), WINDOW):
             e = exits[start:start + WINDOW]
@@ -291,11 +275,47 @@ def replay(artifacts: Path, data: str | None = None, limit: int | None = None, o
     print(f"replayed {draws} audit draws, controller {settings}: agreement back within 1 point of {target} "
           f"and kept within 2,000 samples in {within} of {draws}")
     result = {"target": target, "audit_fraction": fraction, "samples": samples, "shift": shift, "shift_at": shift_at,
-              "window": WINDOW, "start_thresholds": starts, "controller": settings, "draws": results,
+              "seed": seed, "window": WINDOW, "start_thresholds": starts, "controller": settings, "draws": results,
               "within_2000": within, "machine": machine()}
     if out is not None:
         write_result(out, "drift-replay", result)
     return result
+
+
+def adaptive_exits(starts: Mapping[str, float], target: float, fraction: float, settings: Mapping[str, float],
+                   seed: int) -> tuple[list[Any], list[Any]]:
+    """A ThresholdController and an Auditor per early exit, as a tier with these flags makes them."""
+    from shared.serving.audit import Auditor
+    from shared.serving.controller import ThresholdController
+    from shared.serving.metrics import TierMetrics
+
+    controllers, auditors = [], []
+    for k, tier in enumerate(TIERS[:-1]):
+        metrics = TierMetrics(tier)
+        controllers.append(ThresholdController(
+            tier, metrics, starts[tier], target, DELTA, settings["controller_floor"], settings["controller_ceiling"],
+            settings["controller_max_raise"], settings["controller_max_lower"], every=int(settings["controller_every"]),
+            window=int(settings["controller_window"]), min_samples=int(settings["controller_min_samples"])))
+        auditors.append(Auditor(tier, metrics, _no_send, fraction, budget=1, rng=random.Random(1000 * seed + k)))
+    return controllers, auditors
+
+
+def replay_exits(confidence: Sequence[np.ndarray], agrees: Sequence[np.ndarray], controllers: Sequence[Any],
+                 auditors: Sequence[Any]) -> np.ndarray:
+    """The exit of every sample, in stream order, as the tiers route it: each early exit offers every
+    sample that reaches it to its auditor (answered or forwarded), an audited sample's confidence and
+    agreement reach its controller, and the sample exits at the first exit whose threshold in force
+    its confidence meets."""
+    exits = np.full(len(confidence[0]), len(TIERS) - 1)
+    for i in range(len(exits)):
+        for k, (controller, auditor) in enumerate(zip(controllers, auditors, strict=True)):
+            answered = confidence[k][i] >= controller.threshold
+            if auditor.pick([i], load=0.0):
+                controller.observe(float(confidence[k][i]), bool(agrees[k][i]))
+            if answered:
+                exits[i] = k
+                break
+    return exits
 
 
 async def _no_send(*args: object, **kwargs: object) -> list[Any]:
@@ -346,14 +366,17 @@ def main(argv: list[str] | None = None) -> None:
                         help="replay the adaptive run offline this many times (audit draws) instead of serving it")
     parser.add_argument("--controller", nargs="*", default=[], metavar="NAME=VALUE",
                         help="with --replay: controller settings other than CONTROLLER's, e.g. controller_window=800")
+    parser.add_argument("--seed", type=int, default=0, help="the stream's draw (corruptions, mixing, mixed reviews)")
     args = parser.parse_args(argv)
     if args.replay:
+        if any("=" not in item for item in args.controller):
+            parser.error(f"--controller takes NAME=VALUE items, got {args.controller}")
+        overrides = dict(item.split("=", 1) for item in args.controller)
         replay(args.artifacts, args.data, args.limit, args.out, args.target, args.audit_fraction, args.samples,
-               args.shift, args.data_root, args.replay,
-               {k: float(v) for k, v in (item.split("=", 1) for item in args.controller)})
+               args.shift, args.data_root, args.replay, {k: float(v) for k, v in overrides.items()}, args.seed)
         return
     run(args.artifacts, args.data, args.limit, args.out, args.target, args.audit_fraction, args.samples, args.shift,
-        args.data_root)
+        args.data_root, args.seed)
 
 
 if __name__ == "__main__":

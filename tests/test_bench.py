@@ -158,7 +158,7 @@ def test_drift_serves_one_stream_static_and_adaptive_and_plots_it(tiny_artifacts
         assert run["audits"]["mobile"]["audited_answers"] > 0
         assert run["audits"]["mobile"]["audited_samples"] <= 0.5 * 1000  # at most the fraction, not on average
     assert (tmp_path / "drift.png").stat().st_size > 0 and (tmp_path / "drift.json").exists()
-    # the replay routes as the tiers do: with a controller that never moves it is the static run
+    # with controllers that never move, the replay is the static run
     frozen = drift.replay(tiny_artifacts, str(tiny_data), out=tmp_path, target=0.9, fraction=0.5, samples=1000,
                           shift="contrast", draws=2, controller={"controller_min_samples": 10**9})
     for draw in frozen["draws"]:
@@ -166,3 +166,56 @@ def test_drift_serves_one_stream_static_and_adaptive_and_plots_it(tiny_artifacts
             assert replayed["cost"] == pytest.approx(served["cost"], abs=0.01)
             assert replayed["agreement"] == pytest.approx(served["agreement"], abs=0.01)
     assert (tmp_path / "drift-replay.json").exists()
+    with pytest.raises(ValueError, match="controller_max_step"):
+        drift.replay(tiny_artifacts, str(tiny_data), draws=1, controller={"controller_max_step": 0.02})
+
+
+def test_drift_replay_offers_each_exit_the_samples_that_reach_it_and_feeds_its_controller() -> None:
+    """Constructed confidences: mobile answers every other sample; with every sample audited, the mobile
+    controller sees all samples in order, the edge's only those the mobile forwarded, and a controller
+    that moves changes the routing of the samples after it."""
+    from bench import drift
+
+    n = 400
+    mobile = np.tile([0.95, 0.6], n // 2)  # answered, forwarded, ...
+    edge = np.linspace(0.5, 1.0, n)
+    agrees = [np.arange(n) % 3 > 0, np.ones(n, dtype=bool)]
+    frozen = {**drift.CONTROLLER, "controller_min_samples": 10**9, "controller_window": 1000}
+    controllers, auditors = drift.adaptive_exits({"mobile": 0.9, "edge": 0.8}, 0.95, 1.0, frozen, seed=0)
+    exits = drift.replay_exits([mobile, edge], agrees, controllers, auditors)
+    assert np.array_equal(exits, np.where(mobile >= 0.9, 0, np.where(edge >= 0.8, 1, 2)))
+    assert auditors[0].offered == n and auditors[1].offered == n // 2
+    assert [c for c, _ in controllers[0].window] == mobile.tolist()
+    assert [a for _, a in controllers[0].window] == agrees[0].tolist()
+    assert [c for c, _ in controllers[1].window] == edge[1::2].tolist()
+    # the mobile's agreement (2 in 3) certifies 0.95 at no threshold: its controller climbs to the
+    # ceiling and from then on the mobile answers nothing
+    moving = {**drift.CONTROLLER, "controller_min_samples": 50, "controller_every": 10, "controller_max_raise": 0.1}
+    controllers, auditors = drift.adaptive_exits({"mobile": 0.9, "edge": 0.8}, 0.95, 1.0, moving, seed=0)
+    exits = drift.replay_exits([mobile, edge], agrees, controllers, auditors)
+    assert controllers[0].threshold == 1.0 and (exits[: 50] == 0).any() and not (exits[100:] == 0).any()
+
+
+def test_policy_stop_is_where_the_guaranteed_search_stops() -> None:
+    """Constructed calibration split: the final exit always right, the early exits wrong on a few of
+    their least confident samples. The certified candidate is the policy's choice; the refused one
+    right after it loses more answers and its bound passes the budget."""
+    from bench.policy import stop
+    from shared.contract.manifest import CostModel
+    from shared.contract.policy import cost_aware_thresholds
+
+    rng = np.random.default_rng(0)
+    n = 3000
+    labels = rng.integers(0, 2, n)
+    confidence = rng.uniform(0.5, 1.0, (3, n))
+    confidence[2] = 0.99
+    wrong = [confidence[0] < 0.7, confidence[1] < 0.6, np.zeros(n, dtype=bool)]
+    predicted = [np.where(w, 1 - labels, labels) for w in wrong]
+    probs = [np.where(p[:, None] == np.arange(2), c[:, None], 1 - c[:, None]) for p, c in zip(predicted, confidence,
+                                                                                             strict=True)]
+    points, cost = (2, 4, 6), CostModel()
+    certified, refused = stop(probs, labels, points, cost, 0.3, 0.1)
+    assert certified["certified"] and not refused["certified"]
+    assert certified["bound_points"] <= 0.3 < refused["bound_points"]
+    assert refused["lost"] > certified["lost"] and refused["relative_cost"] < certified["relative_cost"]
+    assert certified["thresholds"] == cost_aware_thresholds(probs, labels, points, cost, 0.3, 0.1).thresholds

@@ -7,13 +7,13 @@ tells whether a lower threshold would still keep the target.
 
 The caller gets its early answer at once; the audit call runs in the background with thresholds
 that let only the final exit answer, marked as an audit (AUDIT_METADATA) so that every tier after
-this one drops it first when loaded. Samples are picked at random with chance `fraction`, never
-more than `fraction` of the samples seen so far (a pick that would pass it waits for the next
-draw): audits cost at most that share of the next tiers' work, not only on average. An audit is
-skipped when this tier's audits in flight would
-pass `budget` samples or the tier itself is more than half full; it never raises, delays or
-changes an answer. Per exit: audited and agreeing counts, and the agreement rate's Clopper-Pearson
-lower bound over the last `window` audits, with probability 1 - delta (shared.contract.bounds).
+this one drops it first when loaded. Samples are picked at random with chance `fraction`, but a
+pick that would take the audits past `fraction` of the samples seen so far is not audited: audits
+cost at most that share of the next tiers' work, not only on average. An audit is skipped when this
+tier's audits in flight would pass `budget` samples or the tier itself is more than half full; it
+never raises, delays or changes an answer. Per exit: audited and agreeing counts, and the agreement
+rate's Clopper-Pearson lower bound over the last `window` audits, with probability 1 - delta
+(shared.contract.bounds).
 """
 
 from __future__ import annotations

@@ -7,9 +7,8 @@ Every `every` new audits the search runs again; the threshold moves towards its 
 `max_raise` up or `max_lower` down, only when the move is at least `hysteresis`, and never past
 [floor, ceiling]. It rises faster than it falls: a threshold left too low breaks the agreement the
 target promises while the window still holds the traffic from before a shift, one left too high
-only costs the next tiers' work. Each
-change is logged and shown in tierserve_exit_threshold. Each replica runs its own; a restart starts
-from the manifest's (or the configured) threshold.
+only costs the next tiers' work. Each change is logged and shown in tierserve_exit_threshold. Each
+replica runs its own; a restart starts from the manifest's (or the configured) threshold.
 """
 
 from __future__ import annotations

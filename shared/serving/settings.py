@@ -135,8 +135,9 @@ class ForwardingSettings(TierSettings):
         10.0, ge=0, description="time kept back from the caller's deadline to answer degraded in time, at least "
         "(and at least 5% of the time left; the entry tier keeps more: its answer still crosses to the client)")
     audit_fraction: float = Field(
-        0.02, ge=0, le=1, description="share of this exit's early answers also continued to the final exit in the "
-        "background, to measure their agreement with it (0: no audits)")
+        0.02, ge=0, le=1, description="share of the samples reaching this exit (answered or forwarded) also "
+        "continued to the final exit in the background, to measure the exit's agreement with it; picked at random, "
+        "never more than this share of the samples seen so far (0: no audits)")
     audit_budget_samples: int = Field(
         8, ge=1, description="audited samples in flight at most; more are skipped (so are all while the tier is "
         "more than half full)")
