@@ -36,9 +36,13 @@ from bench.common import (
 from shared.contract.manifest import CostModel
 from shared.contract.policy import (
     DEFAULT_DELTA,
+    EDGE_EXPONENTS,
     candidate_thresholds,
     choose_policy,
     cost_aware_thresholds,
+    drop_upper_bound,
+    edge_threshold,
+    path_thresholds,
     relative_cost,
     route,
     routed_figures,
@@ -71,6 +75,28 @@ def uncorrected_cost_thresholds(probs: list[np.ndarray], labels: np.ndarray, spl
             if c < best_cost - 1e-12:
                 best, best_cost = [float(tau_m), float(tau_e)], c
     return best
+
+
+def stop(probs: list[np.ndarray], labels: np.ndarray, split_points: tuple[int, int, int], cost: CostModel,
+         max_drop: float, delta: float) -> list[dict[str, Any]]:
+    """Where the guaranteed search stopped on its path: the last candidate it certified and the first
+    it refused, each with the answers lost and gained against the final exit on the calibration split
+    and the drop's bound (points)."""
+    final_correct = probs[-1].argmax(-1) == labels
+    correct = [p.argmax(-1) == labels for p in probs]
+    walked: list[dict[str, Any]] = []
+    for tau in path_thresholds(probs):
+        thresholds = [float(tau), edge_threshold(float(tau), EDGE_EXPONENTS[0])]
+        r = route(probs, thresholds)
+        system_correct = np.choose(r.exit_index, correct)
+        bound = 100 * drop_upper_bound(final_correct, system_correct, delta)
+        walked.append({"thresholds": thresholds, "relative_cost": relative_cost(r.fractions(), split_points, cost),
+                       "lost": int(np.sum(final_correct & ~system_correct)),
+                       "gained": int(np.sum(~final_correct & system_correct)), "bound_points": bound,
+                       "certified": bound <= max_drop})
+        if bound > max_drop:
+            break
+    return walked[-2:]
 
 
 def run(artifacts: Path, data: str | None = None, limit: int | None = None, out: Path | None = None,
@@ -116,6 +142,7 @@ def run(artifacts: Path, data: str | None = None, limit: int | None = None, out:
         "thresholds": ceiling_taus,
         "calibration": {"accuracy": on_dev["accuracy"], "relative_cost": on_dev["relative_cost"]},
         "dev": evaluate(dev, labels, ceiling_taus, points, cost)}
+    result["cost_aware_stop"] = stop(calib, calib_labels, points, cost, max_drop, delta)
     result["cost_aware_no_more_expensive"] = bool(
         result["cost_aware"]["calibration"]["relative_cost"] <= result["p_tar"]["calibration"]["relative_cost"])
 
@@ -134,6 +161,10 @@ def run(artifacts: Path, data: str | None = None, limit: int | None = None, out:
           f"points; evaluation-split cost reduction vs cloud-only {saved['cost_aware']} (4 paths "
           f"{saved['cost_four_paths']}, uncorrected {saved['cost_uncorrected']}, the model's ceiling chosen on that "
           f"split {saved['cost_chosen_on_dev']})")
+    print(f"the guaranteed search's stop on its path, on the {len(calib_labels)} calibration samples:")
+    print(table(["candidate", "mobile tau", "edge tau", "calib cost", "lost", "gained", "drop bound pts"],
+                [["certified" if c["certified"] else "refused", *[round(t, 4) for t in c["thresholds"]],
+                  c["relative_cost"], c["lost"], c["gained"], c["bound_points"]] for c in result["cost_aware_stop"]]))
     if out is not None:
         print(f"wrote {write_result(out, 'policy', result)}")
     return result
