@@ -119,6 +119,41 @@ def test_guarantee_holds_in_at_least_one_minus_delta_of_calibration_draws() -> N
     assert uncorrected_met / draws < 0.75
 
 
+def binary_probs(confidence: np.ndarray, right: np.ndarray) -> np.ndarray:
+    """Two-class probabilities whose top class is label 0 where `right`, label 1 elsewhere."""
+    top = np.where(right, 0, 1)
+    probs = np.empty((len(confidence), 2))
+    probs[np.arange(len(confidence)), top] = confidence
+    probs[np.arange(len(confidence)), 1 - top] = 1 - confidence
+    return probs
+
+
+def test_edge_guarantee_holds_after_a_mobile_threshold_chosen_on_the_same_draw() -> None:
+    """The edge's candidates are the samples below a mobile threshold picked on the same calibration
+    draw, and here the edge shares a fifth of the mobile's mistakes (the samples the mobile search
+    stopped at are harder for the edge too). Over 1,000 draws of 1,500 from a population of 200,000,
+    the edge's answers at the chosen thresholds reach p_tar on the whole population in >= 1 - delta
+    of the draws, and the edge does answer in most of them."""
+    rng = np.random.default_rng(20261203)
+    p_tar, delta, n, draws = 0.9, 0.1, 1500, 1000
+    size = 200_000
+    mobile_conf = rng.uniform(0.5, 1.0, size)
+    mobile_right = rng.random(size) < mobile_conf
+    edge_conf = np.clip(mobile_conf + rng.normal(0.05, 0.15, size), 0.5, 0.9999)
+    edge_right = np.where(rng.random(size) < 0.2, mobile_right, rng.random(size) < edge_conf)
+    met = edge_answers = 0
+    for _ in range(draws):
+        i = rng.integers(0, size, n)
+        probs = [binary_probs(mobile_conf[i], mobile_right[i]), binary_probs(edge_conf[i], edge_right[i]),
+                 binary_probs(np.full(n, 0.99), np.ones(n, dtype=bool))]
+        mobile, edge = p_tar_thresholds(probs, np.zeros(n, dtype=int), [p_tar, p_tar], delta)
+        answered = (mobile_conf < mobile.threshold) & (edge_conf >= edge.threshold)
+        met += not answered.any() or edge_right[answered].mean() >= p_tar
+        edge_answers += answered.any()
+    assert met / draws >= 1 - delta
+    assert edge_answers / draws > 0.4
+
+
 def test_consistency_target_needs_no_labels_and_bounds_agreement() -> None:
     rng = np.random.default_rng(7)
     n = 4000
