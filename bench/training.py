@@ -1,6 +1,7 @@
 """Training choices for the text model, judged by what the cost policy makes of them.
 
-Each variant (--epochs, one run per value) trains the early-exit model with the builder's own code
+Each variant (one run per --epochs value and --exit-weights triple, the weights of the mobile, edge
+and cloud exits' losses) trains the early-exit model with the builder's own code
 (shared.builder: same split, sampling, seed and profile settings as `tierserve build`), then:
 - holds out --pool whole sentences of SST-2 train (as calibration is held out: none of their
   phrases trained on); the first --calibration of them are the calibration split, the rest a
@@ -15,6 +16,7 @@ One variant takes about as long as a quick build's training (~3 min per pass ove
 on 2 cores).
 
     python -m bench.training --epochs 1 2 --out bench/results/training
+    python -m bench.training --epochs 2 --exit-weights 2,1,1 --out bench/results/training/exit-weights
 """
 
 from __future__ import annotations
@@ -33,8 +35,10 @@ from shared.contract.manifest import CostModel
 from shared.contract.policy import cost_aware_thresholds, routed_figures
 
 
-def train_variant(epochs: float, pool: int, train_samples: int, seed: int) -> dict[str, Any]:
-    """Train one model as the quick profile does (but `epochs`); logits of the held-out pool and of dev."""
+def train_variant(epochs: float, pool: int, train_samples: int, seed: int,
+                  exit_weights: tuple[float, ...] = (1.0, 1.0, 1.0)) -> dict[str, Any]:
+    """Train one model as the quick profile does (but `epochs` and `exit_weights`, the weights of the
+    exits' losses); logits of the held-out pool and of dev."""
     import torch
 
     from shared.builder.build import _text_encoder, resolve_backbone
@@ -52,7 +56,7 @@ def train_variant(epochs: float, pool: int, train_samples: int, seed: int) -> di
     encoder = _text_encoder(checkpoint, 128)
     model = EarlyExitBert(load_encoder(str(checkpoint)), (2, 4, 6), 2)
     settings = TrainSettings(epochs=epochs, batch_size=profile.batch_size, learning_rate=profile.learning_rate,
-                             head_learning_rate=profile.head_learning_rate, seed=seed)
+                             head_learning_rate=profile.head_learning_rate, seed=seed, exit_weights=exit_weights)
     started = time.perf_counter()
     summary = train(model, encoder.tokens(fit.texts), fit.labels, settings)
     return {"train_seconds": time.perf_counter() - started, "steps": summary["steps"],
@@ -88,6 +92,8 @@ def judge(trained: dict[str, Any], calibration: int, max_drop: float) -> dict[st
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=float, nargs="+", default=[1.0, 2.0], help="one variant per value")
+    parser.add_argument("--exit-weights", nargs="+", default=["1,1,1"], metavar="W,W,W",
+                        help="the exits' loss weights, mobile,edge,cloud: one variant per value and epochs")
     parser.add_argument("--pool", type=int, default=2500, help="whole train sentences held out (%(default)s)")
     parser.add_argument("--calibration", type=int, default=1500, help="of them, the calibration split")
     parser.add_argument("--train-samples", type=int, default=20000)
@@ -97,21 +103,31 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not 0 < args.calibration < args.pool:
         parser.error(f"--calibration {args.calibration} must be between 0 and --pool {args.pool}")
+    try:
+        weights = [tuple(float(w) for w in item.split(",")) for item in args.exit_weights]
+    except ValueError:
+        parser.error(f"--exit-weights takes comma-separated numbers per exit, got {args.exit_weights}")
+    if any(len(w) != 3 or min(w) < 0 or sum(w) == 0 for w in weights):
+        parser.error(f"--exit-weights needs three non-negative weights, not all zero, got {args.exit_weights}")
     variants = []
     for epochs in args.epochs:
-        print(f"training: {epochs:g} epoch(s) over {args.train_samples} sentences", flush=True)
-        trained = train_variant(epochs, args.pool, args.train_samples, args.seed)
-        judged = judge(trained, args.calibration, args.max_drop)
-        accuracy = [float(np.mean(z.argmax(-1) == trained["dev_labels"])) for z in trained["dev"]]
-        variants.append({"epochs": epochs, "train_seconds": trained["train_seconds"], "dev_accuracy": accuracy,
-                         **judged})
+        for exit_weights in weights:
+            print(f"training: {epochs:g} epoch(s) over {args.train_samples} sentences, exit loss weights "
+                  f"{exit_weights}", flush=True)
+            trained = train_variant(epochs, args.pool, args.train_samples, args.seed, exit_weights)
+            judged = judge(trained, args.calibration, args.max_drop)
+            accuracy = [float(np.mean(z.argmax(-1) == trained["dev_labels"])) for z in trained["dev"]]
+            variants.append({"epochs": epochs, "exit_weights": list(exit_weights),
+                             "train_seconds": trained["train_seconds"], "dev_accuracy": accuracy, **judged})
     rows = []
     for v in variants:
         for split in ("dev", "held_out"):
             for name, f in v.get(split, {}).items():
-                rows.append([v["epochs"], round(v["train_seconds"]), " / ".join(f"{a:.3f}" for a in v["dev_accuracy"]),
+                rows.append([v["epochs"], ",".join(f"{w:g}" for w in v["exit_weights"]), round(v["train_seconds"]),
+                             " / ".join(f"{a:.3f}" for a in v["dev_accuracy"]),
                              split, name, f["relative_cost"], f["accuracy_drop_points"]])
-    print(table(["epochs", "train s", "dev acc by exit", "split", "thresholds", "cost", "drop pts"], rows))
+    print(table(["epochs", "exit weights", "train s", "dev acc by exit", "split", "thresholds", "cost", "drop pts"],
+                rows))
     result = {"machine": machine(), "pool": args.pool, "calibration": args.calibration,
               "train_samples": args.train_samples, "max_drop_points": args.max_drop, "seed": args.seed,
               "variants": variants}
