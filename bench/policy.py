@@ -36,13 +36,9 @@ from bench.common import (
 from shared.contract.manifest import CostModel
 from shared.contract.policy import (
     DEFAULT_DELTA,
-    EDGE_EXPONENTS,
     candidate_thresholds,
     choose_policy,
     cost_aware_thresholds,
-    drop_upper_bound,
-    edge_threshold,
-    path_thresholds,
     relative_cost,
     route,
     routed_figures,
@@ -79,24 +75,12 @@ def uncorrected_cost_thresholds(probs: list[np.ndarray], labels: np.ndarray, spl
 
 def stop(probs: list[np.ndarray], labels: np.ndarray, split_points: tuple[int, int, int], cost: CostModel,
          max_drop: float, delta: float) -> list[dict[str, Any]]:
-    """Where the guaranteed search stopped on its path: the last candidate it certified and the first
-    it refused, each with the answers lost and gained against the final exit on the calibration split
-    and the drop's bound (points)."""
-    final_correct = probs[-1].argmax(-1) == labels
-    correct = [p.argmax(-1) == labels for p in probs]
-    walked: list[dict[str, Any]] = []
-    for tau in path_thresholds(probs):
-        thresholds = [float(tau), edge_threshold(float(tau), EDGE_EXPONENTS[0])]
-        r = route(probs, thresholds)
-        system_correct = np.choose(r.exit_index, correct)
-        bound = 100 * drop_upper_bound(final_correct, system_correct, delta)
-        walked.append({"thresholds": thresholds, "relative_cost": relative_cost(r.fractions(), split_points, cost),
-                       "lost": int(np.sum(final_correct & ~system_correct)),
-                       "gained": int(np.sum(~final_correct & system_correct)), "bound_points": bound,
-                       "certified": bound <= max_drop})
-        if bound > max_drop:
-            break
-    return walked[-2:]
+    """Where the guaranteed search stopped on its path (shared.contract.policy.cost_aware_thresholds'
+    own walk): the last candidate it certified and the first it refused, each with the answers lost
+    and gained against the final exit on the calibration split and the drop's bound (points)."""
+    choice = cost_aware_thresholds(probs, labels, split_points, cost, max_drop, delta)
+    return [{"thresholds": s.thresholds, "relative_cost": s.relative_cost, "lost": s.lost, "gained": s.gained,
+             "bound_points": 100 * s.drop_bound, "certified": s.certified} for s in choice.stops]
 
 
 def run(artifacts: Path, data: str | None = None, limit: int | None = None, out: Path | None = None,

@@ -221,6 +221,19 @@ def drop_upper_bound(final_correct: np.ndarray, system_correct: np.ndarray, delt
 
 
 @dataclass(frozen=True)
+class PathStep:
+    """One candidate of the cost policy's walk down a path, on the calibration split."""
+
+    edge_exponent: float
+    thresholds: list[float]
+    relative_cost: float
+    lost: int  # answers the final exit gets right and the system does not
+    gained: int  # answers the system gets right and the final exit does not
+    drop_bound: float  # accuracy units
+    certified: bool  # the bound is within the budget
+
+
+@dataclass(frozen=True)
 class CostAwareChoice:
     thresholds: list[float]
     relative_cost: float
@@ -229,6 +242,9 @@ class CostAwareChoice:
     drop_bound: float  # upper bound (1 - delta) on the drop at these thresholds, accuracy units
     tested: int  # candidates tested, over every path
     edge_exponent: float | None = None  # the path the choice lies on (None: no early exit passed)
+    # per path, where its walk stopped: the last candidate certified and the first refused (either
+    # missing when the walk refused its first candidate or certified its last)
+    stops: tuple[PathStep, ...] = ()
 
 
 # The cost policy's path: the edge's error allowance (1 - threshold) is the mobile's raised to an
@@ -284,20 +300,29 @@ def cost_aware_thresholds(
     correct = [p.argmax(-1) == labels for p in probs]
     best = CostAwareChoice([NEVER_EXIT, NEVER_EXIT], float(costs[-1] / baseline), final, final, 0.0, 0)
     tested = 0
+    stops: list[PathStep] = []
     for exponent in exponents:
+        last: PathStep | None = None
         for tau in path_thresholds(probs, grid):
             thresholds = [float(tau), edge_threshold(float(tau), exponent)]
             r = route(probs, thresholds)
             system_correct = np.choose(r.exit_index, correct)
             bound = drop_upper_bound(final_correct, system_correct, delta / len(exponents))
             tested += 1
-            if bound > max_drop_points / 100.0:
+            step = PathStep(exponent, thresholds, float(r.fractions() @ costs / baseline),
+                            int(np.sum(final_correct & ~system_correct)), int(np.sum(~final_correct & system_correct)),
+                            bound, bound <= max_drop_points / 100.0)
+            if not step.certified:
+                stops += [s for s in (last, step) if s is not None]
                 break
-            rel = float(r.fractions() @ costs / baseline)
-            if rel < best.relative_cost - 1e-12:
-                best = CostAwareChoice(thresholds, rel, float(np.mean(system_correct)), final, bound, 0, exponent)
+            last = step
+            if step.relative_cost < best.relative_cost - 1e-12:
+                best = CostAwareChoice(thresholds, step.relative_cost, float(np.mean(system_correct)), final, bound, 0,
+                                       exponent)
+        else:  # the walk certified every candidate
+            stops += [last] if last is not None else []
     return CostAwareChoice(best.thresholds, best.relative_cost, best.accuracy, final, best.drop_bound, tested,
-                           best.edge_exponent)
+                           best.edge_exponent, tuple(stops))
 
 
 def choose_policy(
