@@ -128,6 +128,16 @@ def other_domain(data_root: Path) -> list[str]:
         return [row["#1 String"] for row in csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)]
 
 
+def window_figures(start: int, exits: np.ndarray, agreeing: np.ndarray, manifest: Any) -> dict[str, Any]:
+    """One window of the stream: the agreement of its early answers with the final exit (`agreeing`:
+    per sample, whether the exit that answered gave the final exit's label), their share, and the cost."""
+    early = exits < len(TIERS) - 1
+    fractions = np.bincount(exits, minlength=len(TIERS)) / len(exits)
+    return {"start": start, "agreement": float(agreeing[early].mean()) if early.any() else None,
+            "early_share": float(early.mean()),
+            "cost": relative_cost(fractions, manifest.split_points(), manifest.cost_model)}
+
+
 def _serve(artifacts: Path, stream: list[str], final: np.ndarray, flags: dict[str, dict[str, object]],
            manifest: Any) -> dict[str, Any]:
     windows = []
@@ -137,15 +147,10 @@ def _serve(artifacts: Path, stream: list[str], final: np.ndarray, flags: dict[st
                        for a in client.classify(stream[i:min(i + BATCH, start + WINDOW)])]
             exits = np.array([TIERS.index(a.tier) for a in answers])
             labels = np.array([a.label_index for a in answers])
-            early = exits < len(TIERS) - 1
-            agree = labels[early] == final[start:start + len(answers)][early]
             thresholds = {tier: scrape(cluster.tiers[tier].metrics_port)[
                 ("tierserve_exit_threshold", (("tier", tier),))] for tier in TIERS[:-1]}
-            fractions = np.bincount(exits, minlength=len(TIERS)) / len(exits)
-            windows.append({"start": start, "agreement": float(agree.mean()) if early.any() else None,
-                            "early_share": float(early.mean()),
-                            "cost": relative_cost(fractions, manifest.split_points(), manifest.cost_model),
-                            "thresholds": thresholds})
+            windows.append(window_figures(start, exits, labels == final[start:start + len(answers)], manifest)
+                           | {"thresholds": thresholds})
         scraped = {tier: scrape(cluster.tiers[tier].metrics_port) for tier in TIERS}
     audit = {}
     audits_before = 0.0  # audits the later tiers ran for the exits before this one
@@ -255,11 +260,8 @@ def replay(artifacts: Path, data: str | None = None, limit: int | None = None, o
         windows: list[dict[str, Any]] = []
         for start in range(0, len(stream), WINDOW):
             e = exits[start:start + WINDOW]
-            early = e < len(TIERS) - 1
-            agree = np.choose(np.minimum(e, len(TIERS) - 2), [a[start:start + WINDOW] for a in agrees])[early]
-            fractions = np.bincount(e, minlength=len(TIERS)) / len(e)
-            windows.append({"start": start, "agreement": float(agree.mean()) if early.any() else None,
-                            "cost": relative_cost(fractions, manifest.split_points(), manifest.cost_model)})
+            agreeing = np.choose(np.minimum(e, len(TIERS) - 2), [a[start:start + WINDOW] for a in agrees])
+            windows.append(window_figures(start, e, agreeing, manifest))
         back = recovered(windows, shift_at, target)
         agreement_after = [w["agreement"] for w in windows if w["start"] >= shift_at and w["agreement"] is not None]
         results.append({"draw": draw, "recovered_within_samples": back,
