@@ -1,8 +1,9 @@
 """Training choices for the text model, judged by what the cost policy makes of them.
 
-Each variant (one run per --epochs value and --exit-weights triple, the weights of the mobile, edge
-and cloud exits' losses) trains the early-exit model with the builder's own code
-(shared.builder: same split, sampling, seed and profile settings as `tierserve build`), then:
+Each variant (one run per combination of --epochs, --train-samples, --learning-rate and
+--exit-weights, the weights of the mobile, edge and cloud exits' losses) trains the early-exit
+model with the builder's own code (shared.builder: same split, sampling, seed and profile settings
+as `tierserve build`), then:
 - holds out --pool whole sentences of SST-2 train (as calibration is held out: none of their
   phrases trained on); the first --calibration of them are the calibration split, the rest a
   held-out check;
@@ -17,11 +18,13 @@ on 2 cores).
 
     python -m bench.training --epochs 1 2 --out bench/results/training
     python -m bench.training --epochs 2 --exit-weights 2,1,1 --out bench/results/training/exit-weights
+    python -m bench.training --epochs 1 --train-samples 40000 --out bench/results/training/more-data
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import time
 from pathlib import Path
 from typing import Any
@@ -30,15 +33,18 @@ import numpy as np
 
 from bench.common import RESULTS, machine, table, write_result
 from bench.policy import FOUR_PATHS, uncorrected_cost_thresholds
+from shared.builder.config import PROFILES
 from shared.contract.calibration import calibrate_exit, softmax
 from shared.contract.manifest import CostModel
 from shared.contract.policy import cost_aware_thresholds, routed_figures
 
 
 def train_variant(epochs: float, pool: int, train_samples: int, seed: int,
-                  exit_weights: tuple[float, ...] = (1.0, 1.0, 1.0)) -> dict[str, Any]:
-    """Train one model as the quick profile does (but `epochs` and `exit_weights`, the weights of the
-    exits' losses); logits of the held-out pool and of dev."""
+                  exit_weights: tuple[float, ...] = (1.0, 1.0, 1.0),
+                  learning_rate: float | None = None) -> dict[str, Any]:
+    """Train one model as the quick profile does (but `epochs`, `train_samples`, `exit_weights`, the
+    weights of the exits' losses, and the encoder's `learning_rate`); logits of the held-out pool and
+    of dev."""
     import torch
 
     from shared.builder.build import _text_encoder, resolve_backbone
@@ -55,7 +61,8 @@ def train_variant(epochs: float, pool: int, train_samples: int, seed: int,
     checkpoint = resolve_backbone(None)
     encoder = _text_encoder(checkpoint, 128)
     model = EarlyExitBert(load_encoder(str(checkpoint)), (2, 4, 6), 2)
-    settings = TrainSettings(epochs=epochs, batch_size=profile.batch_size, learning_rate=profile.learning_rate,
+    settings = TrainSettings(epochs=epochs, batch_size=profile.batch_size,
+                             learning_rate=learning_rate or profile.learning_rate,
                              head_learning_rate=profile.head_learning_rate, seed=seed, exit_weights=exit_weights)
     started = time.perf_counter()
     summary = train(model, encoder.tokens(fit.texts), fit.labels, settings)
@@ -96,7 +103,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="the exits' loss weights, mobile,edge,cloud: one variant per value and epochs")
     parser.add_argument("--pool", type=int, default=2500, help="whole train sentences held out (%(default)s)")
     parser.add_argument("--calibration", type=int, default=1500, help="of them, the calibration split")
-    parser.add_argument("--train-samples", type=int, default=20000)
+    parser.add_argument("--train-samples", type=int, nargs="+", default=[20000],
+                        help="rows of train (after the pool is held out): one variant per value")
+    parser.add_argument("--learning-rate", type=float, nargs="+", default=[None],
+                        help="the encoder's peak learning rate (default: the quick profile's): one variant per value")
     parser.add_argument("--max-drop", type=float, default=0.3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=RESULTS / "training")
@@ -109,27 +119,33 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--exit-weights takes comma-separated numbers per exit, got {args.exit_weights}")
     if any(len(w) != 3 or min(w) < 0 or sum(w) == 0 for w in weights):
         parser.error(f"--exit-weights needs three non-negative weights, not all zero, got {args.exit_weights}")
+    if any(lr is not None and lr <= 0 for lr in args.learning_rate):
+        parser.error(f"--learning-rate must be positive, got {args.learning_rate}")
     variants = []
-    for epochs in args.epochs:
-        for exit_weights in weights:
-            print(f"training: {epochs:g} epoch(s) over {args.train_samples} sentences, exit loss weights "
-                  f"{exit_weights}", flush=True)
-            trained = train_variant(epochs, args.pool, args.train_samples, args.seed, exit_weights)
-            judged = judge(trained, args.calibration, args.max_drop)
-            accuracy = [float(np.mean(z.argmax(-1) == trained["dev_labels"])) for z in trained["dev"]]
-            variants.append({"epochs": epochs, "exit_weights": list(exit_weights),
-                             "train_seconds": trained["train_seconds"], "dev_accuracy": accuracy, **judged})
+    for epochs, samples, lr, exit_weights in itertools.product(args.epochs, args.train_samples, args.learning_rate,
+                                                            weights):
+        lr = lr or PROFILES["quick"].learning_rate
+        print(f"training: {epochs:g} epoch(s) over {samples} sentences, learning rate {lr:g}, exit loss weights "
+              f"{exit_weights}", flush=True)
+        trained = train_variant(epochs, args.pool, samples, args.seed, exit_weights, lr)
+        judged = judge(trained, args.calibration, args.max_drop)
+        accuracy = [float(np.mean(z.argmax(-1) == trained["dev_labels"])) for z in trained["dev"]]
+        variants.append({"epochs": epochs, "train_samples": samples, "learning_rate": lr,
+                         "exit_weights": list(exit_weights), "train_seconds": trained["train_seconds"],
+                         "dev_accuracy": accuracy, **judged})
     rows = []
     for v in variants:
         for split in ("dev", "held_out"):
             for name, f in v.get(split, {}).items():
-                rows.append([v["epochs"], ",".join(f"{w:g}" for w in v["exit_weights"]), round(v["train_seconds"]),
+                weights_text = ",".join(f"{w:g}" for w in v["exit_weights"])
+                rows.append([v["epochs"], v["train_samples"], v["learning_rate"], weights_text,
+                             round(v["train_seconds"]),
                              " / ".join(f"{a:.3f}" for a in v["dev_accuracy"]),
                              split, name, f["relative_cost"], f["accuracy_drop_points"]])
-    print(table(["epochs", "exit weights", "train s", "dev acc by exit", "split", "thresholds", "cost", "drop pts"],
-                rows))
+    print(table(["epochs", "rows", "lr", "exit weights", "train s", "dev acc by exit", "split", "thresholds",
+                 "cost", "drop pts"], rows))
     result = {"machine": machine(), "pool": args.pool, "calibration": args.calibration,
-              "train_samples": args.train_samples, "max_drop_points": args.max_drop, "seed": args.seed,
+              "max_drop_points": args.max_drop, "seed": args.seed,
               "variants": variants}
     print(f"wrote {write_result(args.out, 'training', result)}")
 
