@@ -73,7 +73,8 @@ def test_a_profile_is_a_training_budget_on_small_datasets() -> None:
     from shared.builder.config import PROFILES
 
     quick, full = PROFILES["quick"], PROFILES["full"]
-    assert quick.epochs_for(20000) == 2.0 and full.epochs_for(65000) == 2.0  # SST-2: two passes
+    assert quick.epochs_for(40000) == 1.0 and full.epochs_for(65000) == 2.0  # SST-2: one pass, two (full)
+    assert quick.epochs_for(15000) == pytest.approx(20000 / 15000)  # at least 20,000 samples seen
     assert quick.epochs_for(2934) == pytest.approx(20000 / 2934)  # MRPC's training pairs: ~6.8 passes
     assert full.epochs_for(2000) == pytest.approx(30.0)
 

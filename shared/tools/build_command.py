@@ -73,7 +73,7 @@ def add_build_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="last layer of the mobile, edge and cloud slices (default: L/3, 2L/3, L); "
                         "image: block indices, L is the CNN's depth (default: 2,4,6)")
     p.add_argument("--profile", choices=["quick", "full", "tiny"], default="quick",
-                   help="quick: 20,000 training rows, 2 epochs (the demo's model); full: all of train, 2 epochs; "
+                   help="quick: 40,000 training rows, 1 epoch (the demo's model); full: all of train, 2 epochs; "
                         "tiny: tests, small models (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="training and calibration draw (default: %(default)s)")
     add_policy_arguments(p)
