@@ -169,6 +169,24 @@ def tritonclient_measure(texts: Sequence[str], labels: Sequence[int], seconds: f
     return measure
 
 
+def cpu_snapshot(pids: Mapping[str, int]) -> dict[str, float]:
+    """CPU seconds (user + system) each process has used so far, and the machine's busy seconds over all
+    cores ("machine"), from /proc: which tier runs out of CPU first when the three tiers share the cores."""
+    tick = os.sysconf("SC_CLK_TCK")
+    used = {}
+    for name, pid in pids.items():
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        used[name] = (int(fields[11]) + int(fields[12])) / tick  # utime, stime: fields 14 and 15 of stat
+    cpu = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    used["machine"] = (sum(cpu[:8]) - cpu[3] - cpu[4]) / tick  # all but idle and iowait (guest time is in user)
+    return used
+
+
+def cores_used(before: Mapping[str, float], after: Mapping[str, float], seconds: float) -> dict[str, float]:
+    """Cores each process (and the machine) kept busy on average between two cpu_snapshot calls."""
+    return {name: (after[name] - before[name]) / seconds for name in before}
+
+
 def pick_generator(choice: str, chroot: Path) -> str:
     ready = (chroot / PERF_ANALYZER.lstrip("/")).is_file() and os.geteuid() == 0
     if choice == "perf_analyzer" and not ready:
@@ -274,19 +292,31 @@ def run(artifacts: Path, data: str | None = None, limit: int | None = None, out:
             spinning = {"onnx_threads": cores, "onnx_spinning": "true"}
             servers[f"cloud-only, {cores} threads, spinning"] = (stack.enter_context(cloud_only(whole, spinning)),
                                                                  "tierserve")
-        servers["three-tier"] = (stack.enter_context(tiers(artifacts)).entry_address, "tierserve")
+        cluster = stack.enter_context(tiers(artifacts))
+        servers["three-tier"] = (cluster.entry_address, "tierserve")
+        tier_pids = {tier: process.process.pid for tier, process in cluster.tiers.items()}
         cells = {server: {level: [] for level in levels} for server in servers}
         for block in range(blocks):
             for level in levels:
                 for server, (address, model) in servers.items():
+                    before, started = cpu_snapshot(tier_pids), time.perf_counter()
                     figures = measure(address, model, level)
+                    cores = cores_used(before, cpu_snapshot(tier_pids), time.perf_counter() - started)
+                    if server == "three-tier":  # the load tool's own warm-up windows are in it too
+                        figures["cpu_cores"] = cores
                     cells[server][level].append(figures)
+                    busy = "  cores " + " ".join(f"{k} {v:.2f}" for k, v in cores.items()) \
+                        if server == "three-tier" else ""
                     print(f"block {block + 1}/{blocks}  c={level:<3} {server:<24} "
                           f"{figures['throughput_per_s']:7.1f}/s  p50 {figures['p50_ms']:6.1f} ms  "
-                          f"p99 {figures['p99_ms']:6.1f} ms", flush=True)
+                          f"p99 {figures['p99_ms']:6.1f} ms{busy}", flush=True)
         for server, (address, model) in servers.items():
             accuracy[server] = oip_load.accuracy(address, model, texts, label_list)
     summary = summarise(cells, levels)
+    cpu = {level: {name: float(np.median([r["cpu_cores"][name] for r in cells["three-tier"][level]]))
+                   for name in cells["three-tier"][level][0]["cpu_cores"]} for level in levels}
+    print("three tiers, cores busy per process (median over blocks, the load tool's warm-up included): "
+          + "; ".join(f"c={level} " + " ".join(f"{k} {v:.2f}" for k, v in by.items()) for level, by in cpu.items()))
     rows = []
     for level in levels:
         for server in cells:
@@ -308,7 +338,7 @@ def run(artifacts: Path, data: str | None = None, limit: int | None = None, out:
                          "variants": {KSERVE_VARIANTS[v][0]: {"onnx_threads": KSERVE_VARIANTS[v][1] or "default",
                                                               "per_request_logs": not KSERVE_VARIANTS[v][2]}
                                       for v in kserve_variants}} if python else None,
-              "cells": cells, **summary, "accuracy": accuracy, "goals": goals,
+              "cells": cells, **summary, "three_tier_cpu_cores": cpu, "accuracy": accuracy, "goals": goals,
               "machine": machine(), "command": " ".join(["python -m bench.peers", *sys.argv[1:]])}
     if out is not None:
         write_result(out / "peers", "peers", result)

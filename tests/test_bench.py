@@ -219,3 +219,27 @@ def test_policy_stop_is_where_the_guaranteed_search_stops() -> None:
     assert certified["bound_points"] <= 0.3 < refused["bound_points"]
     assert refused["lost"] > certified["lost"] and refused["relative_cost"] < certified["relative_cost"]
     assert certified["thresholds"] == cost_aware_thresholds(probs, labels, points, cost, 0.3, 0.1).thresholds
+
+
+def test_cpu_snapshot_counts_a_process_busy_and_one_idle() -> None:
+    """bench.peers' per-tier CPU: a child that spins gains CPU seconds, one that sleeps does not."""
+    import subprocess
+    import sys
+    import time
+
+    from bench.peers import cores_used, cpu_snapshot
+
+    spinning = "import time\nend = time.time() + 1.5\nwhile time.time() < end: pass"
+    spin = subprocess.Popen([sys.executable, "-c", spinning])
+    idle = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1.5)"])
+    try:
+        time.sleep(0.3)  # past both interpreters' start-up
+        before, started = cpu_snapshot({"spin": spin.pid, "idle": idle.pid}), time.perf_counter()
+        time.sleep(0.8)
+        cores = cores_used(before, cpu_snapshot({"spin": spin.pid, "idle": idle.pid}), time.perf_counter() - started)
+    finally:
+        spin.wait()
+        idle.wait()
+    assert cores["spin"] > 0.2  # a spinning process, even on a busy 2-core machine
+    assert cores["idle"] < 0.05
+    assert cores["machine"] >= cores["spin"] - 0.05  # the machine's busy time includes the spinner's
