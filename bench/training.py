@@ -5,8 +5,9 @@ Each variant (one run per combination of --epochs, --train-samples, --learning-r
 model with the builder's own code (shared.builder: same split, sampling, seed and profile settings
 as `tierserve build`), then:
 - holds out --pool whole sentences of SST-2 train (as calibration is held out: none of their
-  phrases trained on); the first --calibration of them are the calibration split, the rest a
-  held-out check;
+  phrases trained on); the first --calibration of them are the calibration split, those after the
+  largest --calibration a held-out check (one model judged at several calibration sizes is checked
+  on the same sentences);
 - fits the temperatures and chooses the cost-aware thresholds within --max-drop points on the
   calibration split only, with the default one-path search and the four-path family it replaced;
 - measures accuracy by exit, and cost and drop at those thresholds, on SST-2 dev and on the held-out
@@ -71,16 +72,19 @@ def train_variant(epochs: float, pool: int, train_samples: int, seed: int,
             "dev": predict_logits(model, encoder.tokens(dev.texts)), "dev_labels": dev.labels}
 
 
-def judge(trained: dict[str, Any], calibration: int, max_drop: float) -> dict[str, Any]:
-    """Temperatures and thresholds from the first `calibration` pool sentences; figures on dev and the rest."""
+def judge(trained: dict[str, Any], calibration: int, max_drop: float, checked_from: int | None = None
+          ) -> dict[str, Any]:
+    """Temperatures and thresholds from the first `calibration` pool sentences; figures on dev and on the
+    pool's sentences from `checked_from` (default: all after the calibration split)."""
+    checked_from = calibration if checked_from is None else checked_from
     points, cost = (2, 4, 6), CostModel()
     pool, labels = trained["pool"], trained["pool_labels"]
     temperatures = [calibrate_exit(z[:calibration], labels[:calibration]).temperature for z in pool]
     calib = [softmax(z[:calibration], t) for z, t in zip(pool, temperatures, strict=True)]
     splits = {"dev": ([softmax(z, t) for z, t in zip(trained["dev"], temperatures, strict=True)],
                       trained["dev_labels"]),
-              "held_out": ([softmax(z[calibration:], t) for z, t in zip(pool, temperatures, strict=True)],
-                           labels[calibration:])}
+              "held_out": ([softmax(z[checked_from:], t) for z, t in zip(pool, temperatures, strict=True)],
+                           labels[checked_from:])}
     choices = {
         "one path": cost_aware_thresholds(calib, labels[:calibration], points, cost, max_drop).thresholds,
         "four paths": cost_aware_thresholds(calib, labels[:calibration], points, cost, max_drop,
@@ -102,7 +106,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--exit-weights", nargs="+", default=["1,1,1"], metavar="W,W,W",
                         help="the exits' loss weights, mobile,edge,cloud: one variant per value and epochs")
     parser.add_argument("--pool", type=int, default=2500, help="whole train sentences held out (%(default)s)")
-    parser.add_argument("--calibration", type=int, default=1500, help="of them, the calibration split")
+    parser.add_argument("--calibration", type=int, nargs="+", default=[1500],
+                        help="of them, the calibration split: each size judges the same trained model")
     parser.add_argument("--train-samples", type=int, nargs="+", default=[20000],
                         help="rows of train (after the pool is held out): one variant per value")
     parser.add_argument("--learning-rate", type=float, nargs="+", default=[None],
@@ -111,8 +116,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=RESULTS / "training")
     args = parser.parse_args(argv)
-    if not 0 < args.calibration < args.pool:
-        parser.error(f"--calibration {args.calibration} must be between 0 and --pool {args.pool}")
+    if not all(0 < c < args.pool for c in args.calibration):
+        parser.error(f"--calibration {args.calibration} must each be between 0 and --pool {args.pool}")
     try:
         weights = [tuple(float(w) for w in item.split(",")) for item in args.exit_weights]
     except ValueError:
@@ -128,23 +133,25 @@ def main(argv: list[str] | None = None) -> None:
         print(f"training: {epochs:g} epoch(s) over {samples} sentences, learning rate {lr:g}, exit loss weights "
               f"{exit_weights}", flush=True)
         trained = train_variant(epochs, args.pool, samples, args.seed, exit_weights, lr)
-        judged = judge(trained, args.calibration, args.max_drop)
         accuracy = [float(np.mean(z.argmax(-1) == trained["dev_labels"])) for z in trained["dev"]]
-        variants.append({"epochs": epochs, "train_samples": samples, "learning_rate": lr,
-                         "exit_weights": list(exit_weights), "train_seconds": trained["train_seconds"],
-                         "dev_accuracy": accuracy, **judged})
+        for calibration in args.calibration:
+            judged = judge(trained, calibration, args.max_drop, checked_from=max(args.calibration))
+            variants.append({"epochs": epochs, "train_samples": samples, "learning_rate": lr,
+                             "exit_weights": list(exit_weights), "calibration": calibration,
+                             "train_seconds": trained["train_seconds"], "dev_accuracy": accuracy, **judged})
     rows = []
     for v in variants:
         for split in ("dev", "held_out"):
             for name, f in v.get(split, {}).items():
                 weights_text = ",".join(f"{w:g}" for w in v["exit_weights"])
-                rows.append([v["epochs"], v["train_samples"], v["learning_rate"], weights_text,
+                rows.append([v["epochs"], v["train_samples"], v["learning_rate"], weights_text, v["calibration"],
                              round(v["train_seconds"]),
                              " / ".join(f"{a:.3f}" for a in v["dev_accuracy"]),
                              split, name, f["relative_cost"], f["accuracy_drop_points"]])
-    print(table(["epochs", "rows", "lr", "exit weights", "train s", "dev acc by exit", "split", "thresholds",
+    print(table(["epochs", "rows", "lr", "exit weights", "calib", "train s", "dev acc by exit", "split", "thresholds",
                  "cost", "drop pts"], rows))
     result = {"machine": machine(), "pool": args.pool, "calibration": args.calibration,
+              "held_out_from": max(args.calibration),
               "max_drop_points": args.max_drop, "seed": args.seed,
               "variants": variants}
     print(f"wrote {write_result(args.out, 'training', result)}")
