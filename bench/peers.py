@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from bench import oip_load
-from bench.common import REPO_ROOT, base_parser, dev_set, load, machine, stop_group, table, tiers, write_result
+from bench.common import REPO_ROOT, base_parser, dev_set, load, machine, scrape, stop_group, table, tiers, write_result
 from bench.perf_analyzer import FIGURES
 from bench.throughput import cloud_only
 from bench.whole_model import assemble
@@ -169,16 +169,14 @@ def tritonclient_measure(texts: Sequence[str], labels: Sequence[int], seconds: f
     return measure
 
 
-def cpu_snapshot(pids: Mapping[str, int]) -> dict[str, float]:
-    """CPU seconds (user + system) each process has used so far, and the machine's busy seconds over all
-    cores ("machine"), from /proc: which tier runs out of CPU first when the three tiers share the cores."""
-    tick = os.sysconf("SC_CLK_TCK")
-    used = {}
-    for name, pid in pids.items():
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        used[name] = (int(fields[11]) + int(fields[12])) / tick  # utime, stime: fields 14 and 15 of stat
+def cpu_snapshot(cluster: Any) -> dict[str, float]:
+    """CPU seconds each tier has used so far, from its own process_cpu_seconds_total (as bench.soak reads its
+    memory), and the machine's busy seconds over all cores ("machine", from /proc/stat): which tier runs out
+    of CPU first when the three tiers share the cores."""
+    used = {tier: scrape(process.metrics_port)[("process_cpu_seconds_total", ())]
+            for tier, process in cluster.tiers.items()}
     cpu = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    used["machine"] = (sum(cpu[:8]) - cpu[3] - cpu[4]) / tick  # all but idle and iowait (guest time is in user)
+    used["machine"] = (sum(cpu[:8]) - cpu[3] - cpu[4]) / os.sysconf("SC_CLK_TCK")  # all but idle, iowait
     return used
 
 
@@ -294,19 +292,19 @@ def run(artifacts: Path, data: str | None = None, limit: int | None = None, out:
                                                                  "tierserve")
         cluster = stack.enter_context(tiers(artifacts))
         servers["three-tier"] = (cluster.entry_address, "tierserve")
-        tier_pids = {tier: process.process.pid for tier, process in cluster.tiers.items()}
         cells = {server: {level: [] for level in levels} for server in servers}
         for block in range(blocks):
             for level in levels:
                 for server, (address, model) in servers.items():
-                    before, started = cpu_snapshot(tier_pids), time.perf_counter()
+                    watched = server == "three-tier"
+                    before, started = (cpu_snapshot(cluster) if watched else None), time.perf_counter()
                     figures = measure(address, model, level)
-                    cores = cores_used(before, cpu_snapshot(tier_pids), time.perf_counter() - started)
-                    if server == "three-tier":  # the load tool's own warm-up windows are in it too
-                        figures["cpu_cores"] = cores
+                    busy = ""
+                    if before is not None:  # the load tool's own warm-up windows are in it too
+                        figures["cpu_cores"] = cores_used(before, cpu_snapshot(cluster),
+                                                          time.perf_counter() - started)
+                        busy = "  cores " + " ".join(f"{k} {v:.2f}" for k, v in figures["cpu_cores"].items())
                     cells[server][level].append(figures)
-                    busy = "  cores " + " ".join(f"{k} {v:.2f}" for k, v in cores.items()) \
-                        if server == "three-tier" else ""
                     print(f"block {block + 1}/{blocks}  c={level:<3} {server:<24} "
                           f"{figures['throughput_per_s']:7.1f}/s  p50 {figures['p50_ms']:6.1f} ms  "
                           f"p99 {figures['p99_ms']:6.1f} ms{busy}", flush=True)
