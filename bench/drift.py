@@ -30,6 +30,7 @@ from __future__ import annotations
 import random
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -177,7 +178,12 @@ def shifted_stream(manifest: Any, data: str | None, limit: int | None, samples: 
     texts, labels = dev_set(manifest, data, limit)
     other = other_domain(data_root) if shift == "domain" else \
         mixed_reviews(list(texts), list(labels), len(texts), seed) if shift == "contrast" else None
-    return drift_stream(list(texts), samples, min(SHIFT_AT, samples // 2), seed, other=other)
+    return drift_stream(list(texts), samples, shift_start(samples), seed, other=other)
+
+
+def shift_start(samples: int) -> int:
+    """Where the shift begins in a stream of `samples`: SHIFT_AT, or half-way through a shorter one."""
+    return min(SHIFT_AT, samples // 2)
 
 
 def recovered(windows: list[dict[str, Any]], shift_at: int, target: float) -> int | None:
@@ -203,7 +209,7 @@ def run(artifacts: Path, data: str | None = None, limit: int | None = None, out:
     runs = {name: _serve(artifacts, stream, final, {tier: {**flags, "threshold": starts[tier]} for tier in starts},
                          manifest)
             for name, flags in (("static", audits), ("adaptive", adaptive))}
-    shift_at = min(SHIFT_AT, samples // 2)
+    shift_at = shift_start(samples)
     rows = []
     for s, a in zip(runs["static"]["windows"], runs["adaptive"]["windows"], strict=True):
         rows.append([s["start"], s["agreement"], a["agreement"], s["early_share"], a["early_share"], s["cost"],
@@ -252,7 +258,7 @@ def replay(artifacts: Path, data: str | None = None, limit: int | None = None, o
     final = probs[-1].argmax(-1)
     confidence = [p.max(-1) for p in probs[:-1]]
     agrees = [p.argmax(-1) == final for p in probs[:-1]]
-    shift_at = min(SHIFT_AT, samples // 2)
+    shift_at = shift_start(samples)
     results: list[dict[str, Any]] = []
     for draw in range(draws):
         controllers, auditors = adaptive_exits(starts, target, fraction, settings, draw)
@@ -294,10 +300,8 @@ def adaptive_exits(starts: Mapping[str, float], target: float, fraction: float, 
     controllers, auditors = [], []
     for k, tier in enumerate(TIERS[:-1]):
         metrics = TierMetrics(tier)
-        controllers.append(ThresholdController(
-            tier, metrics, starts[tier], target, DELTA, settings["controller_floor"], settings["controller_ceiling"],
-            settings["controller_max_raise"], settings["controller_max_lower"], every=int(settings["controller_every"]),
-            window=int(settings["controller_window"]), min_samples=int(settings["controller_min_samples"])))
+        controllers.append(ThresholdController.from_settings(
+            tier, metrics, starts[tier], SimpleNamespace(**settings, agreement_target=target, audit_delta=DELTA)))
         auditors.append(Auditor(tier, metrics, _no_send, fraction, budget=1, rng=random.Random(1000 * seed + k)))
     return controllers, auditors
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import logging
+from typing import Protocol
 
 import numpy as np
 
@@ -24,7 +25,30 @@ from shared.serving.metrics import TierMetrics
 log = logging.getLogger("tierserve.controller")
 
 
+class ControllerSettings(Protocol):
+    """The settings a controller is made from: ForwardingSettings' fields of the same names."""
+
+    agreement_target: float
+    audit_delta: float
+    controller_floor: float
+    controller_ceiling: float
+    controller_max_raise: float
+    controller_max_lower: float
+    controller_every: int
+    controller_window: int
+    controller_min_samples: int
+
+
 class ThresholdController:
+    @classmethod
+    def from_settings(cls, tier: str, metrics: TierMetrics, threshold: float,
+                      settings: ControllerSettings) -> ThresholdController:
+        """The controller a tier with these settings runs, starting from `threshold`."""
+        return cls(tier, metrics, threshold, settings.agreement_target, settings.audit_delta,
+                   settings.controller_floor, settings.controller_ceiling, settings.controller_max_raise,
+                   settings.controller_max_lower, every=settings.controller_every,
+                   window=settings.controller_window, min_samples=settings.controller_min_samples)
+
     def __init__(self, tier: str, metrics: TierMetrics, threshold: float, target: float, delta: float,
                  floor: float, ceiling: float, max_raise: float = 0.05, max_lower: float = 0.02,
                  hysteresis: float = 0.005, every: int = 200, window: int = 2000, min_samples: int = 300) -> None:

@@ -79,11 +79,7 @@ def _load(settings: TierSettings, metrics: TierMetrics, next_tier: GuardedNextTi
         controller = None
         if forwarding.threshold_controller:
             start = forwarding.threshold if forwarding.threshold is not None else manifest.exit(settings.tier).threshold
-            controller = ThresholdController(
-                settings.tier, metrics, start, forwarding.agreement_target, forwarding.audit_delta,
-                forwarding.controller_floor, forwarding.controller_ceiling, forwarding.controller_max_raise,
-                forwarding.controller_max_lower, every=forwarding.controller_every, window=forwarding.controller_window,
-                min_samples=forwarding.controller_min_samples)
+            controller = ThresholdController.from_settings(settings.tier, metrics, start, forwarding)
         auditor = Auditor(settings.tier, metrics, next_tier.client.continue_batch, forwarding.audit_fraction,
                           forwarding.audit_budget_samples, forwarding.audit_window, forwarding.audit_delta,
                           controller=controller)
