@@ -87,6 +87,7 @@ def _load(settings: TierSettings, metrics: TierMetrics, next_tier: GuardedNextTi
     loop = TierLoop(
         manifest, settings.tier, runner, metrics, next_tier, batcher=batcher,
         forward_encoding=forwarding.forward_encoding if forwarding else "fp32",
+        coalesce_forwards=forwarding.coalesce_forwards if forwarding else False,
         threshold_override=forwarding.threshold if forwarding else None,
         deadline_margin=forwarding.deadline_margin_ms / 1000 if forwarding else 0.0,
         auditor=auditor, load=lambda: admission.current / admission.limit,
@@ -209,6 +210,8 @@ async def serve(settings: TierSettings, stop: asyncio.Event) -> None:
         await server.stop(settings.grace_seconds)
         if servicer.loop is not None and servicer.loop.auditor is not None:
             await servicer.loop.auditor.close()
+        if servicer.loop is not None and servicer.loop.coalescer is not None:
+            await servicer.loop.coalescer.close()
         if next_tier is not None:
             await next_tier.close()
         if servicer.loop is not None:

@@ -128,6 +128,10 @@ class ForwardingSettings(TierSettings):
         1.0, gt=0, description="deadline, seconds per hop after this tier, for a call to the next tier at least; "
         "between the two, ten times the hop's recent time per sample, so that a partitioned next tier is given up "
         "on quickly")
+    coalesce_forwards: bool = Field(
+        True, description="the forwards of requests that leave this tier together (one batched slice run) go "
+        "to the next tier as one call: fewer gRPC calls for both tiers under load; each request keeps its own "
+        "deadline and answers (false: a call per request)")
     forward_encoding: Literal["fp32", "fp16", "int8", "int8_tensor"] = Field(
         "fp32", description="hidden state sent to the next tier as fp32, fp16, int8 with a scale per token, "
         "or int8 with one scale per tensor (the attention mask always goes as lengths)")

@@ -24,6 +24,7 @@ from shared.contract.manifest import TIERS, Manifest, Tier
 from shared.errors import ArtifactError, InvalidInput, SliceFailure
 from shared.serving.audit import Auditor, EarlyExit
 from shared.serving.batching import Batcher
+from shared.serving.coalesce import ForwardCoalescer
 from shared.serving.metrics import TierMetrics
 from shared.serving.next_tier import NextTierError
 from shared.serving.runner import ATTENTION_MASK, SliceResult, SliceRunner
@@ -126,6 +127,7 @@ class TierLoop:
     load: Callable[[], float] = lambda: 0.0  # the share of the tier's admission limit in use
     overload_threshold: float | None = None  # opt-in: this exit's threshold while the next tier is overloaded
     next_overloaded: Callable[[], bool] = lambda: False  # whether the next tier is overloaded now
+    coalesce_forwards: bool = True  # the forwards of one loop iteration as one call (shared.serving.coalesce)
     _degraded_logged_at: float = field(default=-math.inf, init=False)
     _degraded_unlogged: int = field(default=0, init=False)
 
@@ -142,6 +144,13 @@ class TierLoop:
                 f"the manifest wires {self.forwards} from the {self.tier} slice "
                 f"({sorted(known)}) to the next slice's inputs {next_inputs}")
         self.hop = f"{self.tier}_{self.next_name}"
+        self.coalescer: ForwardCoalescer | None = None
+        if self.next_tier is not None and self.coalesce_forwards:
+            next_tier = self.next_tier
+            self.coalescer = ForwardCoalescer(
+                lambda tensors, ids, thresholds, timeout: next_tier.continue_batch(tensors, ids, thresholds, timeout),
+                f"{self.next_name}", self.forward_encoding,
+                self.batcher.max_batch_size if self.batcher is not None else 32, self._record_forward)
 
     def threshold(self, request_thresholds: Mapping[str, float]) -> float:
         if self.tier in request_thresholds:
@@ -247,14 +256,10 @@ class TierLoop:
         metrics = self.metrics
         waited = 0.0
         if len(rows):
-            assert self.next_tier is not None
-            tensors = encode_tensors(forwarded_tensors(inputs, result.outputs, self.forwards, rows),
-                                     self.forward_encoding)
-            if not audit:
-                _record_forward(metrics, len(rows), tensors)
             wait_started = time.perf_counter()
-            downstream = await self._forward(tensors, [request_ids[i] for i in rows], thresholds,
-                                             time_left, wait_started - started, audit)
+            downstream = await self._forward(forwarded_tensors(inputs, result.outputs, self.forwards, rows),
+                                             [request_ids[i] for i in rows], thresholds, time_left,
+                                             wait_started - started, audit)
             waited = time.perf_counter() - wait_started
             metrics.series.downstream_wait.observe(waited)
             if isinstance(downstream, NextTierError):  # no request is lost: answer with our own exit
@@ -277,13 +282,15 @@ class TierLoop:
             answer.timings.insert(0, timing)
         return done
 
-    async def _forward(self, tensors: Mapping[str, pb2.Tensor], request_ids: Sequence[str],
+    async def _forward(self, arrays: Mapping[str, np.ndarray], request_ids: Sequence[str],
                        thresholds: Mapping[str, float], time_left: float | None, spent: float, audit: bool
                        ) -> list[pb2.Answer] | NextTierError:
         """The next tier's answers, or why there are none (then the caller answers degraded).
 
         The next tier gets what is left of the caller's deadline after our own work (`spent`) and
         the margin our own answer needs, so that a slow next tier still leaves us time to answer.
+        Traffic goes through the coalescer (one call for the forwards of a loop iteration); audits
+        go alone, marked as audits.
         """
         assert self.next_tier is not None
         timeout = None  # the next tier's client keeps its own deadline for the hop (HopDeadline)
@@ -295,9 +302,20 @@ class TierLoop:
                     f"{self.next_name} skipped: the deadline ({time_left * 1000:.0f} ms left on arrival) "
                     f"leaves no time to forward", "DEADLINE_EXCEEDED", kind="deadline")
         try:
+            if self.coalescer is not None and not audit:
+                return await self.coalescer.forward(arrays, request_ids, thresholds, timeout)
+            tensors = encode_tensors(arrays, self.forward_encoding)
+            if not audit:
+                self._record_forward(len(request_ids), tensors)
             return await self.next_tier.continue_batch(tensors, request_ids, thresholds, timeout, audit=audit)
         except NextTierError as exc:
             return exc
+
+    def _record_forward(self, samples: int, tensors: Mapping[str, pb2.Tensor]) -> None:
+        series = self.metrics.series
+        assert series.forwarded_samples is not None and series.forwarded_bytes is not None
+        series.forwarded_samples.inc(samples)
+        series.forwarded_bytes.inc(wire_bytes(tensors))
 
     def _warn_degraded(self, samples: int, reason: NextTierError) -> None:
         """A WARNING per degraded batch, at most one every DEGRADED_LOG_INTERVAL (counting the rest)."""
@@ -341,7 +359,3 @@ def _record_exit(metrics: TierMetrics, confidence: list[float], exits: int) -> N
     metrics.series.exits.inc(exits)
 
 
-def _record_forward(metrics: TierMetrics, samples: int, tensors: Mapping[str, pb2.Tensor]) -> None:
-    assert metrics.series.forwarded_samples is not None and metrics.series.forwarded_bytes is not None
-    metrics.series.forwarded_samples.inc(samples)
-    metrics.series.forwarded_bytes.inc(wire_bytes(tensors))
