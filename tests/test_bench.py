@@ -238,3 +238,21 @@ def test_cpu_snapshot_counts_each_tiers_work_within_the_machines(cluster: TierCl
     assert set(used) == {"mobile", "edge", "cloud", "machine"}
     assert used["mobile"] > 0  # every request runs the entry tier's slice
     assert used["machine"] >= used["mobile"] + used["edge"] + used["cloud"] - 0.05
+
+
+def test_tier_ab_alternates_two_sets_of_tiers_and_takes_ratios_pair_by_pair(tiny_artifacts: Path, tiny_data: Path,
+                                                                            tmp_path: Path) -> None:
+    from bench.tier_ab import parse_settings, run
+
+    changed = parse_settings(["mobile.coalesce_forwards=false", "edge.coalesce_forwards=false"])
+    assert changed == {"mobile": {"coalesce_forwards": "false"}, "edge": {"coalesce_forwards": "false"}}
+    with pytest.raises(SystemExit, match="expected <tier>.<setting>=<value>"):
+        parse_settings(["gateway.threshold=1"])
+    result = run(tiny_artifacts, changed, levels=(2,), blocks=2, seconds=0.5, generator="tritonclient",
+                 data=str(tiny_data), limit=40, out=tmp_path)
+    a, b = result["cells"]["A"][2], result["cells"]["B"][2]
+    assert len(a) == len(b) == 2 and all(cell["throughput_per_s"] > 0 for cell in a + b)
+    assert result["ratios_b_over_a"][2]["throughput_per_s"] == [
+        y["throughput_per_s"] / x["throughput_per_s"] for x, y in zip(a, b, strict=True)]
+    assert set(a[0]["cpu_cores"]) == {"mobile", "edge", "cloud", "machine"}
+    assert json.loads((tmp_path / "tier_ab.json").read_text())["changed"] == changed
