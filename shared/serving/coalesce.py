@@ -8,16 +8,22 @@ same threshold overrides and tensor shapes into calls of at most `max_samples` s
 right-padded with attention mask 0, as the batcher merges them) and gives each caller its own
 answers, in its own order.
 
-Each caller keeps its own deadline: the call runs until the latest of its callers' deadlines, and
-a caller whose own passes first gets DEADLINE_EXCEEDED alone. A caller that goes (its RPC
-cancelled) leaves the others' call running; the call is cancelled downstream when every caller
-has gone. A failed call fails each of its callers (each answers degraded, as without coalescing).
+Deadlines: only forwards whose deadlines lie within DEADLINE_TOLERANCE of each other share a call,
+which carries the earliest, so the next tier still plans its own forward and its degraded answer
+for the most hurried caller; each caller also waits no longer than its own deadline. A caller
+that goes (its RPC cancelled) leaves the others' call running; the call is cancelled downstream
+when every caller has gone. A failed call fails each of its callers (each answers degraded, as
+without coalescing). With `int8_tensor` (one scale per tensor) forwards are never merged: one
+request's large values would crush its neighbours' precision.
+
+A merged call is admitted or refused whole by the next tier (shared.serving.admission) and counts
+as one call for the circuit breaker and the retries (shared.serving.next_tier), as a request of
+that many samples would.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -28,6 +34,11 @@ from shared.serving.batching import merge
 from shared.serving.next_tier import NextTierError
 from shared.wire.codec import ATTENTION_MASK, encode_tensors
 from shared.wire.rpc import pb2
+
+# a call carries its earliest caller's deadline; callers whose deadlines are later by more than this
+# (a share of the earliest, or seconds) go in a call of their own, so that none loses much of its time
+DEADLINE_TOLERANCE = 0.1
+DEADLINE_TOLERANCE_S = 0.010
 
 
 @dataclass
@@ -87,8 +98,9 @@ class ForwardCoalescer:
             if not item.future.done():  # its caller went before the flush
                 groups.setdefault(_merge_key(item), []).append(item)
         self._pending = []
+        # int8_tensor's one scale per tensor would let one request's large values crush its neighbours'
         for group in groups.values():
-            for members in _chunks(group, self.max_samples):
+            for members in _chunks(group, self.max_samples, merging=self.encoding != "int8_tensor"):
                 task = asyncio.get_running_loop().create_task(self._send(members))
                 self._calls.add(task)
                 task.add_done_callback(self._calls.discard)
@@ -97,16 +109,23 @@ class ForwardCoalescer:
                     item.future.add_done_callback(gone)
 
     async def _send(self, members: list[_Forward]) -> None:
-        arrays = members[0].arrays if len(members) == 1 else merge(
-            [m.arrays for m in members], _padded(members[0].arrays))
-        timeouts = [m.timeout for m in members]
-        timeout = None if None in timeouts else max(t for t in timeouts if t is not None)
-        tensors = encode_tensors(arrays, self.encoding)
-        ids = [request_id for m in members for request_id in m.request_ids]
-        self.record(len(ids), tensors)
+        members = [m for m in members if not m.future.done()]  # callers gone since the flush send nothing
         try:
-            answers = await self.call(tensors, ids, members[0].thresholds, timeout)
-        except NextTierError as exc:
+            if not members:
+                return
+            arrays = members[0].arrays if len(members) == 1 else merge(
+                [m.arrays for m in members], _padded(members[0].arrays))
+            tensors = encode_tensors(arrays, self.encoding)
+            ids = [request_id for m in members for request_id in m.request_ids]
+            self.record(len(ids), tensors)
+            # the earliest deadline of the call (they are within DEADLINE_TOLERANCE: _chunks), so that
+            # the next tier plans its own forward and its degraded answer for its most hurried caller
+            answers = await self.call(tensors, ids, members[0].thresholds, members[0].timeout)
+        except asyncio.CancelledError:  # every caller gone, or close()
+            for m in members:
+                m.future.cancel()
+            raise
+        except Exception as exc:  # NextTierError, or anything else: each caller raises it, none is left waiting
             for m in members:
                 if not m.future.done():
                     m.future.set_exception(exc)
@@ -118,11 +137,10 @@ class ForwardCoalescer:
             start += m.size
 
     async def close(self) -> None:
+        """Cancel the calls in flight (their callers get CancelledError)."""
         for task in list(self._calls):
             task.cancel()
-        for task in list(self._calls):
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await asyncio.gather(*self._calls, return_exceptions=True)
 
 
 def _padded(arrays: Mapping[str, np.ndarray]) -> set[str]:
@@ -137,12 +155,16 @@ def _merge_key(item: _Forward) -> tuple:
     return tuple(sorted(item.thresholds.items())), shapes
 
 
-def _chunks(group: list[_Forward], max_samples: int) -> list[list[_Forward]]:
-    """Consecutive members in calls of at most max_samples samples (a larger forward goes alone)."""
+def _chunks(group: list[_Forward], max_samples: int, merging: bool = True) -> list[list[_Forward]]:
+    """Calls of at most max_samples samples (a larger forward goes alone) whose callers' deadlines lie
+    within DEADLINE_TOLERANCE of the earliest; each forward alone when not `merging`."""
     chunks: list[list[_Forward]] = []
     size = 0
-    for item in group:
-        if chunks and size + item.size <= max_samples:
+    for item in sorted(group, key=lambda m: (m.timeout is None, m.timeout or 0.0)):
+        first = chunks[-1][0].timeout if chunks else None
+        close = item.timeout is None if first is None else (
+            item.timeout is not None and item.timeout - first <= max(DEADLINE_TOLERANCE_S, DEADLINE_TOLERANCE * first))
+        if merging and chunks and size + item.size <= max_samples and close:
             chunks[-1].append(item)
             size += item.size
         else:
