@@ -11,7 +11,9 @@ blocks with its min..max. Accuracy: every dev text once per server, after the lo
   use with pip: its pins never touch ours), serving bench/kserve_model.py: KServe's custom-model
   pattern with onnxruntime and the tokenizer on the whole-model ONNX graph (bench.whole_model).
 - tierserve cloud-only (B): the entry-tier server on that same whole-model graph (bench.throughput).
-- tierserve three-tier (C): mobile -> edge -> cloud on 127.0.0.1, the manifest's thresholds.
+- tierserve three-tier (C): mobile -> edge -> cloud on 127.0.0.1, the manifest's thresholds; at the
+  tiers' defaults and with the entry tier running two batches side by side (`--slice-workers 2`, a
+  user setting: more throughput, a wider p99), the best of the two taken as for the cloud-only tier.
 KServe runs as it comes and tuned (one onnxruntime thread, no log line per request); the cloud-only
 tier at its default (one thread), with a thread per core, and with a thread per core and
 `--onnx-spinning true` (a user setting, off by default), as KServe's default. Ratios: each side's
@@ -55,6 +57,11 @@ KSERVE_MODEL = "whole"
 # as tierserve runs (one intra-op thread: two spinning threads per process fight the load generator
 # and each other on a small machine), with no per-request log lines
 KSERVE_VARIANTS = {"default": ("kserve", 0, False), "tuned": ("kserve, 1 thread, quiet", 1, True)}
+# the three tiers at their defaults and with the user setting that lets the entry tier run two batches side by
+# side (the slice on one core, the next batch's on the other): more throughput, a wider p99 (bench.tier_ab)
+THREE_TIER_VARIANTS: dict[str, tuple[str, dict[str, dict[str, object]]]] = {
+    "default": ("three-tier", {}),
+    "mobile-2-workers": ("three-tier, mobile 2 slice workers", {"mobile": {"slice_workers": 2}})}
 
 
 def kserve_python(venv: Path) -> Path:
@@ -258,7 +265,8 @@ def headline(result: Mapping[str, Any]) -> dict[str, Any]:
 def run(artifacts: Path, data: str | None = None, limit: int | None = None, out: Path | None = None,
         seconds: float = 3.0, blocks: int = 3, levels: Sequence[int] = LEVELS, generator: str = "auto",
         chroot: Path = DEFAULT_CHROOT, kserve_venv: Path = KSERVE_VENV,
-        kserve_variants: Sequence[str] = tuple(KSERVE_VARIANTS)) -> dict[str, Any]:
+        kserve_variants: Sequence[str] = tuple(KSERVE_VARIANTS),
+        three_tier_variants: Sequence[str] = tuple(THREE_TIER_VARIANTS)) -> dict[str, Any]:
     manifest = load(artifacts)
     texts, labels = dev_set(manifest, data, limit)
     assert isinstance(texts, list), "bench.peers measures a text model"
@@ -290,17 +298,20 @@ def run(artifacts: Path, data: str | None = None, limit: int | None = None, out:
             spinning = {"onnx_threads": cores, "onnx_spinning": "true"}
             servers[f"cloud-only, {cores} threads, spinning"] = (stack.enter_context(cloud_only(whole, spinning)),
                                                                  "tierserve")
-        cluster = stack.enter_context(tiers(artifacts))
-        servers["three-tier"] = (cluster.entry_address, "tierserve")
+        clusters = {}
+        for variant in three_tier_variants:
+            name, flags = THREE_TIER_VARIANTS[variant]
+            clusters[name] = stack.enter_context(tiers(artifacts, flags))
+            servers[name] = (clusters[name].entry_address, "tierserve")
         cells = {server: {level: [] for level in levels} for server in servers}
         for block in range(blocks):
             for level in levels:
                 for server, (address, model) in servers.items():
-                    watched = server == "three-tier"
-                    before, started = (cpu_snapshot(cluster) if watched else None), time.perf_counter()
+                    cluster = clusters.get(server)
+                    before, started = (cpu_snapshot(cluster) if cluster else None), time.perf_counter()
                     figures = measure(address, model, level)
                     busy = ""
-                    if before is not None:  # the load tool's own warm-up windows are in it too
+                    if cluster is not None:  # the load tool's own warm-up windows are in it too
                         figures["cpu_cores"] = cores_used(before, cpu_snapshot(cluster),
                                                           time.perf_counter() - started)
                         busy = "  cores " + " ".join(f"{k} {v:.2f}" for k, v in figures["cpu_cores"].items())
@@ -311,15 +322,18 @@ def run(artifacts: Path, data: str | None = None, limit: int | None = None, out:
         for server, (address, model) in servers.items():
             accuracy[server] = oip_load.accuracy(address, model, texts, label_list)
     summary = summarise(cells, levels)
-    cpu = {level: {name: float(np.median([r["cpu_cores"][name] for r in cells["three-tier"][level]]))
-                   for name in cells["three-tier"][level][0]["cpu_cores"]} for level in levels}
-    print("three tiers, cores busy per process (median over blocks, the load tool's warm-up included): "
-          + "; ".join(f"c={level} " + " ".join(f"{k} {v:.2f}" for k, v in by.items()) for level, by in cpu.items()))
+    cpu = {server: {level: {name: float(np.median([r["cpu_cores"][name] for r in cells[server][level]]))
+                            for name in cells[server][level][0]["cpu_cores"]} for level in levels}
+           for server in clusters}
+    for server, by_level in cpu.items():
+        print(f"{server}, cores busy per process (median over blocks, the load tool's warm-up included): "
+              + "; ".join(f"c={level} " + " ".join(f"{k} {v:.2f}" for k, v in by.items())
+                          for level, by in by_level.items()))
     rows = []
     for level in levels:
         for server in cells:
             s = summary["stats"][server][level]
-            side = "cloud-only" if server.startswith("cloud-only") else server
+            side = next((s for s in ("cloud-only", "three-tier") if server.startswith(s)), server)
             ratio = summary["ratios"].get(side, {}).get(level)
             ratio = ratio if ratio is None or ratio["ours"] == server else None
             rows.append([level, server, _spread(s["throughput_per_s"]), _spread(s["p50_ms"]), _spread(s["p99_ms"]),
@@ -336,7 +350,8 @@ def run(artifacts: Path, data: str | None = None, limit: int | None = None, out:
                          "variants": {KSERVE_VARIANTS[v][0]: {"onnx_threads": KSERVE_VARIANTS[v][1] or "default",
                                                               "per_request_logs": not KSERVE_VARIANTS[v][2]}
                                       for v in kserve_variants}} if python else None,
-              "cells": cells, **summary, "three_tier_cpu_cores": cpu, "accuracy": accuracy, "goals": goals,
+              "cells": cells, **summary, "three_tier_cpu_cores": cpu.get("three-tier"),
+              "cpu_cores_by_three_tier_variant": cpu, "accuracy": accuracy, "goals": goals,
               "machine": machine(), "command": " ".join(["python -m bench.peers", *sys.argv[1:]])}
     if out is not None:
         write_result(out / "peers", "peers", result)
@@ -373,10 +388,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--kserve-venv", type=Path, default=KSERVE_VENV, help="KServe's own virtualenv (%(default)s)")
     parser.add_argument("--kserve-variants", default=",".join(KSERVE_VARIANTS),
                         help="KServe as it comes (default) and/or tuned like tierserve (%(default)s)")
+    parser.add_argument("--three-tier-variants", default=",".join(THREE_TIER_VARIANTS),
+                        help="the three tiers at their defaults and/or with the entry tier running two batches "
+                        "side by side (%(default)s)")
     args = parser.parse_args(argv)
     run(args.artifacts, args.data, args.limit, args.out, args.seconds, args.blocks,
         tuple(int(x) for x in args.levels.split(",")), args.generator, args.chroot, args.kserve_venv,
-        [v for v in args.kserve_variants.split(",") if v])
+        [v for v in args.kserve_variants.split(",") if v], [v for v in args.three_tier_variants.split(",") if v])
 
 
 if __name__ == "__main__":

@@ -256,3 +256,24 @@ def test_tier_ab_alternates_two_sets_of_tiers_and_takes_ratios_pair_by_pair(tiny
         y["throughput_per_s"] / x["throughput_per_s"] for x, y in zip(a, b, strict=True)]
     assert set(a[0]["cpu_cores"]) == {"mobile", "edge", "cloud", "machine"}
     assert json.loads((tmp_path / "tier_ab.json").read_text())["changed"] == changed
+
+
+def test_peers_takes_each_sides_best_variant_against_kserves_best() -> None:
+    from bench.peers import _goals, summarise
+
+    def cell(throughput: float, p99: float) -> dict[str, float]:
+        return {"throughput_per_s": throughput, "p50_ms": p99 / 2, "p99_ms": p99}
+
+    cells = {"kserve": {32: [cell(200, 180), cell(220, 170)]},
+             "kserve, 1 thread, quiet": {32: [cell(150, 250), cell(150, 250)]},
+             "cloud-only": {32: [cell(190, 300), cell(200, 300)]},
+             "three-tier": {32: [cell(380, 160), cell(400, 150)]},
+             "three-tier, mobile 2 slice workers": {32: [cell(420, 170), cell(420, 200)]}}
+    summary = summarise(cells, [32])
+    three = summary["ratios"]["three-tier"][32]
+    assert summary["kserve_baseline"][32] == "kserve"
+    assert three["ours"] == "three-tier, mobile 2 slice workers" and three["throughput"] == 420 / 210
+    assert three["throughput_by_block"] == [420 / 200, 420 / 220] and three["p99"] == 185 / 175
+    goals = _goals(summary, [32])
+    assert goals["three_tier_throughput_x_kserve_c32"]["met"] and not goals["three_tier_p99_x_kserve_c32"]["met"]
+    assert not goals["cloud_only_throughput_x_kserve"]["met"]
