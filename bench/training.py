@@ -1,7 +1,8 @@
 """Training choices for the text model, judged by what the cost policy makes of them.
 
-Each variant (one run per combination of --epochs, --train-samples, --learning-rate and
---exit-weights, the weights of the mobile, edge and cloud exits' losses) trains the early-exit
+Each variant (one run per combination of --epochs, --train-samples, --learning-rate,
+--exit-weights, the weights of the mobile, edge and cloud exits' losses, and --distillation-weight,
+the early exits' KL toward the final exit's detached answer) trains the early-exit
 model with the builder's own code (shared.builder: same split, sampling, seed and profile settings
 as `tierserve build`), then:
 - holds out --pool whole sentences of SST-2 train (as calibration is held out: none of their
@@ -20,6 +21,8 @@ on 2 cores).
     python -m bench.training --epochs 1 2 --out bench/results/training
     python -m bench.training --epochs 2 --exit-weights 2,1,1 --out bench/results/training/exit-weights
     python -m bench.training --epochs 1 --train-samples 40000 --out bench/results/training/more-data
+    python -m bench.training --epochs 1 --train-samples 40000 --distillation-weight 0 1 --seed 3 \
+        --out bench/results/training/distillation/seed3
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ from shared.contract.policy import cost_aware_thresholds, routed_figures
 
 def train_variant(epochs: float, pool: int, train_samples: int, seed: int,
                   exit_weights: tuple[float, ...] = (1.0, 1.0, 1.0),
-                  learning_rate: float | None = None) -> dict[str, Any]:
+                  learning_rate: float | None = None, distillation_weight: float = 0.0) -> dict[str, Any]:
     """Train one model as the quick profile does (but `epochs`, `train_samples`, `exit_weights`, the
     weights of the exits' losses, and the encoder's `learning_rate`); logits of the held-out pool and
     of dev."""
@@ -64,7 +67,8 @@ def train_variant(epochs: float, pool: int, train_samples: int, seed: int,
     model = EarlyExitBert(load_encoder(str(checkpoint)), (2, 4, 6), 2)
     settings = TrainSettings(epochs=epochs, batch_size=profile.batch_size,
                              learning_rate=learning_rate or profile.learning_rate,
-                             head_learning_rate=profile.head_learning_rate, seed=seed, exit_weights=exit_weights)
+                             head_learning_rate=profile.head_learning_rate, seed=seed, exit_weights=exit_weights,
+                             distillation_weight=distillation_weight)
     started = time.perf_counter()
     summary = train(model, encoder.tokens(fit.texts), fit.labels, settings)
     return {"train_seconds": time.perf_counter() - started, "steps": summary["steps"],
@@ -112,6 +116,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="rows of train (after the pool is held out): one variant per value")
     parser.add_argument("--learning-rate", type=float, nargs="+", default=[None],
                         help="the encoder's peak learning rate (default: the quick profile's): one variant per value")
+    parser.add_argument("--distillation-weight", type=float, nargs="+", default=[0.0],
+                        help="the early exits' KL weight toward the final exit's detached answer; one variant each")
     parser.add_argument("--max-drop", type=float, default=0.3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=RESULTS / "training")
@@ -126,24 +132,29 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--exit-weights needs three non-negative weights, not all zero, got {args.exit_weights}")
     if any(lr is not None and lr <= 0 for lr in args.learning_rate):
         parser.error(f"--learning-rate must be positive, got {args.learning_rate}")
+    if any(d < 0 for d in args.distillation_weight):
+        parser.error(f"--distillation-weight must be non-negative, got {args.distillation_weight}")
     variants = []
-    for epochs, samples, lr, exit_weights in itertools.product(args.epochs, args.train_samples, args.learning_rate,
-                                                            weights):
+    for epochs, samples, lr, exit_weights, distill in itertools.product(
+            args.epochs, args.train_samples, args.learning_rate, weights, args.distillation_weight):
         lr = lr or PROFILES["quick"].learning_rate
         print(f"training: {epochs:g} epoch(s) over {samples} sentences, learning rate {lr:g}, exit loss weights "
-              f"{exit_weights}", flush=True)
-        trained = train_variant(epochs, args.pool, samples, args.seed, exit_weights, lr)
+              f"{exit_weights}, distillation weight {distill:g}", flush=True)
+        trained = train_variant(epochs, args.pool, samples, args.seed, exit_weights, lr, distill)
         accuracy = [float(np.mean(z.argmax(-1) == trained["dev_labels"])) for z in trained["dev"]]
         for calibration in args.calibration:
             judged = judge(trained, calibration, args.max_drop, checked_from=max(args.calibration))
             variants.append({"epochs": epochs, "train_samples": samples, "learning_rate": lr,
-                             "exit_weights": list(exit_weights), "calibration": calibration,
+                             "exit_weights": list(exit_weights), "distillation_weight": distill,
+                             "calibration": calibration,
                              "train_seconds": trained["train_seconds"], "dev_accuracy": accuracy, **judged})
     rows = []
     for v in variants:
         for split in ("dev", "held_out"):
             for name, f in v.get(split, {}).items():
                 weights_text = ",".join(f"{w:g}" for w in v["exit_weights"])
+                if v.get("distillation_weight"):
+                    weights_text += f" +KL {v['distillation_weight']:g}"
                 rows.append([v["epochs"], v["train_samples"], v["learning_rate"], weights_text, v["calibration"],
                              round(v["train_seconds"]),
                              " / ".join(f"{a:.3f}" for a in v["dev_accuracy"]),

@@ -68,6 +68,19 @@ def test_second_build_with_same_config_is_cached(tiny_artifacts: Path, capsys: p
     assert (tiny_artifacts / "mobile.onnx").stat().st_mtime_ns == before
 
 
+def test_a_changed_profile_is_not_a_cached_build(tiny_artifacts: Path, tmp_path: Path) -> None:
+    from shared.builder.build import CONFIG_FILE, PROFILE_KEY, _same_config
+
+    recorded = json.loads((tiny_artifacts / CONFIG_FILE).read_text())
+    config = BuildConfig.model_validate(recorded)
+    assert _same_config(tiny_artifacts / CONFIG_FILE, config)
+    for change in ({**recorded[PROFILE_KEY], "distillation_weight": 9.0}, None):
+        changed = {**recorded, PROFILE_KEY: change} if change else {k: v for k, v in recorded.items()
+                                                                    if k != PROFILE_KEY}
+        (tmp_path / CONFIG_FILE).write_text(json.dumps(changed))
+        assert not _same_config(tmp_path / CONFIG_FILE, config)  # a release's profile changed, or an older file
+
+
 def test_manifest_round_trips(tiny_artifacts: Path, tmp_path: Path) -> None:
     from shared.contract.manifest import Manifest, save_manifest
 
@@ -255,3 +268,21 @@ def test_default_policy_is_dimee_operating_point() -> None:
               "relative_cost": 0.7, "build_seconds": 1.0, "test_split": "dev", "policy": spec.model_dump()}
     text = summary_text(report)
     assert "cost-aware (DIMEE): accuracy drop <= 0.3 points" in text and "delta 0.1" in text
+
+
+def test_distillation_teaches_the_early_exits_without_training_the_teacher() -> None:
+    import torch
+
+    from shared.builder.train import distillation_loss
+
+    final = torch.tensor([[2.0, -1.0], [0.5, 0.3]], requires_grad=True)
+    agreeing = final.detach().clone().requires_grad_(True)
+    assert distillation_loss([agreeing, final]).item() == pytest.approx(0.0, abs=1e-7)
+    early = torch.tensor([[-1.0, 2.0], [0.0, 0.0]], requires_grad=True)
+    loss = distillation_loss([early, agreeing, final])
+    assert loss.item() > 0
+    loss.backward()
+    assert final.grad is None  # the teacher's answer is detached: the final exit learns from labels only
+    assert early.grad is not None and early.grad.abs().sum() > 0
+    # the first row's student puts its weight on the wrong class: the gradient pushes it toward class 0
+    assert early.grad[0, 0] < 0 < early.grad[0, 1]

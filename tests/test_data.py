@@ -288,6 +288,8 @@ def test_build_flags_reach_the_config(tmp_path: Path) -> None:
     assert default_out("text", "x/default.tsv") == Path("artifacts/default-data")
     assert default_out("image", None) == Path("artifacts/fashion-mnist")
     assert main(["build", "--data", "x.csv", "--test-fraction", "1.5"]) == 2
+    assert main(["build", "--distillation-weight", "-1", "--out", str(tmp_path / "never")]) == 2
+    assert not (tmp_path / "never").exists()
 
 
 def test_build_help_names_the_data_flags_and_defaults(capsys: pytest.CaptureFixture[str]) -> None:

@@ -9,6 +9,7 @@ supplies data, model, training and export (shared.builder.family.TrainedModel); 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import shutil
@@ -70,6 +71,8 @@ from shared.data.text import (
 )
 from shared.errors import BuildInputError
 
+PROFILE_KEY = "profile_settings"  # in build_config.json, beside the BuildConfig fields
+
 
 def resolve_backbone(backbone: str | None) -> Path:
     if backbone is None:
@@ -103,7 +106,7 @@ def check_split_points(points: tuple[int, int, int] | None, num_layers: int) -> 
 def build(config: BuildConfig, out: str | Path, force: bool = False) -> Path:
     """Build (or reuse) the artifact folder `out`; returns its path."""
     out = Path(out)
-    config_json = config.model_dump_json(indent=2)
+    config_json = json.dumps({**config.model_dump(mode="json"), PROFILE_KEY: _profile_settings(config)}, indent=2)
     if not force and _same_config(out / CONFIG_FILE, config):
         load_manifest(out)  # a cached build must still be whole
         print(f"cached build in {out} (same config); use --force to rebuild")
@@ -212,11 +215,25 @@ def write_holdout(path: Path, rows: list[list[str]]) -> Path:
 
 
 def _same_config(path: Path, config: BuildConfig) -> bool:
-    """Whether `path` records this config (fields added since it was written count as defaults)."""
+    """Whether `path` records this config (fields added since it was written count as defaults) and the
+    profile's settings as they are now: a release that changes a profile's training rebuilds."""
     try:
-        return path.is_file() and BuildConfig.model_validate_json(path.read_text()) == config
+        recorded = json.loads(path.read_text()) if path.is_file() else None
+        return (isinstance(recorded, dict) and BuildConfig.model_validate(recorded) == config
+                and recorded.get(PROFILE_KEY) == _profile_settings(config))
     except ValueError:
         return False
+
+
+def _profile_settings(config: BuildConfig) -> dict[str, Any]:
+    """The training settings of config's profile, as build_config.json records them."""
+    if config.family == "image":
+        from shared.builder.image_build import IMAGE_PROFILES
+
+        settings: dict[str, Any] = dataclasses.asdict(IMAGE_PROFILES[config.profile])
+    else:
+        settings = PROFILES[config.profile].model_dump()
+    return dict(json.loads(json.dumps(settings)))  # as read back: tuples are lists
 
 
 def _train_text(config: BuildConfig) -> TrainedModel:
@@ -255,6 +272,8 @@ def _train_text(config: BuildConfig) -> TrainedModel:
         epochs=config.epochs or profile.epochs_for(len(fit_set)), batch_size=profile.batch_size,
         learning_rate=profile.learning_rate, head_learning_rate=profile.head_learning_rate,
         freeze_encoder=config.freeze_encoder, seed=config.seed,
+        distillation_weight=profile.distillation_weight if config.distillation_weight is None
+        else config.distillation_weight,
     )
     train_summary = train(model, fit_tokens, fit_set.labels, settings)
 

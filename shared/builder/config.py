@@ -29,6 +29,8 @@ class ProfileSettings(BaseModel):
     batch_size: int
     learning_rate: float
     head_learning_rate: float
+    # weight of the early exits' KL divergence from the final exit's detached answer (TrainSettings)
+    distillation_weight: float = 0.0
 
     def epochs_for(self, rows: int) -> float:
         """Passes over `rows` training rows: the profile's epochs, more on a small dataset (min_samples_seen)."""
@@ -90,4 +92,6 @@ class BuildConfig(BaseModel):
                                         "evaluates its thresholds on them and writes them to holdout.tsv")
     train_samples: int | None = Field(None, ge=2, description="overrides the profile")
     epochs: float | None = Field(None, gt=0, description="overrides the profile")
+    distillation_weight: float | None = Field(None, ge=0, description="overrides the profile's: weight of the "
+                                              "early exits' KL divergence from the final exit's detached answer")
     cost_model: CostModel = CostModel()

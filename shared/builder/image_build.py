@@ -86,7 +86,8 @@ def train_image_model(config: BuildConfig) -> TrainedModel:
                          pixel_mean=float(scaled.mean()), pixel_std=float(scaled.std()) or 1.0)
     settings = TrainSettings(epochs=config.epochs or profile.epochs, batch_size=profile.batch_size,
                              learning_rate=profile.learning_rate, head_learning_rate=profile.learning_rate,
-                             freeze_encoder=config.freeze_encoder, seed=config.seed)
+                             freeze_encoder=config.freeze_encoder, seed=config.seed,
+                             distillation_weight=config.distillation_weight or 0.0)
     training = train_loop(model, _epoch(fit_set, settings.batch_size), len(fit_set), settings)
     sample = test_set.images[np.random.default_rng(config.seed).permutation(len(test_set))[:CHAIN_CHECK_IMAGES]]
 

@@ -33,6 +33,10 @@ class TrainSettings:
     warmup_fraction: float = 0.06
     weight_decay: float = 0.01
     exit_weights: tuple[float, ...] = (1.0, 1.0, 1.0)
+    # Weight of each early exit's KL divergence from the final exit's (detached) answer: the early
+    # heads learn from the final exit's soft labels without pulling the layers the final exit uses
+    # toward their own answer.
+    distillation_weight: float = 0.0
     freeze_encoder: bool = False
     seed: int = 0
 
@@ -96,6 +100,8 @@ def train_loop(
                     break
                 logits = model(*inputs)
                 loss = sum(w * loss_fn(x, target) for w, x in zip(weights, logits, strict=True)) / sum(weights)
+                if settings.distillation_weight:
+                    loss = loss + settings.distillation_weight * distillation_loss(logits)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -109,6 +115,14 @@ def train_loop(
     model.eval()
     seconds = time.perf_counter() - started
     return {"loss": running, "samples_per_second": seen / seconds, "seconds": seconds, "steps": step}
+
+
+def distillation_loss(logits: list[torch.Tensor]) -> torch.Tensor:
+    """Mean KL(final || early exit) over the early exits, the final exit's answer detached (a teacher
+    that is not trained by its students)."""
+    teacher = torch.softmax(logits[-1].detach(), dim=-1)
+    losses = [nn.functional.kl_div(torch.log_softmax(x, dim=-1), teacher, reduction="batchmean") for x in logits[:-1]]
+    return torch.stack(losses).mean()
 
 
 class LineProgress:

@@ -82,6 +82,9 @@ def add_build_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--freeze-encoder", action="store_true", help="train the exit heads only (default: all)")
     p.add_argument("--train-samples", type=int, help="override the profile's number of training samples")
     p.add_argument("--epochs", type=float, help="override the profile's epochs")
+    p.add_argument("--distillation-weight", type=float, metavar="W",
+                   help="weight of the early exits' KL divergence from the final exit's answer, which is not "
+                        "trained by it (default: the profile's)")
     p.add_argument("--force", action="store_true",
                    help="rebuild even if a build with this config exists, and replace a model trained on other data")
     p.set_defaults(handler=run_build)
@@ -103,6 +106,7 @@ def run_build(args: argparse.Namespace) -> int:
             seed=args.seed, policy=args.policy, p_tar=args.p_tar, target=args.target, max_drop_points=args.max_drop,
             delta=args.delta, max_length=args.max_length, freeze_encoder=args.freeze_encoder,
             label_names=args.labels, train_samples=args.train_samples, epochs=args.epochs,
+            distillation_weight=args.distillation_weight,
             text_columns=args.text_column, second_text_columns=args.second_text_column,
             label_column=args.label_column, header=args.header, quoting=args.quoting,
             test_fraction=args.test_fraction, calibration_samples=args.calibration_samples,
