@@ -2,8 +2,9 @@
 and tierserve's three tiers at their default thresholds, driven by one load generator over the Open
 Inference Protocol gRPC: SST-2 dev, one text per request, concurrency 1, 8 and 32.
 
-`python -m bench.peers --artifacts artifacts/default [--blocks 3 --seconds 3]`. All three servers run at
-once; the measurement alternates between them (block 1: level 1 A B C, level 8 A B C, ...; then
+`python -m bench.peers --artifacts artifacts/default [--blocks 3 --seconds 3]`. Every server and variant
+runs at once (the idle ones share the cores; `--kserve-variants default --three-tier-variants default`
+leaves one of each); the measurement alternates between them (block 1: level 1 A B C, level 8 A B C, ...; then
 block 2, ...) so that the machine's drift hits every server alike, and each figure is the median over
 blocks with its min..max. Accuracy: every dev text once per server, after the load.
 
@@ -333,7 +334,7 @@ def run(artifacts: Path, data: str | None = None, limit: int | None = None, out:
     for level in levels:
         for server in cells:
             s = summary["stats"][server][level]
-            side = next((s for s in ("cloud-only", "three-tier") if server.startswith(s)), server)
+            side = next((name for name in ("cloud-only", "three-tier") if server.startswith(name)), server)
             ratio = summary["ratios"].get(side, {}).get(level)
             ratio = ratio if ratio is None or ratio["ours"] == server else None
             rows.append([level, server, _spread(s["throughput_per_s"]), _spread(s["p50_ms"]), _spread(s["p99_ms"]),
@@ -392,9 +393,16 @@ def main(argv: list[str] | None = None) -> None:
                         help="the three tiers at their defaults and/or with the entry tier running two batches "
                         "side by side (%(default)s)")
     args = parser.parse_args(argv)
+    chosen = {}
+    for flag, value, known in (("--kserve-variants", args.kserve_variants, KSERVE_VARIANTS),
+                               ("--three-tier-variants", args.three_tier_variants, THREE_TIER_VARIANTS)):
+        chosen[flag] = [v for v in value.split(",") if v]
+        unknown = [v for v in chosen[flag] if v not in known]
+        if unknown or not chosen[flag]:
+            parser.error(f"{flag} takes one or more of {', '.join(known)} (comma-separated), got {value!r}")
     run(args.artifacts, args.data, args.limit, args.out, args.seconds, args.blocks,
         tuple(int(x) for x in args.levels.split(",")), args.generator, args.chroot, args.kserve_venv,
-        [v for v in args.kserve_variants.split(",") if v], [v for v in args.three_tier_variants.split(",") if v])
+        chosen["--kserve-variants"], chosen["--three-tier-variants"])
 
 
 if __name__ == "__main__":

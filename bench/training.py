@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -116,8 +117,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="rows of train (after the pool is held out): one variant per value")
     parser.add_argument("--learning-rate", type=float, nargs="+", default=[None],
                         help="the encoder's peak learning rate (default: the quick profile's): one variant per value")
-    parser.add_argument("--distillation-weight", type=float, nargs="+", default=[0.0],
-                        help="the early exits' KL weight toward the final exit's detached answer; one variant each")
+    parser.add_argument("--distillation-weight", type=float, nargs="+", default=[None],
+                        help="the early exits' KL weight toward the final exit's detached answer (default: the "
+                        "quick profile's): one variant per value")
     parser.add_argument("--max-drop", type=float, default=0.3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=RESULTS / "training")
@@ -132,12 +134,13 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--exit-weights needs three non-negative weights, not all zero, got {args.exit_weights}")
     if any(lr is not None and lr <= 0 for lr in args.learning_rate):
         parser.error(f"--learning-rate must be positive, got {args.learning_rate}")
-    if any(d < 0 for d in args.distillation_weight):
-        parser.error(f"--distillation-weight must be non-negative, got {args.distillation_weight}")
+    if any(d is not None and not (math.isfinite(d) and d >= 0) for d in args.distillation_weight):
+        parser.error(f"--distillation-weight must be a non-negative number, got {args.distillation_weight}")
     variants = []
     for epochs, samples, lr, exit_weights, distill in itertools.product(
             args.epochs, args.train_samples, args.learning_rate, weights, args.distillation_weight):
         lr = lr or PROFILES["quick"].learning_rate
+        distill = PROFILES["quick"].distillation_weight if distill is None else distill
         print(f"training: {epochs:g} epoch(s) over {samples} sentences, learning rate {lr:g}, exit loss weights "
               f"{exit_weights}, distillation weight {distill:g}", flush=True)
         trained = train_variant(epochs, args.pool, samples, args.seed, exit_weights, lr, distill)

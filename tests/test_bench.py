@@ -277,3 +277,15 @@ def test_peers_takes_each_sides_best_variant_against_kserves_best() -> None:
     goals = _goals(summary, [32])
     assert goals["three_tier_throughput_x_kserve_c32"]["met"] and not goals["three_tier_p99_x_kserve_c32"]["met"]
     assert not goals["cloud_only_throughput_x_kserve"]["met"]
+
+
+@pytest.mark.parametrize("flags", [["--three-tier-variants", "fast"], ["--three-tier-variants", ""],
+                                   ["--kserve-variants", "default,nope"]])
+def test_peers_refuses_unknown_variants_before_starting_anything(flags: list[str],
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    from bench.peers import THREE_TIER_VARIANTS, main
+
+    assert all(name.startswith("three-tier") for name, _ in THREE_TIER_VARIANTS.values())  # how ratios find them
+    with pytest.raises(SystemExit) as stopped:
+        main(["--artifacts", "/nonexistent", *flags])
+    assert stopped.value.code == 2 and flags[0] in capsys.readouterr().err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -79,6 +80,19 @@ def test_a_changed_profile_is_not_a_cached_build(tiny_artifacts: Path, tmp_path:
                                                                     if k != PROFILE_KEY}
         (tmp_path / CONFIG_FILE).write_text(json.dumps(changed))
         assert not _same_config(tmp_path / CONFIG_FILE, config)  # a release's profile changed, or an older file
+
+
+def test_a_build_of_other_profile_settings_says_it_rebuilds(tiny_artifacts: Path, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture) -> None:
+    from shared.builder.build import CONFIG_FILE, PROFILE_KEY
+
+    out = tmp_path / "old-release"
+    shutil.copytree(tiny_artifacts, out)
+    recorded = json.loads((out / CONFIG_FILE).read_text())
+    (out / CONFIG_FILE).write_text(json.dumps({k: v for k, v in recorded.items() if k != PROFILE_KEY}))
+    build(BuildConfig.model_validate(recorded), out)
+    assert "other tiny profile settings than this release's" in capsys.readouterr().out
+    assert json.loads((out / CONFIG_FILE).read_text())[PROFILE_KEY] == recorded[PROFILE_KEY]
 
 
 def test_manifest_round_trips(tiny_artifacts: Path, tmp_path: Path) -> None:
@@ -278,11 +292,15 @@ def test_distillation_teaches_the_early_exits_without_training_the_teacher() -> 
     final = torch.tensor([[2.0, -1.0], [0.5, 0.3]], requires_grad=True)
     agreeing = final.detach().clone().requires_grad_(True)
     assert distillation_loss([agreeing, final]).item() == pytest.approx(0.0, abs=1e-7)
+    assert distillation_loss([final]).item() == 0.0  # a single exit has no student
     early = torch.tensor([[-1.0, 2.0], [0.0, 0.0]], requires_grad=True)
     loss = distillation_loss([early, agreeing, final])
-    assert loss.item() > 0
+    # KL(teacher || student) per sample, averaged over samples and then over the early exits
+    p = torch.softmax(final.detach(), -1)
+    expected = [(p * (p.log() - torch.log_softmax(x.detach(), -1))).sum(-1).mean() for x in (early, agreeing)]
+    assert loss.item() == pytest.approx(float(sum(expected)) / 2, rel=1e-6)
     loss.backward()
-    assert final.grad is None  # the teacher's answer is detached: the final exit learns from labels only
+    assert final.grad is None  # the teacher's answer is detached: the final head learns from labels only
     assert early.grad is not None and early.grad.abs().sum() > 0
     # the first row's student puts its weight on the wrong class: the gradient pushes it toward class 0
     assert early.grad[0, 0] < 0 < early.grad[0, 1]

@@ -239,7 +239,7 @@ def test_opt_in_the_mobile_answers_early_and_says_so_while_the_edge_is_overloade
         tiny_artifacts: Path, tmp_path: Path) -> None:
     """overload_threshold: while the edge refuses for load, the mobile exit answers what it would
     have forwarded, each answer flagged; once the edge has room again, samples go to it as before."""
-    from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
     flags = {"mobile": {"threshold": 0.999, "overload_threshold": 0.0},
              "edge": {"inject_delay_ms": 1500, "max_inflight_samples": 2, "max_batch": 2}}
@@ -247,7 +247,10 @@ def test_opt_in_the_mobile_answers_early_and_says_so_while_the_edge_is_overloade
             TierClient(started.entry_address, timeout=30) as tier_client:
         with ThreadPoolExecutor(3) as pool:  # 3 x 2 samples for an edge that takes 2 at once: refusals
             filling = [pool.submit(tier_client.classify, TEXTS[2 * i:2 * i + 2]) for i in range(3)]
-            time.sleep(0.4)  # the refusals are in; the edge is still busy
+            # the first to come back was refused (the others wait on the edge's delay): the mobile has seen
+            # the refusal, and the edge is still busy (a fixed sleep raced the refusal on a loaded machine)
+            done, _ = wait(filling, timeout=5, return_when=FIRST_COMPLETED)
+            assert done and all(a.degraded for f in done for a in f.result())
             began = time.monotonic()
             early = tier_client.classify(TEXTS[10:12])
             early_seconds = time.monotonic() - began

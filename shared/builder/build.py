@@ -1,7 +1,8 @@
 """One build: data -> early-exit model -> training -> calibration -> thresholds -> ONNX -> report.
 
 `build(config, out)` writes an artifact folder (manifest.json, three slices, tokenizer.json for
-text, report.json, PNGs). A folder whose build_config.json equals the requested config is reused.
+text, report.json, PNGs). A folder whose build_config.json records the requested config and the
+profile's current settings is reused.
 The family (text: a BERT encoder on texts; image: a CNN on images, shared.builder.image_build)
 supplies data, model, training and export (shared.builder.family.TrainedModel); the rest is shared.
 """
@@ -107,10 +108,14 @@ def build(config: BuildConfig, out: str | Path, force: bool = False) -> Path:
     """Build (or reuse) the artifact folder `out`; returns its path."""
     out = Path(out)
     config_json = json.dumps({**config.model_dump(mode="json"), PROFILE_KEY: _profile_settings(config)}, indent=2)
-    if not force and _same_config(out / CONFIG_FILE, config):
-        load_manifest(out)  # a cached build must still be whole
-        print(f"cached build in {out} (same config); use --force to rebuild")
-        return out
+    recorded, recorded_profile = _recorded_config(out / CONFIG_FILE)
+    if not force and recorded == config:
+        if recorded_profile == _profile_settings(config):
+            load_manifest(out)  # a cached build must still be whole
+            print(f"cached build in {out} (same config); use --force to rebuild")
+            return out
+        print(f"{out} was built with other {config.profile} profile settings than this release's (training "
+              "changed): rebuilding it", flush=True)
     if not force:
         _refuse_other_data(out, config)
     started = time.perf_counter()
@@ -214,15 +219,23 @@ def write_holdout(path: Path, rows: list[list[str]]) -> Path:
     return path
 
 
-def _same_config(path: Path, config: BuildConfig) -> bool:
-    """Whether `path` records this config (fields added since it was written count as defaults) and the
-    profile's settings as they are now: a release that changes a profile's training rebuilds."""
+def _recorded_config(path: Path) -> tuple[BuildConfig | None, Any]:
+    """The config `path` records (fields added since it was written count as defaults) and the profile
+    settings it was built with (None where it predates them); (None, None) where unreadable."""
     try:
         recorded = json.loads(path.read_text()) if path.is_file() else None
-        return (isinstance(recorded, dict) and BuildConfig.model_validate(recorded) == config
-                and recorded.get(PROFILE_KEY) == _profile_settings(config))
-    except ValueError:
-        return False
+        if not isinstance(recorded, dict):
+            return None, None
+        return BuildConfig.model_validate(recorded), recorded.get(PROFILE_KEY)
+    except (OSError, ValueError):
+        return None, None
+
+
+def _same_config(path: Path, config: BuildConfig) -> bool:
+    """Whether `path` records this config and the profile's settings as they are now: a release that
+    changes a profile's training rebuilds."""
+    recorded, profile = _recorded_config(path)
+    return recorded == config and profile == _profile_settings(config)
 
 
 def _profile_settings(config: BuildConfig) -> dict[str, Any]:

@@ -93,6 +93,7 @@ class BuildConfig(BaseModel):
                                         "evaluates its thresholds on them and writes them to holdout.tsv")
     train_samples: int | None = Field(None, ge=2, description="overrides the profile")
     epochs: float | None = Field(None, gt=0, description="overrides the profile")
-    distillation_weight: float | None = Field(None, ge=0, description="overrides the profile's: weight of the "
-                                              "early exits' KL divergence from the final exit's detached answer")
+    distillation_weight: float | None = Field(
+        None, ge=0, allow_inf_nan=False,
+        description="overrides the profile's: weight of the early exits' KL divergence from the final exit's answer")
     cost_model: CostModel = CostModel()

@@ -33,9 +33,9 @@ class TrainSettings:
     warmup_fraction: float = 0.06
     weight_decay: float = 0.01
     exit_weights: tuple[float, ...] = (1.0, 1.0, 1.0)
-    # Weight of each early exit's KL divergence from the final exit's (detached) answer: the early
-    # heads learn from the final exit's soft labels without pulling the layers the final exit uses
-    # toward their own answer.
+    # Weight of the early exits' KL divergence from the final exit's answer. The answer is detached: the
+    # final head and the layers above the last early exit learn from the labels only (the layers the
+    # exits share still get the students' gradient).
     distillation_weight: float = 0.0
     freeze_encoder: bool = False
     seed: int = 0
@@ -118,8 +118,10 @@ def train_loop(
 
 
 def distillation_loss(logits: list[torch.Tensor]) -> torch.Tensor:
-    """Mean KL(final || early exit) over the early exits, the final exit's answer detached (a teacher
-    that is not trained by its students)."""
+    """Mean KL(final || early exit) over the early exits, per sample, the final exit's answer detached
+    (its head is not trained by its students); zero with a single exit."""
+    if len(logits) < 2:
+        return logits[0].new_zeros(())
     teacher = torch.softmax(logits[-1].detach(), dim=-1)
     losses = [nn.functional.kl_div(torch.log_softmax(x, dim=-1), teacher, reduction="batchmean") for x in logits[:-1]]
     return torch.stack(losses).mean()
