@@ -70,16 +70,20 @@ def test_second_build_with_same_config_is_cached(tiny_artifacts: Path, capsys: p
 
 
 def test_a_changed_profile_is_not_a_cached_build(tiny_artifacts: Path, tmp_path: Path) -> None:
-    from shared.builder.build import CONFIG_FILE, PROFILE_KEY, _same_config
+    from shared.builder.build import CONFIG_FILE, PROFILE_KEY, _profile_settings, _recorded_config
+
+    def same(path: Path, config: BuildConfig) -> bool:  # what build() takes for a cached build
+        recorded, profile = _recorded_config(path)
+        return recorded == config and profile == _profile_settings(config)
 
     recorded = json.loads((tiny_artifacts / CONFIG_FILE).read_text())
     config = BuildConfig.model_validate(recorded)
-    assert _same_config(tiny_artifacts / CONFIG_FILE, config)
+    assert same(tiny_artifacts / CONFIG_FILE, config)
     for change in ({**recorded[PROFILE_KEY], "distillation_weight": 9.0}, None):
         changed = {**recorded, PROFILE_KEY: change} if change else {k: v for k, v in recorded.items()
                                                                     if k != PROFILE_KEY}
         (tmp_path / CONFIG_FILE).write_text(json.dumps(changed))
-        assert not _same_config(tmp_path / CONFIG_FILE, config)  # a release's profile changed, or an older file
+        assert not same(tmp_path / CONFIG_FILE, config)  # a release's profile changed, or an older file
 
 
 def test_a_build_of_other_profile_settings_says_it_rebuilds(tiny_artifacts: Path, tmp_path: Path,
@@ -93,6 +97,18 @@ def test_a_build_of_other_profile_settings_says_it_rebuilds(tiny_artifacts: Path
     build(BuildConfig.model_validate(recorded), out)
     assert "other tiny profile settings than this release's" in capsys.readouterr().out
     assert json.loads((out / CONFIG_FILE).read_text())[PROFILE_KEY] == recorded[PROFILE_KEY]
+
+
+def test_a_model_without_a_readable_build_config_is_not_replaced(tiny_artifacts: Path, tmp_path: Path) -> None:
+    from shared.builder.build import CONFIG_FILE
+
+    out = tmp_path / "model"
+    shutil.copytree(tiny_artifacts, out)
+    config = BuildConfig.model_validate_json((out / CONFIG_FILE).read_text())
+    (out / CONFIG_FILE).write_text("{not json")
+    with pytest.raises(BuildInputError, match=f"holds a model without a readable {CONFIG_FILE}: pass --out"):
+        build(config, out)
+    assert (out / CONFIG_FILE).read_text() == "{not json"
 
 
 def test_manifest_round_trips(tiny_artifacts: Path, tmp_path: Path) -> None:

@@ -289,6 +289,7 @@ def test_build_flags_reach_the_config(tmp_path: Path) -> None:
     assert default_out("image", None) == Path("artifacts/fashion-mnist")
     assert main(["build", "--data", "x.csv", "--test-fraction", "1.5"]) == 2
 
+
 def test_a_bad_distillation_weight_is_refused_before_any_work(tmp_path: Path,
                                                               capsys: pytest.CaptureFixture[str]) -> None:
     for weight in ("-1", "inf", "nan"):

@@ -107,17 +107,18 @@ def check_split_points(points: tuple[int, int, int] | None, num_layers: int) -> 
 def build(config: BuildConfig, out: str | Path, force: bool = False) -> Path:
     """Build (or reuse) the artifact folder `out`; returns its path."""
     out = Path(out)
-    config_json = json.dumps({**config.model_dump(mode="json"), PROFILE_KEY: _profile_settings(config)}, indent=2)
+    profile_settings = _profile_settings(config)
+    config_json = json.dumps({**config.model_dump(mode="json"), PROFILE_KEY: profile_settings}, indent=2)
     recorded, recorded_profile = _recorded_config(out / CONFIG_FILE)
     if not force and recorded == config:
-        if recorded_profile == _profile_settings(config):
+        if recorded_profile == profile_settings:
             load_manifest(out)  # a cached build must still be whole
             print(f"cached build in {out} (same config); use --force to rebuild")
             return out
         print(f"{out} was built with other {config.profile} profile settings than this release's (training "
               "changed): rebuilding it", flush=True)
     if not force:
-        _refuse_other_data(out, config)
+        _refuse_other_data(out, recorded, config)
     started = time.perf_counter()
     torch.manual_seed(config.seed)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or 0) or max(1, os.cpu_count() or 1))
@@ -187,13 +188,12 @@ DATA_FIELDS = ("family", "data", "text_columns", "second_text_columns", "label_c
                "test_fraction")
 
 
-def _refuse_other_data(out: Path, config: BuildConfig) -> None:
-    """A build never replaces a model trained on other data (another dataset, other columns) without --force."""
+def _refuse_other_data(out: Path, old: BuildConfig | None, config: BuildConfig) -> None:
+    """A build never replaces a model trained on other data (another dataset, other columns) without --force;
+    `old` is the config out's build_config.json records (None: missing or unreadable)."""
     if not (out / "manifest.json").is_file():
         return
-    try:
-        old = BuildConfig.model_validate_json((out / CONFIG_FILE).read_text())
-    except (OSError, ValueError):
+    if old is None:
         raise BuildInputError(f"{out.resolve()} holds a model without a readable {CONFIG_FILE}: pass --out to build "
                               "elsewhere, or --force to replace it") from None
     changed = [f for f in DATA_FIELDS if _data_key(f, getattr(old, f)) != _data_key(f, getattr(config, f))]
@@ -229,13 +229,6 @@ def _recorded_config(path: Path) -> tuple[BuildConfig | None, Any]:
         return BuildConfig.model_validate(recorded), recorded.get(PROFILE_KEY)
     except (OSError, ValueError):
         return None, None
-
-
-def _same_config(path: Path, config: BuildConfig) -> bool:
-    """Whether `path` records this config and the profile's settings as they are now: a release that
-    changes a profile's training rebuilds."""
-    recorded, profile = _recorded_config(path)
-    return recorded == config and profile == _profile_settings(config)
 
 
 def _profile_settings(config: BuildConfig) -> dict[str, Any]:
