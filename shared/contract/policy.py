@@ -6,21 +6,24 @@ Cloud-only (the baseline) costs o_mc + L*lam_cloud.
 
 Both policies choose thresholds with a guarantee over the calibration draw (Learn-then-Test,
 Angelopoulos et al. 2021, as CALM does for early exits): candidate thresholds are tested in a
-fixed order, from the most to the least conservative, each with an exact binomial test at level
-delta, and the search stops at the first one that fails. Fixed-sequence testing spends no extra
+fixed order, from the most to the least conservative, each with an exact test at level delta (a
+binomial one for p_tar's accuracy, a paired one for the cost policy's drop: drop_bound.py), and the
+search stops at the first one that fails. Fixed-sequence testing spends no extra
 error on the number of candidates, so with probability >= 1 - delta no accepted threshold breaks
 its target on the population the calibration split was drawn from.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
 
-from shared.contract.bounds import binomial_tail, clopper_pearson_lower, clopper_pearson_upper
+from shared.contract.bounds import binomial_tail, clopper_pearson_lower
+from shared.contract.drop_bound import drop_certified, drop_upper_bound_from_counts
 from shared.contract.manifest import NEVER_EXIT, TIERS, CostModel, PolicySpec
 
 DEFAULT_DELTA = 0.1
@@ -29,8 +32,6 @@ DEFAULT_DELTA = 0.1
 GRID = 50
 START_ERRORS = 2
 Target = Literal["accuracy", "consistency"]
-# drop_upper_bound: the share of delta spent on the answers the early exits gain
-_GAIN_SHARE = 0.1
 
 
 def exit_costs(split_points: tuple[int, int, int], cost: CostModel) -> np.ndarray:
@@ -200,24 +201,17 @@ def p_tar_thresholds(probs: list[np.ndarray], labels: np.ndarray | None, p_tar: 
 
 def drop_upper_bound(final_correct: np.ndarray, system_correct: np.ndarray, delta: float = DEFAULT_DELTA) -> float:
     """Exact upper bound (probability >= 1 - delta), in accuracy (not points), on the accuracy drop
-    of the system against the final exit, from paired per-sample outcomes.
+    of the system against the final exit, from paired per-sample outcomes: the smallest budget the
+    exact paired test of shared.contract.drop_bound certifies (to 0.001 points)."""
+    lost, gained, n = _lost_gained(final_correct, system_correct)
+    return drop_upper_bound_from_counts(lost, gained, n, delta)
 
-    drop = P(final right, system wrong) - P(final wrong, system right): an upper Clopper-Pearson
-    bound on the first rate minus a lower one on the second, the two levels summing to delta.
-    Exact for any distribution, and wider than the normal approximation it replaced: the two
-    counts are bounded apart, so their negative correlation is not credited. Most of delta goes to
-    the answers lost: at a budget of a few tenths of a point they are a handful, and their bound
-    decides; the gained ones are only a credit.
-    """
+
+def _lost_gained(final_correct: np.ndarray, system_correct: np.ndarray) -> tuple[int, int, int]:
     final_correct = np.asarray(final_correct, dtype=bool)
     system_correct = np.asarray(system_correct, dtype=bool)
-    n = len(final_correct)
-    if n == 0:
-        return 0.0
-    lost = int(np.sum(final_correct & ~system_correct))
-    gained = int(np.sum(~final_correct & system_correct))
-    return (clopper_pearson_upper(lost, n, (1 - _GAIN_SHARE) * delta)
-            - clopper_pearson_lower(gained, n, _GAIN_SHARE * delta))
+    return (int(np.sum(final_correct & ~system_correct)), int(np.sum(~final_correct & system_correct)),
+            len(final_correct))
 
 
 @dataclass(frozen=True)
@@ -229,8 +223,15 @@ class PathStep:
     relative_cost: float
     lost: int  # answers the final exit gets right and the system does not
     gained: int  # answers the system gets right and the final exit does not
-    drop_bound: float  # accuracy units
-    certified: bool  # the bound is within the budget
+    samples: int
+    delta: float  # the level this path's tests ran at
+    certified: bool  # the test rejected a drop of the budget or more
+
+    @functools.cached_property
+    def drop_bound(self) -> float:
+        """Upper bound (1 - delta) on the drop at these thresholds, accuracy units (computed on demand:
+        each takes a second or two)."""
+        return drop_upper_bound_from_counts(self.lost, self.gained, self.samples, self.delta)
 
 
 @dataclass(frozen=True)
@@ -239,12 +240,21 @@ class CostAwareChoice:
     relative_cost: float
     accuracy: float
     final_accuracy: float
-    drop_bound: float  # upper bound (1 - delta) on the drop at these thresholds, accuracy units
     tested: int  # candidates tested, over every path
-    edge_exponent: float | None = None  # the path the choice lies on (None: no early exit passed)
+    step: PathStep | None = None  # the chosen candidate (None: no early exit passed)
     # per path, where its walk stopped: the last candidate certified and the first refused (either
     # missing when the walk refused its first candidate or certified its last)
     stops: tuple[PathStep, ...] = ()
+
+    @property
+    def edge_exponent(self) -> float | None:
+        """The path the choice lies on (None: no early exit passed)."""
+        return None if self.step is None else self.step.edge_exponent
+
+    @property
+    def drop_bound(self) -> float:
+        """Upper bound (1 - delta) on the drop at these thresholds, accuracy units (0 with no early exit)."""
+        return 0.0 if self.step is None else self.step.drop_bound
 
 
 # The cost policy's path: the edge's error allowance (1 - threshold) is the mobile's raised to an
@@ -298,31 +308,30 @@ def cost_aware_thresholds(
     costs = exit_costs(split_points, cost)
     baseline = cloud_only_cost(split_points, cost)
     correct = [p.argmax(-1) == labels for p in probs]
-    best = CostAwareChoice([NEVER_EXIT, NEVER_EXIT], float(costs[-1] / baseline), final, final, 0.0, 0)
+    best = CostAwareChoice([NEVER_EXIT, NEVER_EXIT], float(costs[-1] / baseline), final, final, 0)
     tested = 0
     stops: list[PathStep] = []
+    budget = max_drop_points / 100.0
     for exponent in exponents:
         last: PathStep | None = None
+        level = delta / len(exponents)
         for tau in path_thresholds(probs, grid):
             thresholds = [float(tau), edge_threshold(float(tau), exponent)]
             r = route(probs, thresholds)
             system_correct = np.choose(r.exit_index, correct)
-            bound = drop_upper_bound(final_correct, system_correct, delta / len(exponents))
+            lost, gained, n = _lost_gained(final_correct, system_correct)
             tested += 1
-            step = PathStep(exponent, thresholds, float(r.fractions() @ costs / baseline),
-                            int(np.sum(final_correct & ~system_correct)), int(np.sum(~final_correct & system_correct)),
-                            bound, bound <= max_drop_points / 100.0)
+            step = PathStep(exponent, thresholds, float(r.fractions() @ costs / baseline), lost, gained, n, level,
+                            drop_certified(lost, gained, n, budget, level))
             if not step.certified:
                 stops += [s for s in (last, step) if s is not None]
                 break
             last = step
             if step.relative_cost < best.relative_cost - 1e-12:
-                best = CostAwareChoice(thresholds, step.relative_cost, float(np.mean(system_correct)), final, bound, 0,
-                                       exponent)
+                best = CostAwareChoice(thresholds, step.relative_cost, float(np.mean(system_correct)), final, 0, step)
         else:  # the walk certified every candidate
             stops += [last] if last is not None else []
-    return CostAwareChoice(best.thresholds, best.relative_cost, best.accuracy, final, best.drop_bound, tested,
-                           best.edge_exponent, tuple(stops))
+    return CostAwareChoice(best.thresholds, best.relative_cost, best.accuracy, final, tested, best.step, tuple(stops))
 
 
 def choose_policy(
