@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 
@@ -17,8 +19,8 @@ from shared.contract.drop_bound import (
 N, BUDGET, DELTA = 1500, 0.003, 0.1  # the default build: 1,500 calibration sentences, 0.3 points
 
 
-def most_lost_certified(gained: int, certified: object) -> int:
-    return max([lost for lost in range(15) if certified(lost, gained)] + [-1])  # type: ignore[operator]
+def most_lost_certified(gained: int, certified: Callable[[int, int], bool]) -> int:
+    return max([lost for lost in range(15) if certified(lost, gained)] + [-1])
 
 
 def test_certifies_more_lost_answers_than_bounding_the_two_rates_apart() -> None:
@@ -47,17 +49,38 @@ def test_bound_is_where_certification_starts() -> None:
         assert bound >= (lost - gained) / N  # never below the observed drop
         assert drop_p_value(lost, gained, N, bound) <= level < drop_p_value(lost, gained, N, bound - 2e-5)
     # and the walk's certification at the default budget agrees with the bound
+    assert drop_certified(2, 2, N, BUDGET, DELTA) and not drop_certified(3, 2, N, BUDGET, DELTA)
     assert drop_upper_bound_from_counts(2, 2, N, DELTA) <= BUDGET < drop_upper_bound_from_counts(3, 2, N, DELTA)
 
 
-def test_size_at_the_boundary_stays_within_delta_on_a_finer_grid() -> None:
-    # the test is exact when the supremum over the nuisance rate is found: check it on a grid ten
-    # times finer than the test's own, where the p-value of the critical statistic is largest
-    for n, budget, delta in ((1500, 0.003, 0.1), (2000, 0.01, 0.05)):
-        t = drop_bound._critical(n, budget, delta)
-        top = (1 - budget) / 2
-        fine = np.unique(np.concatenate([np.linspace(0, 60 / n, 1201), np.geomspace(60 / n, top, 400)]))
-        assert max(drop_bound._tail(t, n, budget, p) for p in fine) <= delta
+def full_trinomial_tail(t: float, n: int, budget: float, p_gained: float) -> float:
+    """P(statistic <= t) summed over every (gained, lost) of n samples: no window, no shortcut."""
+    g, k = np.meshgrid(np.arange(n + 1), np.arange(n + 1), indexing="ij")
+    possible = g + k <= n
+    g, k = g[possible], k[possible]
+    log_fact = np.concatenate(([0.0], np.cumsum(np.log(np.arange(1, n + 1)))))
+    p_lost = p_gained + budget
+    def count_log(count: np.ndarray, p: float) -> np.ndarray:  # count * log(p), 0 where count is 0
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(count == 0, 0.0, count * np.log(p))
+
+    log_p = (log_fact[n] - log_fact[g] - log_fact[k] - log_fact[n - g - k] + count_log(g, p_gained)
+             + count_log(k, p_lost) + count_log(n - g - k, 1 - p_gained - p_lost))
+    return float(np.exp(log_p[drop_statistic(k, g, n, budget) <= t]).sum())
+
+
+@pytest.mark.parametrize("n, budget, delta", [(300, 0.01, 0.1), (500, 0.01, 0.05)])
+def test_size_at_the_boundary_stays_within_delta_by_a_full_sum(n: int, budget: float, delta: float) -> None:
+    # the test is exact when its supremum over the nuisance rate is: check the probability of
+    # certifying at the boundary pL = pG + budget by the full trinomial sum, on a grid of pG ten times
+    # finer than the test's own, up to the largest pG H0 allows
+    t = drop_bound._critical(n, budget, delta)
+    top = (1 - budget) / 2
+    fine = np.unique(np.concatenate([np.linspace(0, 60 / n, 601), np.linspace(60 / n, top - 1e-9, 300)]))
+    assert max(full_trinomial_tail(t, n, budget, p) for p in fine) <= delta
+    # and the test's own sum agrees with the full one where it looks
+    for p in (0.0, 5 / n, 0.2, top - 1e-9):
+        assert drop_bound._tail(t, n, budget, p) == pytest.approx(full_trinomial_tail(t, n, budget, p), abs=1e-6)
 
 
 def test_drop_is_covered_in_at_least_one_minus_delta_of_draws() -> None:
@@ -82,6 +105,10 @@ def test_statistic_and_refusals() -> None:
     assert drop_statistic(1, 5, N, BUDGET) < drop_statistic(3, 5, N, BUDGET)  # more lost: less evidence
     assert not drop_certified(0, 0, N, 0.0, DELTA)
     assert drop_certified(3, 0, N, 1.0, DELTA)  # a budget of everything always holds
+    assert not drop_certified(0, 0, 0, BUDGET, DELTA) and drop_upper_bound_from_counts(0, 0, 0, DELTA) == 1.0
+    # an observed drop above the budget is never evidence for one below it, whatever delta
+    assert drop_p_value(5, 0, 100, 0.045) == 1.0 and not drop_certified(5, 0, 100, 0.045, 0.8)
+    assert drop_upper_bound_from_counts(5, 0, 100, 0.8) >= 0.05
     with pytest.raises(ValueError, match="do not fit"):
         drop_certified(10, 5, 12, BUDGET, DELTA)
     with pytest.raises(ValueError, match="delta"):

@@ -239,7 +239,9 @@ def test_drop_upper_bound_counts_lost_and_gained_answers() -> None:
     assert drop_upper_bound(final, system, 0.1) == drop_upper_bound_from_counts(2, 1, 8, 0.1)
     assert drop_upper_bound(final, system, 0.1) > 1 / 8  # above the measured drop
     # identical answers: nothing lost, and the bound is the rate no loss in n rules out
-    assert drop_upper_bound(final, final, 0.1) == drop_upper_bound_from_counts(0, 0, 8, 0.1) > 0.2
+    assert drop_upper_bound(final, final, 0.1) == drop_upper_bound_from_counts(0, 0, 8, 0.1)
+    # where nothing is lost or gained, only a loss-free draw is as extreme: (1 - b)^8 = delta
+    assert drop_upper_bound(final, final, 0.1) == pytest.approx(1 - (0.1 * 0.995) ** (1 / 8), abs=2e-5)
 
 
 def test_cost_aware_path_stops_at_first_failure_and_smaller_delta_is_more_careful() -> None:

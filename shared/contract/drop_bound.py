@@ -4,18 +4,22 @@ Each calibration sample is one of three outcomes: the final exit right and the s
 rate pL), the reverse (gained, pG), or neither. The drop is pL - pG. The cost policy certifies a
 threshold when it rejects H0: pL - pG >= b (b the budget) at level delta.
 
-The test is exact and unconditional, as for a paired non-inferiority trial (Tango's score statistic,
-Tango 1998; the supremum over the nuisance rate as in Berger and Sidik 2003): the statistic is the
-observed drop minus b over its standard error with the rates fitted under H0, and its p-value is the
-largest probability, over every pG with pL = pG + b, of a statistic as low as the one observed. The
-boundary pL = pG + b holds the supremum over all of H0: at a fixed pG a larger pL only adds lost
-answers, which raises the statistic. Bounding the two rates apart (an upper bound on pL minus a lower
-one on pG, each with a share of delta) is also exact but spends delta twice and ignores that the
-two counts move together; at 1,500 samples and a 0.3-point budget it certified one lost answer
-whatever the gains, this test two with one gained (tests/test_drop_bound.py pins both).
+The test is exact and unconditional, as for a paired non-inferiority trial: Tango's score
+statistic (Tango 1998), the observed drop minus b over its standard error with the rates fitted
+under H0, and as p-value the largest probability, over every pG with pL = pG + b, of a statistic as
+low as the one observed (the plain supremum over the nuisance rate). The boundary pL = pG + b holds
+the supremum over all of H0: at a fixed pG a larger pL makes more lost answers likely, and where the
+statistic is <= 0 it rises with the lost count (so certification asks for a statistic <= 0: an
+observed drop above the budget is never evidence for one below it, whatever delta).
+
+Bounding the two rates apart (an upper bound on pL minus a lower one on pG, each with a share of
+delta) is also exact but spends delta twice and ignores that the two counts move together: at
+1,500 samples and a 0.3-point budget it certified one lost answer whatever the gains, this test
+two with one gained (tests/test_drop_bound.py pins both).
 
 The supremum is taken over a grid of pG: fine where few samples are discordant (where it lies when
-the counts are a handful) and geometric up to the largest pG H0 allows. numpy only, as bounds.py.
+the counts are a handful) and geometric up to the largest pG H0 allows; tests/test_drop_bound.py
+checks the size against a full trinomial sum on a grid ten times finer. numpy only, as bounds.py.
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ import math
 
 import numpy as np
 
-# window of each binomial kept around its mean, in standard deviations: the mass beyond is < 1e-8
+# window of each count kept around its mean, in standard deviations plus one count: the mass left
+# out is below 1e-6 even where the mean is a fraction of a count, far inside the margin below
 _WINDOW_SD = 6.0
 # the nuisance grid: linear over the first _LINEAR_EXPECTED discordant samples' worth of pG, at a step
 # of _LINEAR_STEP samples, then _GEOMETRIC_POINTS up to the largest pG
@@ -43,13 +48,13 @@ def drop_statistic(lost: np.ndarray | int, gained: np.ndarray | int, n: int, bud
     speak against H0). Where its variance is zero (budget 0, nothing discordant) it is +inf: no
     evidence at all."""
     lost_f, gained_f = np.asarray(lost, dtype=np.float64), np.asarray(gained, dtype=np.float64)
-    b = budget
-    # the restricted maximum-likelihood pG under pL = pG + b: the non-negative root of
-    # 2n p^2 - B p - C = 0 (Tango 1998, eq. 4)
-    big_b = lost_f * (1 - b) + gained_f * (1 - 3 * b) - 2 * b * (n - lost_f - gained_f)
-    p_gained = (big_b + np.sqrt(big_b * big_b + 8 * n * gained_f * b * (1 - b))) / (4 * n)
-    variance = n * (2 * p_gained + b - b * b)
-    numerator = lost_f - gained_f - n * b
+    # the restricted maximum-likelihood pG under pL = pG + budget: the non-negative root of
+    # 2n p^2 - linear p - constant = 0 (Tango 1998)
+    linear = lost_f * (1 - budget) + gained_f * (1 - 3 * budget) - 2 * budget * (n - lost_f - gained_f)
+    constant = gained_f * budget * (1 - budget)
+    p_gained = (linear + np.sqrt(linear * linear + 8 * n * constant)) / (4 * n)
+    variance = n * (2 * p_gained + budget - budget * budget)
+    numerator = lost_f - gained_f - n * budget
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(variance > 0, numerator / np.sqrt(np.maximum(variance, 1e-300)), np.inf)
 
@@ -74,18 +79,20 @@ def _log_binomial(k: np.ndarray, m: np.ndarray | int, p: float, log_fact: np.nda
 def _tail(t: float, n: int, budget: float, p_gained: float) -> float:
     """P(statistic <= t) when pG = p_gained and pL = p_gained + budget (a trinomial of n)."""
     log_fact = _log_factorials(n)
-    q = min(1.0, (p_gained + budget) / (1 - p_gained))  # P(lost | not gained)
-    sd_g, sd_l = math.sqrt(n * p_gained * (1 - p_gained)), math.sqrt(n * q * (1 - q))
-    gained = _window(n * p_gained, sd_g, n)
-    lost = _window(n * q, sd_l + sd_g, n)
+    p_lost = min(1.0, p_gained + budget)
+    p_lost_if_not_gained = min(1.0, p_lost / (1 - p_gained))
+    gained = _window(n * p_gained, math.sqrt(n * p_gained * (1 - p_gained)), n)
+    # the lost count's window around its marginal mean (Binomial(n, pL)), whose tails bound the
+    # joint mass left out
+    lost = _window(n * p_lost, math.sqrt(n * p_lost * (1 - p_lost)), n)
     if t <= 0:  # a statistic <= 0 needs lost <= gained + n * budget
-        lost = lost[lost <= gained[-1] + math.ceil(n * budget)]
+        lost = lost[lost <= gained[-1] + math.floor(n * budget)]
     g, k = np.meshgrid(gained, lost, indexing="ij")
     inside = (g + k <= n) & (drop_statistic(k, g, n, budget) <= t)
     if not inside.any():
         return 0.0
     g, k = g[inside], k[inside]
-    log_p = _log_binomial(g, n, p_gained, log_fact) + _log_binomial(k, n - g, q, log_fact)
+    log_p = _log_binomial(g, n, p_gained, log_fact) + _log_binomial(k, n - g, p_lost_if_not_gained, log_fact)
     return float(np.exp(log_p).sum())
 
 
@@ -103,25 +110,32 @@ def _p_value_of(t: float, n: int, budget: float) -> float:
 
 
 def drop_p_value(lost: int, gained: int, n: int, budget: float) -> float:
-    """The exact p-value of H0: drop >= budget, from `lost` and `gained` of n paired samples."""
-    _check(lost, gained, n, budget)
+    """The exact p-value of H0: drop >= budget, from `lost` and `gained` of n paired samples. Where
+    the observed drop is above the budget (a statistic > 0) it is 1: such counts are no evidence
+    for a drop below it, and the supremum on the boundary is proven only for statistics <= 0."""
+    _check_counts(lost, gained, n)
+    _check_budget(budget)
+    if n == 0:
+        return 1.0
     if budget >= 1.0:
         return 0.0 if lost < n else 1.0
-    return _p_value_of(float(drop_statistic(lost, gained, n, budget)), n, budget)
+    statistic = float(drop_statistic(lost, gained, n, budget))
+    return 1.0 if statistic > 0 else _p_value_of(statistic, n, budget)
 
 
 @functools.lru_cache(maxsize=256)
 def _critical(n: int, budget: float, delta: float) -> float:
-    """The largest t whose p-value is <= delta (-inf if none): a count pair is certified exactly when
-    its statistic is at most this. The p-value rises with t, so bisection finds it."""
+    """The largest t <= 0 whose p-value is <= delta (-inf if none): a count pair is certified exactly
+    when its statistic is at most this. The p-value rises with t, so bisection finds it."""
     level = delta * _GRID_MARGIN
-    low, high = -_STATISTIC_RANGE, _STATISTIC_RANGE
-    if _p_value_of(low, n, budget) > level:
+    if _p_value_of(-_STATISTIC_RANGE, n, budget) > level:
         return -math.inf
+    if _p_value_of(0.0, n, budget) <= level:
+        return 0.0
+    low, high = -_STATISTIC_RANGE, 0.0
     # narrow the bracket first: the critical value of any delta in common use lies in [-8, 0]
     if _p_value_of(-8.0, n, budget) <= level:
         low = -8.0
-        high = 0.0 if _p_value_of(0.0, n, budget) > level else high
     while high - low > _CRITICAL_RESOLUTION:
         mid = (low + high) / 2
         if _p_value_of(mid, n, budget) <= level:
@@ -135,9 +149,11 @@ def drop_certified(lost: int, gained: int, n: int, budget: float, delta: float) 
     """True when the test rejects H0: drop >= budget at level delta, i.e. the drop is certified to be
     below `budget` with probability >= 1 - delta over the calibration draw. One p-value search per
     (n, budget, delta), cached: the cost policy's walk asks this of every candidate."""
-    _check(lost, gained, n, budget)
-    if not 0.0 < delta < 1.0:
-        raise ValueError(f"delta {delta} must be in (0, 1)")
+    _check_counts(lost, gained, n)
+    _check_budget(budget)
+    _check_delta(delta)
+    if n == 0:
+        return False
     if budget >= 1.0:
         return lost < n
     return bool(drop_statistic(lost, gained, n, budget) <= _critical(n, float(budget), float(delta)))
@@ -145,13 +161,12 @@ def drop_certified(lost: int, gained: int, n: int, budget: float, delta: float) 
 
 def drop_upper_bound_from_counts(lost: int, gained: int, n: int, delta: float) -> float:
     """Upper bound (probability >= 1 - delta) on the drop, in accuracy units: the smallest budget the
-    test certifies, to 0.001 points (1 if none below 1)."""
-    _check(lost, gained, n, 0.0)
-    if not 0.0 < delta < 1.0:
-        raise ValueError(f"delta {delta} must be in (0, 1)")
-    low, high = max(0.0, (lost - gained) / n) if n else 0.0, 1.0
+    test certifies, to 0.001 points (1 if none below 1). Never below the observed drop."""
+    _check_counts(lost, gained, n)
+    _check_delta(delta)
     if n == 0:
         return 1.0
+    low, high = max(0.0, (lost - gained) / n), 1.0
     while high - low > _BOUND_RESOLUTION:
         mid = (low + high) / 2
         if drop_p_value(lost, gained, n, mid) <= delta * _GRID_MARGIN:
@@ -161,8 +176,16 @@ def drop_upper_bound_from_counts(lost: int, gained: int, n: int, delta: float) -
     return high
 
 
-def _check(lost: int, gained: int, n: int, budget: float) -> None:
+def _check_counts(lost: int, gained: int, n: int) -> None:
     if lost < 0 or gained < 0 or lost + gained > n:
         raise ValueError(f"counts lost {lost}, gained {gained} do not fit {n} samples")
+
+
+def _check_budget(budget: float) -> None:
     if not budget >= 0.0:
         raise ValueError(f"budget {budget} must be >= 0")
+
+
+def _check_delta(delta: float) -> None:
+    if not 0.0 < delta < 1.0:
+        raise ValueError(f"delta {delta} must be in (0, 1)")

@@ -312,9 +312,9 @@ def cost_aware_thresholds(
     tested = 0
     stops: list[PathStep] = []
     budget = max_drop_points / 100.0
+    level = delta / len(exponents)
     for exponent in exponents:
         last: PathStep | None = None
-        level = delta / len(exponents)
         for tau in path_thresholds(probs, grid):
             thresholds = [float(tau), edge_threshold(float(tau), exponent)]
             r = route(probs, thresholds)
