@@ -29,6 +29,8 @@ import math
 
 import numpy as np
 
+from shared.contract.bounds import check_delta, log_binomial_pmf, log_factorials
+
 # window of each count kept around its mean, in standard deviations plus one count: the mass left
 # out is below 1e-6 even where the mean is a fraction of a count, far inside the margin below
 _WINDOW_SD = 6.0
@@ -59,26 +61,13 @@ def drop_statistic(lost: np.ndarray | int, gained: np.ndarray | int, n: int, bud
         return np.where(variance > 0, numerator / np.sqrt(np.maximum(variance, 1e-300)), np.inf)
 
 
-@functools.lru_cache(maxsize=8)
-def _log_factorials(n: int) -> np.ndarray:
-    return np.concatenate(([0.0], np.cumsum(np.log(np.arange(1, n + 1, dtype=np.float64)))))
-
-
 def _window(mean: float, sd: float, n: int) -> np.ndarray:
     return np.arange(max(0, math.floor(mean - _WINDOW_SD * sd - 1)), min(n, math.ceil(mean + _WINDOW_SD * sd + 1)) + 1)
 
 
-def _log_binomial(k: np.ndarray, m: np.ndarray | int, p: float, log_fact: np.ndarray) -> np.ndarray:
-    if p <= 0.0:
-        return np.where(k == 0, 0.0, -np.inf)
-    if p >= 1.0:
-        return np.where(k == m, 0.0, -np.inf)
-    return log_fact[m] - log_fact[k] - log_fact[m - k] + k * math.log(p) + (m - k) * math.log1p(-p)
-
-
 def _tail(t: float, n: int, budget: float, p_gained: float) -> float:
     """P(statistic <= t) when pG = p_gained and pL = p_gained + budget (a trinomial of n)."""
-    log_fact = _log_factorials(n)
+    log_fact = log_factorials(n)
     p_lost = min(1.0, p_gained + budget)
     p_lost_if_not_gained = min(1.0, p_lost / (1 - p_gained))
     gained = _window(n * p_gained, math.sqrt(n * p_gained * (1 - p_gained)), n)
@@ -92,7 +81,7 @@ def _tail(t: float, n: int, budget: float, p_gained: float) -> float:
     if not inside.any():
         return 0.0
     g, k = g[inside], k[inside]
-    log_p = _log_binomial(g, n, p_gained, log_fact) + _log_binomial(k, n - g, p_lost_if_not_gained, log_fact)
+    log_p = log_binomial_pmf(g, n, p_gained, log_fact) + log_binomial_pmf(k, n - g, p_lost_if_not_gained, log_fact)
     return float(np.exp(log_p).sum())
 
 
@@ -151,7 +140,7 @@ def drop_certified(lost: int, gained: int, n: int, budget: float, delta: float) 
     (n, budget, delta), cached: the cost policy's walk asks this of every candidate."""
     _check_counts(lost, gained, n)
     _check_budget(budget)
-    _check_delta(delta)
+    check_delta(delta)
     if n == 0:
         return False
     if budget >= 1.0:
@@ -163,7 +152,7 @@ def drop_upper_bound_from_counts(lost: int, gained: int, n: int, delta: float) -
     """Upper bound (probability >= 1 - delta) on the drop, in accuracy units: the smallest budget the
     test certifies, to 0.001 points (1 if none below 1). Never below the observed drop."""
     _check_counts(lost, gained, n)
-    _check_delta(delta)
+    check_delta(delta)
     if n == 0:
         return 1.0
     low, high = max(0.0, (lost - gained) / n), 1.0
@@ -184,8 +173,3 @@ def _check_counts(lost: int, gained: int, n: int) -> None:
 def _check_budget(budget: float) -> None:
     if not budget >= 0.0:
         raise ValueError(f"budget {budget} must be >= 0")
-
-
-def _check_delta(delta: float) -> None:
-    if not 0.0 < delta < 1.0:
-        raise ValueError(f"delta {delta} must be in (0, 1)")

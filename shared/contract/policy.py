@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from shared.contract.bounds import binomial_tail, clopper_pearson_lower
+from shared.contract.bounds import binomial_tail, check_delta, clopper_pearson_lower
 from shared.contract.drop_bound import drop_certified, drop_upper_bound_from_counts
 from shared.contract.manifest import NEVER_EXIT, TIERS, CostModel, PolicySpec
 
@@ -301,8 +301,7 @@ def cost_aware_thresholds(
     pair picks the pair its sample flatters, and without a correction for that choice the drop
     overshot the budget on new data (on SST-2 by ~1 point with 1,500 calibration sentences).
     """
-    if not 0 < delta < 1:
-        raise ValueError(f"delta {delta} must be in (0, 1)")
+    check_delta(delta)
     final_correct = probs[-1].argmax(-1) == labels
     final = float(np.mean(final_correct))
     costs = exit_costs(split_points, cost)
