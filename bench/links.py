@@ -1,5 +1,5 @@
 """Links: the three tiers in three network namespaces joined by veth pairs whose bandwidth the kernel
-shapes (tc tbf), the client in the mobile namespace; hidden states forwarded as fp32, fp16 or int8.
+shapes (tc tbf), the client in the mobile namespace; hidden states forwarded as fp32, fp16, int8 or int4.
 
 `sudo python -m bench.links --artifacts artifacts/default [--limit 400]` (root: it makes namespaces).
 
@@ -37,7 +37,7 @@ import numpy as np
 from bench.common import REPO_ROOT, base_parser, dev_set, load, machine, stop_group, table, write_result
 from bench.whole_model import assemble
 
-ENCODINGS = ("fp32", "fp16", "int8")
+ENCODINGS = ("fp32", "fp16", "int8", "int4")
 PROFILES = {"10 Mbit/s": 10, "50 Mbit/s": 50}  # mobile<->edge rate; edge<->cloud is EDGE_CLOUD_MBIT
 EDGE_CLOUD_MBIT = 100
 MOBILE_IP, EDGE_IP_M, EDGE_IP_C, CLOUD_IP = "10.77.1.1", "10.77.1.2", "10.77.2.1", "10.77.2.2"

@@ -1,14 +1,18 @@
-"""Compact forwarded tensors (issue 6): fp16 / int8 round-trip error bounds, masks as lengths,
+"""Compact forwarded tensors (issue 6): fp16 / int8 / int4 round-trip error bounds, masks as lengths,
 the byte count the metrics record, and bad encodings as InvalidInput."""
 
 from __future__ import annotations
+
+import typing
 
 import numpy as np
 import pytest
 
 from shared.errors import InvalidInput
+from shared.serving.settings import ForwardingSettings
 from shared.wire.codec import (
     FLOAT_ENCODINGS,
+    INT4_GROUP,
     decode_tensors,
     encode_tensors,
     from_tensor,
@@ -34,7 +38,7 @@ def round_trip(arrays: dict[str, np.ndarray], encoding: str) -> dict[str, np.nda
 
 @pytest.mark.parametrize("encoding", list(FLOAT_ENCODINGS))
 def test_round_trip_error_bounds(encoding: str) -> None:
-    arrays = hidden_and_mask()
+    arrays = hidden_and_mask(width=2 * INT4_GROUP)
     back = round_trip(arrays, encoding)
     hidden, got = arrays["hidden"], back["hidden"]
     assert got.dtype == np.float32 and got.shape == hidden.shape
@@ -48,6 +52,11 @@ def test_round_trip_error_bounds(encoding: str) -> None:
     elif encoding == "int8":  # half a step of each token's own scale
         step = np.abs(hidden).max(axis=-1, keepdims=True) / 127
         assert (error <= step / 2 * (1 + 1e-5)).all()
+    elif encoding == "int4":  # half a step of each group's own scale (a float16 scale: a little more)
+        groups = hidden.reshape(-1, INT4_GROUP)
+        step = np.abs(groups).max(axis=1, keepdims=True) / 7
+        assert (error.reshape(-1, INT4_GROUP) <= step * (0.5 + 2.0**-8)).all()
+        assert (error.reshape(-1, INT4_GROUP) > step / 4).any()  # it does round: 15 levels, not 255
     else:
         assert error.max() <= np.abs(hidden).max() / 127 / 2 * (1 + 1e-5)
 
@@ -72,6 +81,40 @@ def test_wire_bytes_counts_data_and_scales(encoding: str, hidden_bytes: int) -> 
 def test_int8_sends_about_a_quarter_of_fp32() -> None:
     arrays = hidden_and_mask(batch=1, seq=13, width=384)
     assert wire_bytes(encode_tensors(arrays, "int8")) / wire_bytes(encode_tensors(arrays, "fp32")) < 0.27
+
+
+def test_int4_sends_half_a_byte_a_value_and_a_float16_scale_a_group() -> None:
+    arrays = hidden_and_mask(batch=1, seq=13, width=384)
+    hidden = encode_tensors(arrays, "int4")["hidden"]
+    assert hidden.encoding == pb2.TENSOR_ENCODING_INT4_GROUP
+    assert (len(hidden.data), len(hidden.scales)) == (13 * 384 // 2, 2 * 13 * 384 // INT4_GROUP)
+    assert wire_bytes(encode_tensors(arrays, "int4")) / wire_bytes(encode_tensors(arrays, "int8")) < 0.57
+
+
+def test_int4_packs_two_values_a_byte_low_nibble_first() -> None:
+    values = np.zeros((1, INT4_GROUP), np.float32)
+    values[0, :3] = [7.0, -7.0, 1.0]  # the scale is 1: q = value, stored as q + 8
+    tensor = encode_tensors({"h": values}, "int4")["h"]
+    assert tensor.data[:2] == bytes([15 | (1 << 4), 9 | (8 << 4)])
+    assert np.frombuffer(tensor.scales, "<f2")[0] == 1.0
+    np.testing.assert_array_equal(decode_tensors({"h": tensor})["h"], values)
+
+
+@pytest.mark.parametrize(("shape", "sent_as"), [
+    ((2, 3, 16), pb2.TENSOR_ENCODING_INT8_TOKEN),  # a last axis that is no multiple of the group
+    ((30,), pb2.TENSOR_ENCODING_INT8_TENSOR),
+    ((2, INT4_GROUP), pb2.TENSOR_ENCODING_INT4_GROUP),
+])
+def test_int4_falls_back_to_int8_where_its_groups_do_not_fit(shape: tuple[int, ...], sent_as: int) -> None:
+    values = RNG.standard_normal(shape).astype(np.float32)
+    tensor = encode_tensors({"h": values}, "int4")["h"]
+    assert tensor.encoding == sent_as
+    assert decode_tensors({"h": tensor})["h"].shape == shape
+
+
+def test_the_setting_offers_every_encoding_the_codec_has() -> None:
+    offered = typing.get_args(ForwardingSettings.model_fields["forward_encoding"].annotation)
+    assert set(offered) == set(FLOAT_ENCODINGS)
 
 
 @pytest.mark.parametrize("mask", [
@@ -116,7 +159,13 @@ def test_integer_tensors_and_extremes() -> None:
     big = np.array([[1e6, -1e6]], np.float32)  # beyond fp16: saturates, stays finite
     assert np.isfinite(round_trip({"h": big}, "fp16")["h"]).all()
     with pytest.raises(ValueError, match="unknown tensor encoding"):
-        encode_tensors({"h": zeros}, "int4")
+        encode_tensors({"h": zeros}, "int2")
+
+
+def _int4(shape: list[int], scales: bytes, data: bytes | None = None, dtype: str = "float32") -> pb2.Tensor:
+    n = int(np.prod(shape))
+    return pb2.Tensor(dtype=dtype, shape=shape, data=b"\x88" * (n // 2) if data is None else data, scales=scales,
+                      encoding=pb2.TENSOR_ENCODING_INT4_GROUP)
 
 
 def _int8(shape: list[int], scales: bytes, dtype: str = "float32") -> pb2.Tensor:
@@ -145,6 +194,15 @@ def _int8(shape: list[int], scales: bytes, dtype: str = "float32") -> pb2.Tensor
      "unknown dtype"),
     (pb2.Tensor(dtype="float32", shape=[-1], data=b"", encoding=pb2.TENSOR_ENCODING_FP16), "invalid shape"),
     (_int8([], b""), "needs at least one axis"),  # found by test_malformed's random requests
+    (_int4([2, 30], b""), "needs a last axis that is a multiple of 32, got shape [2, 30]"),
+    (_int4([], b""), "multiple of 32, got shape []"),
+    (_int4([2, 32], np.ones(2, "<f4").tobytes()), "needs 32 and 4"),  # float32 scales: twice the bytes
+    (_int4([1, 32], np.ones(1, "<f2").tobytes(), data=b"\0" * 32), "32 bytes of data"),
+    (_int4([1, 32], np.array([np.nan], "<f2").tobytes()), "NaN or infinite scales"),
+    (_int4([1, 32], np.array([-1.0], "<f2").tobytes()), "negative"),
+    (_int4([1, 32], np.ones(1, "<f2").tobytes(), dtype="int64"), "does not apply to dtype int64"),
+    # q = -8 (a nibble of 0, which no encoder sends) times the largest float16 scale leaves float16
+    (_int4([1, 32], np.array([65504.0], "<f2").tobytes(), data=b"\0" * 16, dtype="float16"), "NaN or infinite"),
 ])
 def test_bad_encoded_tensors_are_invalid_input(tensor: pb2.Tensor, message: str) -> None:
     with pytest.raises(InvalidInput, match="tensor 'hidden'") as caught:

@@ -132,9 +132,10 @@ class ForwardingSettings(TierSettings):
         True, description="the forwards of requests that leave this tier together (one batched slice run) go "
         "to the next tier as one call: fewer gRPC calls for both tiers under load; each request keeps its own "
         "deadline and answers (false: a call per request)")
-    forward_encoding: Literal["fp32", "fp16", "int8", "int8_tensor"] = Field(
+    forward_encoding: Literal["fp32", "fp16", "int8", "int8_tensor", "int4"] = Field(
         "fp32", description="hidden state sent to the next tier as fp32, fp16, int8 with a scale per token, "
-        "or int8 with one scale per tensor (the attention mask always goes as lengths)")
+        "int8 with one scale per tensor, or int4 with a scale per 32 values (for slow links: about half of "
+        "int8's bytes, more rounding) (the attention mask always goes as lengths)")
     deadline_margin_ms: float = Field(
         10.0, ge=0, description="time kept back from the caller's deadline to answer degraded in time, at least "
         "(and at least 5% of the time left; the entry tier keeps more: its answer still crosses to the client)")

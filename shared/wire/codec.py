@@ -5,7 +5,9 @@ message naming the tensor and the problem.
 
 Forwarded tensors may travel compactly (proto TensorEncoding), chosen by a tier's
 `forward_encoding` setting: float tensors as fp32 (raw, the default), fp16, int8 with one scale
-per token (per row of the last axis) or int8 with one scale per tensor. An attention mask always
+per token (per row of the last axis), int8 with one scale per tensor, or 4 bits with one scale per
+group of 32 values of the last axis (for slow links: half of int8's bytes, more rounding; a tensor
+whose last axis is not a multiple of 32 goes as int8 per token instead). An attention mask always
 travels losslessly as row lengths (right-padded 0/1 masks) or as uint8. `dtype` and `shape` name
 the decoded array, so the receiving tier gets back what its slice takes.
 """
@@ -27,7 +29,9 @@ ATTENTION_MASK = "attention_mask"
 FLOAT_ENCODINGS: dict[str, int] = {
     "fp32": pb2.TENSOR_ENCODING_RAW, "fp16": pb2.TENSOR_ENCODING_FP16,
     "int8": pb2.TENSOR_ENCODING_INT8_TOKEN, "int8_tensor": pb2.TENSOR_ENCODING_INT8_TENSOR,
+    "int4": pb2.TENSOR_ENCODING_INT4_GROUP,
 }
+INT4_GROUP = 32  # values per scale of the int4 encoding, along the last axis
 FP16_MAX = float(np.finfo(np.float16).max)
 
 # Wire dtype names (numpy's) that tensors may carry.
@@ -156,6 +160,8 @@ def _encoding_of(name: str, array: np.ndarray, float_encoding: int) -> int:
     if not array.size or wire_name(array.dtype) is None:
         return pb2.TENSOR_ENCODING_RAW
     if kind == "f":
+        if float_encoding == pb2.TENSOR_ENCODING_INT4_GROUP and (array.ndim < 1 or array.shape[-1] % INT4_GROUP):
+            float_encoding = pb2.TENSOR_ENCODING_INT8_TOKEN
         if float_encoding == pb2.TENSOR_ENCODING_INT8_TOKEN and array.ndim < 2:
             return pb2.TENSOR_ENCODING_INT8_TENSOR
         return float_encoding
@@ -193,6 +199,8 @@ def _encode(name: str, array: np.ndarray, float_encoding: int) -> pb2.Tensor:
         data = np.ascontiguousarray(array, dtype=np.uint8).tobytes()
     elif kind == pb2.TENSOR_ENCODING_FP16:  # saturates beyond fp16's range instead of sending inf
         data = np.clip(array, -FP16_MAX, FP16_MAX).astype("<f2").tobytes()
+    elif kind == pb2.TENSOR_ENCODING_INT4_GROUP:
+        data, scales = _int4_bytes(array)
     else:
         values = array.astype(np.float32)
         per_token = kind == pb2.TENSOR_ENCODING_INT8_TOKEN
@@ -202,6 +210,23 @@ def _encode(name: str, array: np.ndarray, float_encoding: int) -> pb2.Tensor:
         data, scales = q.tobytes(), np.ascontiguousarray(scale, dtype="<f4").tobytes()
     return pb2.Tensor(dtype=wire_name(array.dtype), shape=array.shape, data=data,
                       encoding=cast("pb2.TensorEncoding", kind), scales=scales)
+
+
+def _int4_bytes(array: np.ndarray) -> tuple[bytes, bytes]:
+    """Data and scales of the int4 encoding: q in -7..7 stored as q + 8, two to a byte, low nibble first."""
+    groups = array.astype(np.float32).reshape(-1, INT4_GROUP)
+    # the scale is rounded to float16 before quantizing, so that q * scale is what the receiver computes
+    scale = np.minimum(np.abs(groups).max(axis=1, keepdims=True) / 7.0, FP16_MAX).astype("<f2")
+    step = scale.astype(np.float32)
+    q = (np.rint(groups / np.where(step > 0, step, 1.0)).clip(-7, 7) + 8).astype(np.uint8)
+    return (q[:, 0::2] | (q[:, 1::2] << 4)).tobytes(), scale.tobytes()
+
+
+def _int4_values(data: bytes, scales: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    packed = np.frombuffer(data, np.uint8)
+    q = np.empty((packed.size, 2), np.int8)
+    q[:, 0], q[:, 1] = packed & 15, packed >> 4
+    return ((q.reshape(-1, INT4_GROUP) - 8) * scales[:, None]).reshape(shape)
 
 
 # encoding -> (bytes per value, scales: a count, or -1 for one per row of the last axis)
@@ -225,13 +250,17 @@ def _decode(tensor: pb2.Tensor, name: str) -> np.ndarray:
     shape = tuple(tensor.shape)
     if len(shape) > MAX_RANK or min(shape, default=0) < 0:
         raise InvalidInput(f"tensor '{name}' has an invalid shape {list(shape)}")
-    floats = kind in (pb2.TENSOR_ENCODING_FP16, pb2.TENSOR_ENCODING_INT8_TENSOR, pb2.TENSOR_ENCODING_INT8_TOKEN)
+    floats = kind in (pb2.TENSOR_ENCODING_FP16, pb2.TENSOR_ENCODING_INT8_TENSOR, pb2.TENSOR_ENCODING_INT8_TOKEN,
+                      pb2.TENSOR_ENCODING_INT4_GROUP)
     if floats != (dtype.kind == "f"):
         raise InvalidInput(f"tensor '{name}': encoding {label} does not apply to dtype {dtype_name}")
     if kind == pb2.TENSOR_ENCODING_LENGTHS and len(shape) != 2:
         raise InvalidInput(f"tensor '{name}': encoding {label} needs shape [batch, sequence], got {list(shape)}")
     if kind == pb2.TENSOR_ENCODING_INT8_TOKEN and not shape:  # a scale per row of the last axis
         raise InvalidInput(f"tensor '{name}': encoding {label} needs at least one axis, got a scalar")
+    if kind == pb2.TENSOR_ENCODING_INT4_GROUP and (not shape or shape[-1] % INT4_GROUP):
+        raise InvalidInput(f"tensor '{name}': encoding {label} needs a last axis that is a multiple of "
+                           f"{INT4_GROUP}, got shape {list(shape)}")
     native = _NATIVE[dtype_name]
     size = math.prod(shape)
     rows = size // shape[-1] if shape and shape[-1] else 0
@@ -239,11 +268,14 @@ def _decode(tensor: pb2.Tensor, name: str) -> np.ndarray:
     if n_scales < 0:  # one per row
         n_scales = rows
     expected = 4 * shape[0] if kind == pb2.TENSOR_ENCODING_LENGTHS else size * item
+    scale_size = 4
+    if kind == pb2.TENSOR_ENCODING_INT4_GROUP:  # half a byte per value, a float16 scale per group
+        expected, n_scales, scale_size = size // 2, size // INT4_GROUP, 2
     data, scale_bytes = tensor.data, tensor.scales  # each read of a bytes field copies it
-    if len(data) != expected or len(scale_bytes) != 4 * n_scales:
+    if len(data) != expected or len(scale_bytes) != scale_size * n_scales:
         raise InvalidInput(
             f"tensor '{name}' ({label}) has {len(data)} bytes of data and {len(scale_bytes)} of "
-            f"scales; shape {list(shape)} needs {expected} and {4 * n_scales}")
+            f"scales; shape {list(shape)} needs {expected} and {scale_size * n_scales}")
     if kind == pb2.TENSOR_ENCODING_LENGTHS:  # one int per row: plain Python beats numpy's set-up
         if size > MAX_LENGTHS_MASK_VALUES:  # a few bytes would otherwise unfold into any size of mask
             raise InvalidInput(f"tensor '{name}' ({label}) of shape {list(shape)} unfolds into {size} values, at "
@@ -262,12 +294,16 @@ def _decode(tensor: pb2.Tensor, name: str) -> np.ndarray:
     if kind == pb2.TENSOR_ENCODING_FP16:
         values = np.frombuffer(data, "<f2").reshape(shape).astype(native)
     else:
-        scales = np.frombuffer(scale_bytes, "<f4")
+        scales = np.frombuffer(scale_bytes, "<f4" if scale_size == 4 else "<f2")
         if not (np.isfinite(scales) & (scales >= 0)).all():
             raise InvalidInput(f"tensor '{name}' has negative, NaN or infinite scales")
-        q = np.frombuffer(data, np.int8).reshape(shape)
-        scale = scales.reshape(*shape[:-1], 1) if kind == pb2.TENSOR_ENCODING_INT8_TOKEN else scales[0]
-        values = (q * scale).astype(native)
+        if kind == pb2.TENSOR_ENCODING_INT4_GROUP:
+            with np.errstate(over="ignore"):  # beyond a float16 dtype's range: refused just below
+                values = _int4_values(data, scales.astype(np.float32), shape).astype(native)
+        else:
+            q = np.frombuffer(data, np.int8).reshape(shape)
+            scale = scales.reshape(*shape[:-1], 1) if kind == pb2.TENSOR_ENCODING_INT8_TOKEN else scales[0]
+            values = (q * scale).astype(native)
     if not np.isfinite(values).all():
         raise InvalidInput(f"tensor '{name}' holds NaN or infinite values")
     return values
