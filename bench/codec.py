@@ -1,4 +1,4 @@
-"""Compact forwarded tensors: bytes per forwarded sample and accuracy for fp32, fp16, int8.
+"""Compact forwarded tensors: bytes per forwarded sample and accuracy for each forward encoding.
 
 For each `forward_encoding` (set on mobile and edge), the SST-2 dev set runs through the tiers
 twice: forced to the cloud (every sample crosses both hops: the strictest test of the encoding,
@@ -18,7 +18,7 @@ from bench.common import FORCE_CLOUD, base_parser, classify_all, dev_set, load, 
 from bench.common import write_result as save
 from shared.wire.codec import FLOAT_ENCODINGS
 
-ENCODINGS = tuple(FLOAT_ENCODINGS)  # fp32, fp16, int8 (per token), int8_tensor
+ENCODINGS = tuple(FLOAT_ENCODINGS)  # fp32, fp16, int8 (per token), int8_tensor, int4
 
 
 def forwarded(cluster: Any) -> tuple[float, float]:

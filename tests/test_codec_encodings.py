@@ -103,6 +103,7 @@ def test_int4_packs_two_values_a_byte_low_nibble_first() -> None:
 @pytest.mark.parametrize(("shape", "sent_as"), [
     ((2, 3, 16), pb2.TENSOR_ENCODING_INT8_TOKEN),  # a last axis that is no multiple of the group
     ((30,), pb2.TENSOR_ENCODING_INT8_TENSOR),
+    ((64,), pb2.TENSOR_ENCODING_INT8_TENSOR),  # one axis: its groups would span the requests of a batch
     ((2, INT4_GROUP), pb2.TENSOR_ENCODING_INT4_GROUP),
 ])
 def test_int4_falls_back_to_int8_where_its_groups_do_not_fit(shape: tuple[int, ...], sent_as: int) -> None:
@@ -208,3 +209,28 @@ def test_bad_encoded_tensors_are_invalid_input(tensor: pb2.Tensor, message: str)
     with pytest.raises(InvalidInput, match="tensor 'hidden'") as caught:
         from_tensor(tensor, "hidden")
     assert message in str(caught.value)
+
+
+@pytest.mark.parametrize("top", [65504.0, 65490.0])
+def test_int4_keeps_a_float16_tensor_at_its_range_finite(top: float) -> None:
+    values = np.zeros((1, INT4_GROUP), np.float16)
+    values[0, 0], values[0, 1] = top, -top
+    tensor = encode_tensors({"h": values}, "int4")["h"]
+    assert tensor.encoding == pb2.TENSOR_ENCODING_INT4_GROUP
+    back = decode_tensors({"h": tensor})["h"]
+    assert back.dtype == np.float16 and np.isfinite(back).all() and abs(float(back[0, 0]) - top) < top / 7 / 2
+
+
+@pytest.mark.parametrize("absmax", [1e-6, 1e-7])
+def test_int4_tiny_groups_are_not_clipped(absmax: float) -> None:  # float16 subnormal scales, rounded up
+    values = np.linspace(-absmax, absmax, INT4_GROUP, dtype=np.float32)[None]
+    back = round_trip({"h": values}, "int4")["h"]
+    assert np.abs(back - values).max() <= (absmax / 7 + 2.0**-24) / 2 * (1 + 1e-3)
+
+
+def test_int4_sends_values_beyond_float16_scales_as_int8() -> None:
+    values = np.zeros((2, INT4_GROUP), np.float32)
+    values[1, 0] = 1e6  # needs a scale of 1e6 / 7, beyond float16's largest
+    tensor = encode_tensors({"h": values}, "int4")["h"]
+    assert tensor.encoding == pb2.TENSOR_ENCODING_INT8_TOKEN
+    assert decode_tensors({"h": tensor})["h"][1, 0] == pytest.approx(1e6, rel=1e-2)

@@ -7,7 +7,8 @@ Forwarded tensors may travel compactly (proto TensorEncoding), chosen by a tier'
 `forward_encoding` setting: float tensors as fp32 (raw, the default), fp16, int8 with one scale
 per token (per row of the last axis), int8 with one scale per tensor, or 4 bits with one scale per
 group of 32 values of the last axis (for slow links: half of int8's bytes, more rounding; a tensor
-whose last axis is not a multiple of 32 goes as int8 per token instead). An attention mask always
+of one axis, or whose last axis is not a multiple of 32, or with values beyond what float16 scales
+reach, goes as int8 instead). An attention mask always
 travels losslessly as row lengths (right-padded 0/1 masks) or as uint8. `dtype` and `shape` name
 the decoded array, so the receiving tier gets back what its slice takes.
 """
@@ -160,7 +161,7 @@ def _encoding_of(name: str, array: np.ndarray, float_encoding: int) -> int:
     if not array.size or wire_name(array.dtype) is None:
         return pb2.TENSOR_ENCODING_RAW
     if kind == "f":
-        if float_encoding == pb2.TENSOR_ENCODING_INT4_GROUP and (array.ndim < 1 or array.shape[-1] % INT4_GROUP):
+        if float_encoding == pb2.TENSOR_ENCODING_INT4_GROUP and (array.ndim < 2 or array.shape[-1] % INT4_GROUP):
             float_encoding = pb2.TENSOR_ENCODING_INT8_TOKEN
         if float_encoding == pb2.TENSOR_ENCODING_INT8_TOKEN and array.ndim < 2:
             return pb2.TENSOR_ENCODING_INT8_TENSOR
@@ -199,9 +200,11 @@ def _encode(name: str, array: np.ndarray, float_encoding: int) -> pb2.Tensor:
         data = np.ascontiguousarray(array, dtype=np.uint8).tobytes()
     elif kind == pb2.TENSOR_ENCODING_FP16:  # saturates beyond fp16's range instead of sending inf
         data = np.clip(array, -FP16_MAX, FP16_MAX).astype("<f2").tobytes()
-    elif kind == pb2.TENSOR_ENCODING_INT4_GROUP:
-        data, scales = _int4_bytes(array)
+    elif kind == pb2.TENSOR_ENCODING_INT4_GROUP and (int4 := _int4_bytes(array)) is not None:
+        data, scales = int4
     else:
+        if kind == pb2.TENSOR_ENCODING_INT4_GROUP:  # values beyond what float16 scales reach: int8 per token
+            kind = pb2.TENSOR_ENCODING_INT8_TOKEN
         values = array.astype(np.float32)
         per_token = kind == pb2.TENSOR_ENCODING_INT8_TOKEN
         absmax = np.abs(values).max(axis=-1, keepdims=True) if per_token else np.abs(values).max(initial=0.0)
@@ -212,21 +215,42 @@ def _encode(name: str, array: np.ndarray, float_encoding: int) -> pb2.Tensor:
                       encoding=cast("pb2.TensorEncoding", kind), scales=scales)
 
 
-def _int4_bytes(array: np.ndarray) -> tuple[bytes, bytes]:
-    """Data and scales of the int4 encoding: q in -7..7 stored as q + 8, two to a byte, low nibble first."""
+# For a float16 array, the largest int4 scale whose 7 * scale is a finite float16 (65504 / 7 rounds up
+# past it): its largest values lose less than half a step, and the receiver's array stays finite
+_INT4_FP16_ARRAY_MAX_SCALE = 9352.0
+
+
+def _int4_bytes(array: np.ndarray) -> tuple[bytes, bytes] | None:
+    """Data and scales of the int4 encoding: q in -7..7 stored as q + 8, two to a byte, low nibble first.
+    None where a group's values need a larger scale than float16 holds (or are not finite)."""
     groups = array.astype(np.float32).reshape(-1, INT4_GROUP)
-    # the scale is rounded to float16 before quantizing, so that q * scale is what the receiver computes
-    scale = np.minimum(np.abs(groups).max(axis=1, keepdims=True) / 7.0, FP16_MAX).astype("<f2")
+    wanted = np.abs(groups).max(axis=1, keepdims=True) / 7.0
+    if not wanted.max(initial=0.0) <= FP16_MAX:  # (also where a value is NaN or infinite)
+        return None
+    if array.dtype == np.float16:
+        wanted = np.minimum(wanted, _INT4_FP16_ARRAY_MAX_SCALE)
+    # float16 scales, rounded up: no |value| / scale passes 7 (rounding to nearest would clip a group's
+    # largest values, by whole steps where the scale is a float16 subnormal)
+    scale = wanted.astype("<f2")
+    scale = np.where(scale.astype(np.float32) < wanted, np.nextafter(scale, np.float16(np.inf)), scale)
     step = scale.astype(np.float32)
     q = (np.rint(groups / np.where(step > 0, step, 1.0)).clip(-7, 7) + 8).astype(np.uint8)
-    return (q[:, 0::2] | (q[:, 1::2] << 4)).tobytes(), scale.tobytes()
+    return (q[:, 0::2] | (q[:, 1::2] << 4)).tobytes(), scale.astype("<f2").tobytes()
 
 
-def _int4_values(data: bytes, scales: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+def _int4_values(data: bytes, scales: np.ndarray, shape: tuple[int, ...], native: np.dtype) -> np.ndarray:
+    """The values of int4 data; one array of the result's size besides the result (a float16 or float64 dtype:
+    one more)."""
     packed = np.frombuffer(data, np.uint8)
-    q = np.empty((packed.size, 2), np.int8)
-    q[:, 0], q[:, 1] = packed & 15, packed >> 4
-    return ((q.reshape(-1, INT4_GROUP) - 8) * scales[:, None]).reshape(shape)
+    nibbles = np.empty((packed.size, 2), np.uint8)  # the stored q + 8, in order
+    np.bitwise_and(packed, 15, out=nibbles[:, 0])
+    np.right_shift(packed, 4, out=nibbles[:, 1])
+    values = nibbles.astype(np.float32)
+    del nibbles
+    values -= 8.0
+    groups = values.reshape(-1, INT4_GROUP)  # a view: scaled in place
+    groups *= scales[:, None]
+    return values.reshape(shape).astype(native, copy=False)
 
 
 # encoding -> (bytes per value, scales: a count, or -1 for one per row of the last axis)
@@ -299,11 +323,11 @@ def _decode(tensor: pb2.Tensor, name: str) -> np.ndarray:
             raise InvalidInput(f"tensor '{name}' has negative, NaN or infinite scales")
         if kind == pb2.TENSOR_ENCODING_INT4_GROUP:
             with np.errstate(over="ignore"):  # beyond a float16 dtype's range: refused just below
-                values = _int4_values(data, scales.astype(np.float32), shape).astype(native)
+                values = _int4_values(data, scales.astype(np.float32), shape, native)
         else:
             q = np.frombuffer(data, np.int8).reshape(shape)
             scale = scales.reshape(*shape[:-1], 1) if kind == pb2.TENSOR_ENCODING_INT8_TOKEN else scales[0]
             values = (q * scale).astype(native)
-    if not np.isfinite(values).all():
+    if not all_finite(values):
         raise InvalidInput(f"tensor '{name}' holds NaN or infinite values")
     return values
