@@ -211,6 +211,9 @@ BAD_CONTINUE = {  # case -> (changes to a good request given the hidden size H, 
     "int8 without its scales": (
         lambda h: {"hidden": pb2.Tensor(dtype="float32", shape=[2, 5, h], data=b"\0" * (10 * h),
                                         encoding=pb2.TENSOR_ENCODING_INT8_TOKEN)}, "and 0 of scales"),
+    "int4 without its scales": (
+        lambda h: {"hidden": pb2.Tensor(dtype="float32", shape=[2, 5, h], data=b"\x88" * (5 * h),
+                                        encoding=pb2.TENSOR_ENCODING_INT4_GROUP)}, "and 0 of scales"),
     "byte count mismatch": (
         lambda h: {"hidden": pb2.Tensor(dtype="float32", shape=[2, 5, h], data=b"\0" * 12)},
         "12 bytes"),
