@@ -192,6 +192,9 @@ def _encode(name: str, array: np.ndarray, float_encoding: int) -> pb2.Tensor:
     if kind == pb2.TENSOR_ENCODING_RAW:
         return to_tensor(array)
     scales = b""
+    int4 = _int4_bytes(array) if kind == pb2.TENSOR_ENCODING_INT4_GROUP else None
+    if kind == pb2.TENSOR_ENCODING_INT4_GROUP and int4 is None:  # values beyond float16 scales: int8 per token
+        kind = pb2.TENSOR_ENCODING_INT8_TOKEN
     if kind == _UNPADDED_MASK:  # every row's length is the width: no numpy call needed
         kind, data = pb2.TENSOR_ENCODING_LENGTHS, _lengths_bytes([array.shape[1]] * array.shape[0])
     elif kind == pb2.TENSOR_ENCODING_LENGTHS:
@@ -200,11 +203,9 @@ def _encode(name: str, array: np.ndarray, float_encoding: int) -> pb2.Tensor:
         data = np.ascontiguousarray(array, dtype=np.uint8).tobytes()
     elif kind == pb2.TENSOR_ENCODING_FP16:  # saturates beyond fp16's range instead of sending inf
         data = np.clip(array, -FP16_MAX, FP16_MAX).astype("<f2").tobytes()
-    elif kind == pb2.TENSOR_ENCODING_INT4_GROUP and (int4 := _int4_bytes(array)) is not None:
+    elif int4 is not None:
         data, scales = int4
     else:
-        if kind == pb2.TENSOR_ENCODING_INT4_GROUP:  # values beyond what float16 scales reach: int8 per token
-            kind = pb2.TENSOR_ENCODING_INT8_TOKEN
         values = array.astype(np.float32)
         per_token = kind == pb2.TENSOR_ENCODING_INT8_TOKEN
         absmax = np.abs(values).max(axis=-1, keepdims=True) if per_token else np.abs(values).max(initial=0.0)
