@@ -35,11 +35,13 @@ def test_the_setting_is_checked_and_normalised(capsys: pytest.CaptureFixture[str
     assert "cpus" in capsys.readouterr().err
 
 
-def test_spread_puts_consecutive_tiers_on_different_cores() -> None:
+def test_spread_gives_the_entry_tier_cores_of_its_own() -> None:
     assert spread(TIERS, [0]) == {}  # nothing to spread over
-    assert spread(TIERS, [0, 1]) == {"mobile": "0", "edge": "1", "cloud": "0"}
+    assert spread(TIERS, [0, 1]) == {"mobile": "0", "edge": "1", "cloud": "1"}
     assert spread(TIERS, [2, 3, 4, 5, 6, 7]) == {"mobile": "2,3", "edge": "4,5", "cloud": "6,7"}
-    assert spread(TIERS, [0, 1, 2, 3]) == {"mobile": "0", "edge": "1", "cloud": "2"}
+    assert spread(TIERS, [0, 1, 2, 3]) == {"mobile": "0,1", "edge": "2", "cloud": "3"}  # none left idle
+    assert spread(TIERS, [0, 1, 2, 3, 4, 5, 6]) == {"mobile": "0,1,2", "edge": "3,4", "cloud": "5,6"}
+    assert spread(TIERS[:2], [5, 1]) == {"mobile": "1", "edge": "5"}
 
 
 def _allowed_cpus(pid: int) -> set[str]:

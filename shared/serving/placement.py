@@ -1,11 +1,13 @@
-"""Which CPUs a tier runs on (Linux): the `cpus` setting, and a spread of the three tiers over the
-CPUs of one machine.
+"""Which CPUs a tier runs on (Linux): the `cpus` setting, and a split of one machine's CPUs between
+the three tiers.
 
 A request crosses the tiers one after the other. When they share a few cores and float, the kernel
 tends to wake a message's receiver on its sender's core, where it waits for the sender to go to
-sleep, and a slice run evicts from its core's caches the code of a tier that waits there. Pinned to
-alternate cores, each hop's receiver wakes on a core of its own, as on a machine of its own.
-bench/overhead.py measures the tiers both ways ("spread" and "floating").
+sleep, and a slice run evicts from its core's caches the code of a tier that waits there. The entry
+tier sees every sample and works most; the tiers after it see only what the exits before them let
+through. Given a core of its own, the entry tier's threads stay on it, and the samples forwarded past
+it are computed on the other cores without waiting behind new requests: bench.peers measures the
+three tiers so ("pinned") beside floating.
 """
 
 from __future__ import annotations
@@ -52,13 +54,16 @@ def pin_process(cpus: Sequence[int], pid: int | None = None) -> None:
 
 
 def spread(tiers: Sequence[str], cpus: Sequence[int] | None = None) -> dict[str, str]:
-    """A CPU list per tier that puts consecutive tiers on different cores: with as many CPUs as tiers
-    or more, disjoint blocks in chain order; with fewer, the CPUs in turn (two: 0, 1, 0); with one,
-    no pinning (an empty dict)."""
+    """A CPU list per tier (chain order, the entry tier first): with fewer CPUs than tiers, the entry
+    tier alone on the first CPU and the others sharing the rest (two: 0, 1, 1); with as many or more,
+    disjoint blocks, the CPUs left over going to the entry tier; with one CPU, no pinning (an empty dict)."""
     cpus = sorted(cpus if cpus is not None else usable_cpus())
-    if len(cpus) < 2:
+    if len(cpus) < 2 or not tiers:
         return {}
     if len(cpus) < len(tiers):
-        return {tier: str(cpus[i % len(cpus)]) for i, tier in enumerate(tiers)}
+        rest = format_cpu_list(cpus[1:])
+        return {tier: str(cpus[0]) if i == 0 else rest for i, tier in enumerate(tiers)}
     size = len(cpus) // len(tiers)
-    return {tier: format_cpu_list(cpus[i * size:(i + 1) * size]) for i, tier in enumerate(tiers)}
+    first = size + len(cpus) % len(tiers)
+    blocks = [cpus[:first]] + [cpus[first + i * size:first + (i + 1) * size] for i in range(len(tiers) - 1)]
+    return {tier: format_cpu_list(block) for tier, block in zip(tiers, blocks, strict=True)}
