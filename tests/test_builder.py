@@ -226,9 +226,12 @@ def test_holdout_is_evaluated_written_and_refreshed_by_retune(tiny_checkpoint: P
     assert "held-out examples of train" in capsys.readouterr().out
 
 
-def test_holdout_is_refused_for_an_image_model(tmp_path: Path) -> None:
+def test_holdout_and_a_calibration_fraction_are_refused_for_an_image_model(tmp_path: Path) -> None:
     with pytest.raises(BuildInputError, match="--holdout-samples is for text models"):
         build(BuildConfig(family="image", holdout_samples=10), tmp_path / "out")
+    with pytest.raises(BuildInputError, match="--calibration-fraction is for text models.*--calibration-samples"):
+        build(BuildConfig(family="image", calibration_fraction=0.2), tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # refused before anything was written
 
 
 def test_retune_switches_policy_without_retraining(tiny_artifacts: Path, tmp_path: Path) -> None:

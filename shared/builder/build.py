@@ -128,6 +128,9 @@ def build(config: BuildConfig, out: str | Path, force: bool = False) -> Path:
         if config.holdout_samples:
             raise BuildInputError("--holdout-samples is for text models; an image model's test split is held out "
                                   "already")
+        if config.calibration_fraction:
+            raise BuildInputError("--calibration-fraction is for text models; an image model holds out "
+                                  "--calibration-samples images (default: the profile's, 5000 for quick and full)")
         trained = train_image_model(config)
     else:
         trained = _train_text(config)

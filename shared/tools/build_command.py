@@ -60,10 +60,11 @@ def add_build_parser(subparsers: argparse._SubParsersAction) -> None:
     data.add_argument("--test-fraction", type=float, default=0.1,
                       help="one data file: the share of its rows held out as the test split (default: %(default)s)")
     data.add_argument("--calibration-samples", type=int,
-                      help="rows held out of train to fit the temperatures and thresholds (default: the profile's, "
-                           "1500 for quick and full, 200 for tiny; always capped at a fifth of train)")
+                      help="rows (images) held out of train to fit the temperatures and thresholds (default: the "
+                           "profile's: text 1500 for quick and full, 200 for tiny, always capped at a fifth of train; "
+                           "image 5000 for quick and full, 200 for tiny)")
     data.add_argument("--calibration-fraction", type=float, metavar="F",
-                      help="instead of --calibration-samples: the share of train held out for calibration, "
+                      help="text: instead of --calibration-samples, the share of train held out for calibration, "
                            "0 < F <= 0.5, not capped at a fifth (default: unset)")
     data.add_argument("--holdout-samples", type=int, metavar="N",
                       help="text: N more whole examples of train held out besides calibration, never trained or "
