@@ -64,8 +64,11 @@ bench-quick: model
 	$(BIN)/python -m bench.run_all --artifacts $(ARTIFACTS) --out bench/results/quick
 
 # Docker: the three tiers + Prometheus (:9090) + Grafana (:3000); needs Docker with compose v2
-up: model
-	TIERSERVE_ARTIFACTS=$(abspath $(ARTIFACTS)) docker compose -f deploy/docker-compose.yml up -d --build --wait
+# TIERSERVE_ARTIFACTS (from the environment) serves a model folder as it is; unset, the default model is
+# built if needed and served
+TIERSERVE_ARTIFACTS ?=
+up: $(if $(TIERSERVE_ARTIFACTS),,model)
+	TIERSERVE_ARTIFACTS=$(abspath $(or $(TIERSERVE_ARTIFACTS),$(ARTIFACTS))) docker compose -f deploy/docker-compose.yml up -d --build --wait
 
 down:
 	docker compose -f deploy/docker-compose.yml down

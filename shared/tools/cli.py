@@ -53,7 +53,7 @@ def add_classify_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--address", default=DEFAULT_ENTRY, help="the mobile tier (default %(default)s)")
     p.add_argument("--threshold", action="append", default=[], type=threshold_argument,
                    metavar="TIER=VALUE", help="per-request threshold override, e.g. mobile=0.95")
-    p.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds per request (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print one JSON object per text")
     p.add_argument("--tls", action="store_true", help="TLS to the mobile tier (implied by --tls-ca/--tls-cert)")
     p.add_argument("--tls-ca", type=Path, help="PEM CA that verifies the mobile tier (default: system roots)")

@@ -45,7 +45,7 @@ def add_demo_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--data", help="labeled .tsv/.csv or GLUE-style folder, read as the build read its data "
                                   "(default: the test split of the data the model was built on; the SST-2 dev set "
                                   "in ../shared/data/sst2 for the default model)")
-    p.add_argument("--batch-size", type=int, default=32, help="texts per request, first pass")
+    p.add_argument("--batch-size", type=int, default=32, help="texts per request, first pass (default: %(default)s)")
     p.add_argument("--latency-samples", type=int, default=None,
                    help="texts sent one per request for latency (default: all; 0: skip)")
     p.add_argument("--limit", type=int, help="use only the first N samples")
