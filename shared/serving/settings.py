@@ -51,8 +51,8 @@ class TierSettings(BaseSettings):
         "tier is idle (no hand-off to the worker thread and back; 0: always the worker thread)")
     cpus: str | None = Field(
         None, description="the CPUs this tier runs on, a Linux CPU list such as 0 or 2-3 (every thread, the "
-        "slice's included; Linux only); unset: any. Where tiers share a machine, consecutive tiers can go on "
-        "different cores (shared.serving.placement.spread)")
+        "slice's included; Linux only); unset: any. Where the tiers share a machine, the entry tier does best on "
+        "cores of its own (shared.serving.placement.spread)")
     event_loop: Literal["auto", "uvloop", "asyncio"] = Field(
         "auto", description="the tier's event loop: uvloop (libuv, in C: each hop's hand-offs and task "
         "switches cost less), asyncio (the standard library's), auto: uvloop where it is installed")
