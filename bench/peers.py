@@ -70,7 +70,9 @@ KSERVE_VARIANTS = {"default": ("kserve", 0, False), "tuned": ("kserve, 1 thread,
 THREE_TIER_VARIANTS: dict[str, tuple[str, dict[str, dict[str, object]]]] = {
     "default": ("three-tier", {}),
     "mobile-2-workers": ("three-tier, mobile 2 slice workers", {"mobile": {"slice_workers": 2}}),
-    "pinned": ("three-tier, pinned", {tier: {"cpus": cpus} for tier, cpus in spread(TIERS).items()})}
+    # on one CPU there is nothing to pin: the variant would be the defaults under another name
+    **({"pinned": ("three-tier, pinned", {tier: {"cpus": cpus} for tier, cpus in placement.items()})}
+       if (placement := spread(TIERS)) else {})}
 
 
 def kserve_python(venv: Path) -> Path:
@@ -359,6 +361,8 @@ def run(artifacts: Path, data: str | None = None, limit: int | None = None, out:
                          "variants": {KSERVE_VARIANTS[v][0]: {"onnx_threads": KSERVE_VARIANTS[v][1] or "default",
                                                               "per_request_logs": not KSERVE_VARIANTS[v][2]}
                                       for v in kserve_variants}} if python else None,
+              "three_tier_variants": {THREE_TIER_VARIANTS[v][0]: THREE_TIER_VARIANTS[v][1]
+                                      for v in three_tier_variants},
               "cells": cells, **summary, "three_tier_cpu_cores": cpu.get("three-tier"),
               "cpu_cores_by_three_tier_variant": cpu, "accuracy": accuracy, "goals": goals,
               "machine": machine(), "command": " ".join(["python -m bench.peers", *sys.argv[1:]])}

@@ -1,13 +1,13 @@
 """Which CPUs a tier runs on (Linux): the `cpus` setting, and a split of one machine's CPUs between
 the three tiers.
 
-A request crosses the tiers one after the other. When they share a few cores and float, the kernel
-tends to wake a message's receiver on its sender's core, where it waits for the sender to go to
-sleep, and a slice run evicts from its core's caches the code of a tier that waits there. The entry
-tier sees every sample and works most; the tiers after it see only what the exits before them let
-through. Given a core of its own, the entry tier's threads stay on it, and the samples forwarded past
-it are computed on the other cores without waiting behind new requests: bench.peers measures the
-three tiers so ("pinned") beside floating.
+The entry tier sees every sample and works most; the tiers after it see only what the exits before
+them let through. When the tiers share a few cores and float, the entry tier's threads are preempted
+by the others and migrate between cores, and a sample forwarded past it waits behind new requests.
+Given cores of its own, the entry tier keeps its caches and the forwarded samples are computed on
+the other cores; the tiers after it share the rest, where their work together fits (on two cores
+at c=32 the edge and the cloud kept 0.69 of theirs busy).
+bench.peers measures the three tiers so ("pinned") beside floating.
 """
 
 from __future__ import annotations
