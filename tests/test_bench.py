@@ -285,6 +285,10 @@ def test_peers_takes_each_sides_best_variant_against_kserves_best() -> None:
     assert set(both["value"]) == {name for name in cells if name.startswith("three-tier")} and not both["met"]
     cells["three-tier, pinned"][32] = [cell(430, 160), cell(425, 170)]
     assert _goals(summarise(cells, [32]), [32])["three_tier_both_c32_by_variant"]["met"]
+    # KServe's tuned variant alone (as --kserve-variants tuned runs it): the pairs are against it
+    del cells["kserve"]
+    both = _goals(summarise(cells, [32]), [32])["three_tier_both_c32_by_variant"]["value"]
+    assert both["three-tier, pinned"] == {"throughput_per_s": 427.5 / 150, "p99_ms": 165 / 250}
 
 
 @pytest.mark.parametrize("flags", [["--three-tier-variants", "fast"], ["--three-tier-variants", ""],
