@@ -301,3 +301,25 @@ def test_peers_refuses_unknown_variants_before_starting_anything(flags: list[str
     with pytest.raises(SystemExit) as stopped:
         main(["--artifacts", "/nonexistent", *flags])
     assert stopped.value.code == 2 and flags[0] in capsys.readouterr().err
+
+
+def test_peers_measures_a_failed_cell_once_more_and_records_it(capsys: pytest.CaptureFixture[str]) -> None:
+    from bench.peers import once_more
+
+    calls: list[int] = []
+
+    def flaky(address: str, model: str, level: int) -> dict[str, float]:
+        calls.append(level)
+        if len(calls) == 1:
+            raise RuntimeError("perf_analyzer failed against tierserve at 127.0.0.1:1 (exit 0):\nThread [3] had error")
+        return {"throughput_per_s": 100.0}
+
+    figures = once_more(flaky)("127.0.0.1:1", "tierserve", 32)
+    assert calls == [32, 32] and figures["throughput_per_s"] == 100.0
+    assert "Thread [3] had error" in figures["retried"] and "measuring once more" in capsys.readouterr().out
+
+    def broken(address: str, model: str, level: int) -> dict[str, float]:
+        raise RuntimeError("perf_analyzer failed")
+
+    with pytest.raises(RuntimeError):  # a second failure is the run's failure
+        once_more(broken)("127.0.0.1:1", "tierserve", 32)
