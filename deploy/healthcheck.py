@@ -1,8 +1,8 @@
 """Container healthcheck: exit 0 when a tier answers standard gRPC health checking with SERVING.
 
 Usage: python healthcheck.py [HOST:PORT] [SERVICE]. Without an address: $TIERSERVE_HEALTH_ADDRESS,
-else the port of the tier the container runs (PID 1's `python -m <tier>_node [--listen ADDR]`,
-then $TIERSERVE_<TIER>_LISTEN, then the tier's default port), on 127.0.0.1.
+else the port of the tier the container runs (PID 1's `python -m <tier>_node` or `tierserve serve <tier>`:
+its `--listen ADDR`, then $TIERSERVE_<TIER>_LISTEN, then the tier's default port), on 127.0.0.1.
 A tier serving TLS: $TIERSERVE_HEALTH_TLS_CA (the CA of its certificate), and for mutual TLS
 $TIERSERVE_HEALTH_TLS_CERT and $TIERSERVE_HEALTH_TLS_KEY (a client certificate it accepts);
 $TIERSERVE_HEALTH_TLS_SERVER_NAME when the certificate does not name the address's host.
@@ -32,7 +32,9 @@ def container_command() -> list[str]:
 def default_address(env: Mapping[str, str], command: Sequence[str] = ()) -> str:
     if env.get("TIERSERVE_HEALTH_ADDRESS"):
         return env["TIERSERVE_HEALTH_ADDRESS"]
-    tiers = [t for t in DEFAULT_PORTS if f"{t}_node" in command]
+    # `python -m <tier>_node`, or `tierserve serve <tier>`
+    tiers = [t for t in DEFAULT_PORTS if f"{t}_node" in command or any(
+        command[i] == "serve" and command[i + 1] == t for i in range(len(command) - 1))]
     tiers += [t for t in DEFAULT_PORTS if env.get(f"TIERSERVE_{t.upper()}_LISTEN")]
     tier = tiers[0] if tiers else "mobile"
     listen = env.get(f"TIERSERVE_{tier.upper()}_LISTEN", f":{DEFAULT_PORTS[tier]}")

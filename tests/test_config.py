@@ -43,6 +43,23 @@ def test_bad_values_exit_with_a_message(capsys: pytest.CaptureFixture[str]) -> N
         parse_settings("cloud", ["--next", "127.0.0.1:1"])  # the cloud has no next tier
 
 
+def test_a_misspelt_setting_in_the_environment_stops_the_tier(monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("TIERSERVE_EDGE_GRACE_SECOND", "20")  # GRACE_SECONDS
+    monkeypatch.setenv("TIERSERVE_MOBILE_BOGUS", "1")  # another tier's prefix: that tier's business
+    with pytest.raises(SystemExit) as caught:
+        parse_settings("edge", [])
+    err = capsys.readouterr().err
+    assert caught.value.code == 2
+    assert "TIERSERVE_EDGE_GRACE_SECOND (did you mean TIERSERVE_EDGE_GRACE_SECONDS?)" in err and "BOGUS" not in err
+    monkeypatch.delenv("TIERSERVE_EDGE_GRACE_SECOND")
+    assert parse_settings("edge", []).tier == "edge"
+    monkeypatch.setenv("TIERSERVE_CLOUD_NEXT", "127.0.0.1:1")  # the cloud has no next tier
+    with pytest.raises(SystemExit):
+        parse_settings("cloud", [])
+    assert "TIERSERVE_CLOUD_NEXT" in capsys.readouterr().err
+
+
 def _loop_kind(kind: str) -> str:
     """The package of the event loop run_event_loop(kind) runs a coroutine on."""
     seen = []

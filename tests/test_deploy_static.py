@@ -396,6 +396,8 @@ def test_health_probe_finds_the_port_of_the_tier_the_container_runs() -> None:
     image_env = dockerfile_env()
     assert probe.default_address(image_env, ["python", "-m", "edge_node"]) == "127.0.0.1:50052"
     assert probe.default_address(image_env, ["python", "-m", "cloud_node"]) == "127.0.0.1:50053"
+    assert probe.default_address(image_env, ["/usr/local/bin/python", "/usr/local/bin/tierserve", "serve",
+                                             "edge"]) == "127.0.0.1:50052"
     assert probe.default_address(image_env, ["python", "-m", "mobile_node", "--listen",
                                              "0.0.0.0:6000"]) == "127.0.0.1:6000"
     assert probe.default_address({"TIERSERVE_EDGE_LISTEN": "0.0.0.0:7"}, []) == "127.0.0.1:7"

@@ -7,7 +7,9 @@ Defaults run locally: mobile 127.0.0.1:50051 -> edge :50052 -> cloud :50053, met
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+import difflib
+import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -270,9 +272,30 @@ def _description(cls: type[TierSettings], name: str) -> str:
     return name
 
 
+def unknown_environment(cls: type[TierSettings], environ: Mapping[str, str] | None = None) -> list[str]:
+    """Variables named with this tier's prefix that are no setting of it, each with the nearest setting's
+    name where one is close: pydantic-settings ignores them, so a typo would silently leave a default."""
+    prefix = str(cls.model_config["env_prefix"])
+    known = [prefix + name.upper() for name in cls.model_fields]
+    unknown = []
+    for name in sorted(os.environ if environ is None else environ):
+        if name.upper().startswith(prefix) and name.upper() not in known:
+            near = difflib.get_close_matches(name.upper(), known, n=1)
+            unknown.append(name + (f" (did you mean {near[0]}?)" if near else ""))
+    return unknown
+
+
 def settings_from_args(cls: type[TierSettings], args: argparse.Namespace,
                        parser: argparse.ArgumentParser | None = None) -> TierSettings:
-    """Settings from parsed flags over the environment; bad values end in parser.error if given."""
+    """Settings from parsed flags over the environment; bad values, and variables with the tier's prefix
+    that name no setting, end in parser.exit(2) if a parser is given (else ValidationError, ValueError)."""
+    unknown = unknown_environment(cls)
+    if unknown:
+        message = (f"{', '.join(unknown)} in the environment: no setting of the {cls.tier} tier (its settings are "
+                   f"{cls.model_config['env_prefix']}<FLAG> for the flags in --help)")
+        if parser is None:
+            raise ValueError(message)
+        parser.exit(2, f"{parser.prog}: {message}\n")
     given: dict[str, Any] = {
         name: value for name in cls.model_fields
         if (value := getattr(args, name, None)) is not None
