@@ -362,6 +362,23 @@ def test_metric_names_include_labelled_series_without_samples() -> None:
     assert not {n for n in names if n.endswith("_created")}
 
 
+def test_degraded_reasons_are_exported_as_zero_from_the_start_at_forwarding_tiers() -> None:
+    from prometheus_client import generate_latest
+
+    from shared.serving.metrics import DEGRADED_REASONS, TierMetrics
+    from shared.serving.next_tier import HOP_FAILURES, OTHER_FAILURE
+
+    # every reason the tiers can give (next_tier's failure kinds, circuit_open, overloaded_early) is listed
+    assert {f.kind for f in [*HOP_FAILURES.values(), OTHER_FAILURE]} | {"circuit_open", "overloaded_early"} \
+        == set(DEGRADED_REASONS)
+    for tier in ("mobile", "edge", "cloud"):
+        text = generate_latest(TierMetrics(tier).registry).decode()
+        series = [line for line in text.splitlines() if line.startswith("tierserve_degraded_total{")]
+        expected = [] if tier == "cloud" else DEGRADED_REASONS  # the last tier has no next tier to fail
+        assert sorted(series) == sorted(f'tierserve_degraded_total{{reason="{r}",tier="{tier}"}} 0.0'
+                                        for r in expected), series
+
+
 # ---- the gRPC health probe the healthchecks run
 
 

@@ -40,6 +40,9 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 # exports them at 0 from the start, so the first error of a kind shows in rate()
 ERROR_CODES = ("INVALID_ARGUMENT", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "UNAVAILABLE",
                "DEADLINE_EXCEEDED", "CANCELLED", "INTERNAL")
+# the `reason` label of degraded_total: shared.serving.next_tier's failure kinds (HOP_FAILURES, circuit_open) and
+# overloaded_early (shared.serving.tier: the opt-in threshold while the next tier is overloaded)
+DEGRADED_REASONS = ("unavailable", "deadline", "overloaded", "error", "cancelled", "circuit_open", "overloaded_early")
 # the `hop` label of the forwarded_* counters: "<tier>_<next tier>"
 HOPS: dict[str, str] = {a: f"{a}_{b}" for a, b in zip(TIERS, TIERS[1:], strict=False)}
 
@@ -204,6 +207,9 @@ class TierMetrics:
             elif spec.labels == ("tier", "code"):
                 for code in ERROR_CODES:
                     metric.labels(tier=tier, code=code)
+            elif spec.labels == ("tier", "reason") and self.hop:  # the last tier never answers degraded
+                for reason in DEGRADED_REASONS:
+                    metric.labels(tier=tier, reason=reason)
             setattr(self, spec.attr, metric)
         hop = {"hop": self.hop} if self.hop else None
         own = {attr: getattr(self, attr).labels(tier=tier) for attr in (
