@@ -379,6 +379,14 @@ def test_degraded_reasons_are_exported_as_zero_from_the_start_at_forwarding_tier
                                         for r in expected), series
 
 
+def test_the_readme_lists_every_metric_and_degraded_reason() -> None:
+    from shared.serving.metrics import DEGRADED_REASONS, metrics_table
+
+    readme = (ROOT / "README.md").read_text()
+    assert metrics_table() in readme, "regenerate the README's metrics table from metrics_table()"
+    assert all(f"`{reason}`" in readme for reason in DEGRADED_REASONS)
+
+
 # ---- the gRPC health probe the healthchecks run
 
 

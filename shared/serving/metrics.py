@@ -264,5 +264,6 @@ def metrics_table() -> str:
     rows = ["| name | type | labels | meaning |", "|---|---|---|---|"]
     for s in SPECS:
         shown = s.name + ("_total" if s.kind == "counter" else "")
-        rows.append(f"| `{shown}` | {s.kind} | {', '.join(s.labels)} | {s.doc} |")
+        meaning = s.doc[0].lower() + s.doc[1:] if s.doc[1:2].islower() else s.doc  # "RPCs ..." stays
+        rows.append(f"| `{shown}` | {s.kind} | {', '.join(s.labels)} | {meaning} |")
     return "\n".join(rows)
