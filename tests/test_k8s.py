@@ -8,6 +8,7 @@ only clients -> mobile -> edge -> cloud and Prometheus scrapes."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import tempfile
@@ -209,24 +210,30 @@ def test_tier_environment_is_valid_settings(rendered: dict[str, list[dict[str, A
             assert container(deployment)["command"] == ["python", "-m", f"{tier}_node"]
 
 
-def model_copy(deployment: dict[str, Any]) -> tuple[list[str], str]:
-    """(files the init container copies, the folder it copies them into)."""
+def model_copy(deployment: dict[str, Any], model: Path) -> tuple[list[str], str]:
+    """(files the init container copies, the volume it copies them into): its command run here, with the
+    model image's /model read from `model` and the volume's mount path written to a temporary folder."""
     (init,) = deployment["spec"]["template"]["spec"]["initContainers"]
-    command = init["command"]
-    assert command[0] == "cp" and init["image"].rsplit("/", 1)[-1].startswith("tierserve-model"), init
+    assert init["image"].rsplit("/", 1)[-1].startswith("tierserve-model"), init
     (mount,) = init["volumeMounts"]
-    assert command[-1].rstrip("/") == mount["mountPath"]
-    return [Path(f).name for f in command[1:-1]], mount["name"]
+    target = mount["mountPath"].rstrip("/")
+    with tempfile.TemporaryDirectory(prefix="tierserve-k8s-init-") as tmp:
+        paths = {"/model": str(model), target: tmp}
+        command = [re.sub(r"(?<![\w/])(/model|" + re.escape(target) + r")(?=/)", lambda m: paths[m.group(1)], arg)
+                   for arg in init["command"]]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=30)
+        assert done.returncode == 0, f"{init['command']}: {done.stderr}"
+        return sorted(path.name for path in Path(tmp).iterdir()), mount["name"]
 
 
 @pytest.fixture(scope="module")
-def model_files(rendered: dict[str, list[dict[str, Any]]]) -> dict[str, list[str]]:
-    """What each tier's init container copies, the same in every rendering."""
+def model_files(rendered: dict[str, list[dict[str, Any]]], tiny_artifacts: Path) -> dict[str, list[str]]:
+    """What each tier's init container copies from a text model, the same in every rendering."""
     found: dict[str, list[str]] = {}
     for name, docs in rendered.items():
         for deployment in of_kind(docs, "Deployment").values():
             tier = tier_of(deployment)
-            files, volume = model_copy(deployment)
+            files, volume = model_copy(deployment, tiny_artifacts)
             assert found.setdefault(tier, files) == files, name
             mounts = {m["name"]: m for m in container(deployment)["volumeMounts"]}
             assert mounts[volume]["mountPath"] == env(deployment)[f"TIERSERVE_{tier.upper()}_ARTIFACTS"]
@@ -234,6 +241,14 @@ def model_files(rendered: dict[str, list[dict[str, Any]]]) -> dict[str, list[str
             volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
             assert "emptyDir" in volumes[volume]
     return found
+
+
+def test_an_image_model_without_a_tokenizer_is_copied_too(rendered: dict[str, list[dict[str, Any]]],
+                                                          tiny_artifacts: Path, tmp_path: Path) -> None:
+    for name in ("manifest.json", "mobile.onnx"):  # what an image model's mobile tier loads: no tokenizer.json
+        shutil.copy(tiny_artifacts / name, tmp_path / name)
+    (mobile,) = [d for d in of_kind(rendered["base"], "Deployment").values() if tier_of(d) == "mobile"]
+    assert model_copy(mobile, tmp_path)[0] == ["manifest.json", "mobile.onnx"]
 
 
 def test_each_tier_gets_only_its_slice_and_the_manifest(model_files: dict[str, list[str]],
@@ -290,15 +305,40 @@ def test_termination_outlasts_the_drain(rendered: dict[str, list[dict[str, Any]]
             grace = float(env(deployment).get(f"{prefix}GRACE_SECONDS", fields["grace_seconds"].default))
             age_grace = float(env(deployment).get(f"{prefix}MAX_CONNECTION_AGE_GRACE_S",
                                                   fields["max_connection_age_grace_s"].default))
+            pre_stop = container(deployment).get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command")
+            # the pause that lets endpoint removal reach kube-proxy and the callers before the tier drains
+            assert pre_stop is not None and pre_stop[0] == "sleep", f"{name}: {tier}: {pre_stop}"
+            pause = float(pre_stop[1])
             period = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
-            assert period > grace + age_grace, f"{name}: {tier}: {period} s to stop, drain {grace} + {age_grace} s"
+            assert period > pause + grace + age_grace, \
+                f"{name}: {tier}: {period} s to stop, preStop {pause} + drain {grace} + {age_grace} s"
+
+
+def test_images_have_a_tag_the_kubelet_does_not_pull_again(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """`:latest` (or no tag) makes the kubelet pull always: an image loaded onto the node could never run."""
+    import tomllib
+
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    for name, docs in rendered.items():
+        for deployment in of_kind(docs, "Deployment").values():
+            spec = deployment["spec"]["template"]["spec"]
+            for c in [*spec["containers"], *spec["initContainers"]]:
+                repository, _, tag = c["image"].rpartition(":")
+                assert repository and "/" not in tag and tag != "latest", f"{name}: {c['name']}: {c['image']}"
+                if repository.rsplit("/", 1)[-1] == "tierserve":
+                    assert tag == version, f"{name}: {c['image']}: the serving image is tagged with the version"
 
 
 def test_replicas_are_kept_available_and_scaled(rendered: dict[str, list[dict[str, Any]]]) -> None:
     for name, docs in rendered.items():
         deployments = of_kind(docs, "Deployment")
-        for deployment in deployments.values():
-            assert deployment["spec"]["replicas"] >= 2, "one replica cannot be drained without downtime"
+        scaled = {a["spec"]["scaleTargetRef"]["name"]: a["spec"]["minReplicas"]
+                  for a in of_kind(docs, "HorizontalPodAutoscaler").values()}
+        for deployment_name, deployment in deployments.items():
+            # an autoscaled Deployment leaves its count to the autoscaler: a fixed one is reset at every apply
+            assert ("replicas" in deployment["spec"]) != (deployment_name in scaled), f"{name}: {deployment_name}"
+            least = scaled.get(deployment_name) or deployment["spec"]["replicas"]
+            assert least >= 2, "one replica cannot be drained without downtime"
             assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
             for c in [container(deployment), *deployment["spec"]["template"]["spec"]["initContainers"]]:
                 resources = c["resources"]
@@ -309,7 +349,9 @@ def test_replicas_are_kept_available_and_scaled(rendered: dict[str, list[dict[st
         for budget in of_kind(docs, "PodDisruptionBudget").values():
             matched = [d for d in deployments.values() if selects(
                 budget["spec"]["selector"]["matchLabels"], d["spec"]["template"]["metadata"]["labels"])]
-            assert len(matched) == 1 and budget["spec"]["minAvailable"] < matched[0]["spec"]["replicas"]
+            assert len(matched) == 1
+            least = scaled.get(matched[0]["metadata"]["name"]) or matched[0]["spec"]["replicas"]
+            assert budget["spec"]["minAvailable"] < least
         assert {tier_of(d) for d in deployments.values() if tier_of(d) != "mobile"} == {
             a["spec"]["scaleTargetRef"]["name"] for a in of_kind(docs, "HorizontalPodAutoscaler").values()}
         for scaler in of_kind(docs, "HorizontalPodAutoscaler").values():
