@@ -195,6 +195,9 @@ def _int8(shape: list[int], scales: bytes, dtype: str = "float32") -> pb2.Tensor
      "unknown dtype"),
     (pb2.Tensor(dtype="float32", shape=[-1], data=b"", encoding=pb2.TENSOR_ENCODING_FP16), "invalid shape"),
     (_int8([], b""), "needs at least one axis"),  # found by test_malformed's random requests
+    # an empty last axis still has its rows (found by test_malformed's random requests: it was INTERNAL)
+    (_int8([0], b""), "needs 0 and 4"),
+    (_int8([3, 0], np.ones(1, "<f4").tobytes()), "needs 0 and 12"),
     (_int4([2, 30], b""), "needs a last axis that is a multiple of 32, got shape [2, 30]"),
     (_int4([], b""), "multiple of 32, got shape []"),
     (_int4([2, 32], np.ones(2, "<f4").tobytes()), "needs 32 and 4"),  # float32 scales: twice the bytes
@@ -209,6 +212,11 @@ def test_bad_encoded_tensors_are_invalid_input(tensor: pb2.Tensor, message: str)
     with pytest.raises(InvalidInput, match="tensor 'hidden'") as caught:
         from_tensor(tensor, "hidden")
     assert message in str(caught.value)
+
+
+def test_an_int8_tensor_with_an_empty_last_axis_decodes_empty() -> None:
+    decoded = from_tensor(_int8([3, 0], np.ones(3, "<f4").tobytes()), "hidden")
+    assert decoded.shape == (3, 0) and decoded.dtype == np.float32
 
 
 @pytest.mark.parametrize("top", [65504.0, 65490.0])

@@ -288,7 +288,7 @@ def _decode(tensor: pb2.Tensor, name: str) -> np.ndarray:
                            f"{INT4_GROUP}, got shape {list(shape)}")
     native = _NATIVE[dtype_name]
     size = math.prod(shape)
-    rows = size // shape[-1] if shape and shape[-1] else 0
+    rows = math.prod(shape[:-1]) if shape else 0  # of the last axis, even where that axis is empty
     item, n_scales = _ITEM_BYTES_AND_SCALES.get(kind, (0, 0))
     if n_scales < 0:  # one per row
         n_scales = rows
