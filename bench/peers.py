@@ -189,7 +189,7 @@ def once_more(measure: Measure) -> Measure:
         try:
             return measure(address, model, level)
         except RuntimeError as exc:
-            first = str(exc).strip().splitlines()
+            first = str(exc).strip().splitlines() or [type(exc).__name__]
             print(f"peers: {first[0]} -- measuring once more", flush=True)
             return {**measure(address, model, level), "retried": "\n".join(first[-3:])}
 

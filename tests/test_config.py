@@ -53,6 +53,10 @@ def test_a_misspelt_setting_in_the_environment_stops_the_tier(monkeypatch: pytes
     assert caught.value.code == 2
     assert "TIERSERVE_EDGE_GRACE_SECOND (did you mean TIERSERVE_EDGE_GRACE_SECONDS?)" in err and "BOGUS" not in err
     monkeypatch.delenv("TIERSERVE_EDGE_GRACE_SECOND")
+    # what Kubernetes injects for Services named tierserve-edge and tierserve-edge-headless: not settings, not typos
+    for injected in ("SERVICE_HOST", "SERVICE_PORT", "SERVICE_PORT_GRPC", "PORT", "PORT_50052_TCP",
+                     "PORT_50052_TCP_ADDR", "PORT_50052_TCP_PORT", "PORT_50052_TCP_PROTO", "HEADLESS_SERVICE_HOST"):
+        monkeypatch.setenv(f"TIERSERVE_EDGE_{injected}", "10.0.0.1")
     assert parse_settings("edge", []).tier == "edge"
     monkeypatch.setenv("TIERSERVE_CLOUD_NEXT", "127.0.0.1:1")  # the cloud has no next tier
     with pytest.raises(SystemExit):

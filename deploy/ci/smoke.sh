@@ -141,6 +141,9 @@ took "checks" "$t"
 
 step "deploy/k8s/base's pods as containers"; t=$SECONDS
 if command -v kubectl >/dev/null 2>&1; then
+  # the base names the serving image by the project's version (a tag the kubelet does not pull again)
+  VERSION=$("$PY" -c 'import tomllib; print(tomllib.load(open("pyproject.toml", "rb"))["project"]["version"])')
+  podman tag "$IMAGE" "localhost/tierserve:$VERSION"
   podman build -q --format docker --build-arg "BASE=$IMAGE" -f deploy/k8s/model.Dockerfile \
     -t localhost/tierserve-model:default "$WORK/model" >"$WORK/model-image.log" 2>&1 \
     || { cat "$WORK/model-image.log" >&2; exit 1; }

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -272,14 +273,22 @@ def _description(cls: type[TierSettings], name: str) -> str:
     return name
 
 
+# what Kubernetes injects for a Service (unless enableServiceLinks is off) and Docker for a link: a Service
+# named tierserve-edge gives TIERSERVE_EDGE_SERVICE_HOST, TIERSERVE_EDGE_PORT_50052_TCP_ADDR, ...
+_SERVICE_LINK = re.compile(
+    r"(^|_)(SERVICE_HOST|SERVICE_PORT(_[A-Z0-9_]+)?|PORT(_\d+_(TCP|UDP|SCTP)(_(PROTO|PORT|ADDR))?)?)$")
+
+
 def unknown_environment(cls: type[TierSettings], environ: Mapping[str, str] | None = None) -> list[str]:
     """Variables named with this tier's prefix that are no setting of it, each with the nearest setting's
-    name where one is close: pydantic-settings ignores them, so a typo would silently leave a default."""
+    name where one is close: pydantic-settings ignores them, so a typo would silently leave a default.
+    Names of the form a cluster injects for its services (_SERVICE_LINK) are not counted."""
     prefix = str(cls.model_config["env_prefix"])
     known = [prefix + name.upper() for name in cls.model_fields]
     unknown = []
     for name in sorted(os.environ if environ is None else environ):
-        if name.upper().startswith(prefix) and name.upper() not in known:
+        upper = name.upper()
+        if upper.startswith(prefix) and upper not in known and not _SERVICE_LINK.search(upper[len(prefix):]):
             near = difflib.get_close_matches(name.upper(), known, n=1)
             unknown.append(name + (f" (did you mean {near[0]}?)" if near else ""))
     return unknown
