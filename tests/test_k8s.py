@@ -410,6 +410,9 @@ def test_mtls_component_mounts_the_secret_on_every_tier(rendered: dict[str, list
             assert values["TIERSERVE_HEALTH_TLS_CA"] == values[f"TIERSERVE_{tier.upper()}_TLS_CLIENT_CA"]
 
 
-def test_model_image_dockerfile_builds_from_the_serving_image() -> None:
+def test_model_image_dockerfile_builds_from_the_serving_image(rendered: dict[str, list[dict[str, Any]]]) -> None:
     text = (K8S / "model.Dockerfile").read_text()
-    assert "FROM ${BASE}" in text and "ARG BASE=tierserve:latest" in text and "COPY . /model/" in text
+    serving = {c["image"] for d in of_kind(rendered["base"], "Deployment").values()
+               for c in d["spec"]["template"]["spec"]["containers"]}
+    assert len(serving) == 1  # by default the model image sits on the serving image the base names
+    assert "FROM ${BASE}" in text and f"ARG BASE={serving.pop()}" in text and "COPY . /model/" in text
