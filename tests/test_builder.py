@@ -69,6 +69,35 @@ def test_second_build_with_same_config_is_cached(tiny_artifacts: Path, capsys: p
     assert (tiny_artifacts / "mobile.onnx").stat().st_mtime_ns == before
 
 
+def test_a_build_never_replaces_what_is_not_a_model(tiny_artifacts: Path, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """--out is checked before any training: a build replaces its folder whole, so it refuses (even with
+    --force) a file, a folder of other files, the working folder or one above it, and the data's folder."""
+    from shared.builder.build import CONFIG_FILE
+
+    config = BuildConfig.model_validate_json((tiny_artifacts / CONFIG_FILE).read_text())
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "notes.txt").write_text("mine")
+    (tmp_path / "a-file").write_text("mine")
+    data_folder = tmp_path / "data"
+    data_folder.mkdir()
+    (data_folder / "train.csv").write_text("text,label\n")
+    monkeypatch.chdir(notes)
+    cases = {tmp_path / "a-file": "is a file", notes: "the working folder or one above it",
+             tmp_path: "the working folder or one above it",
+             data_folder: "lies in --out"}
+    for out, message in cases.items():
+        data = data_folder / "train.csv" if out == data_folder else config.data
+        with pytest.raises(BuildInputError, match=message):
+            build(config.model_copy(update={"data": str(data)}), out, force=True)
+    monkeypatch.chdir(tmp_path / "data")
+    with pytest.raises(BuildInputError, match=r"holds files that are no model \(notes.txt\)"):
+        build(config, notes, force=True)
+    assert (notes / "notes.txt").read_text() == "mine" and (tmp_path / "a-file").read_text() == "mine"
+    assert (data_folder / "train.csv").is_file()
+
+
 def test_a_changed_profile_is_not_a_cached_build(tiny_artifacts: Path, tmp_path: Path) -> None:
     from shared.builder.build import CONFIG_FILE, PROFILE_KEY, _profile_settings, _recorded_config
 
@@ -199,6 +228,22 @@ def test_calibration_hold_out_leaves_no_phrase_of_it_in_training() -> None:
     for held in holdout.texts:
         assert not any(f" {t} " in f" {held} " for t in fit.texts)
     assert len(fit) == len(texts) - 12 - 12 * 2 - 50
+
+
+def test_word_spans_are_whole_words_in_order_and_long_texts_hold_out_fast() -> None:
+    from shared.data.text import TextDataset, WordSpans, hold_out_calibration
+
+    spans = WordSpans(["a b c d", "x y"])
+    assert {t: t in spans for t in ("b c", "a b c d", "x", "y", "b d", "c d x", "bc", "a b c d e", "")} == {
+        "b c": True, "a b c d": True, "x": True, "y": True, "b d": False, "c d x": False, "bc": False,
+        "a b c d e": False, "": False}
+    # reviews of 2,000 words: every span of every calibration text was a set of ~2M strings per text
+    rng = np.random.default_rng(0)
+    texts = [" ".join(f"w{j}" for j in rng.integers(0, 5000, 2000)) for _ in range(60)]
+    texts.append(" ".join(texts[0].split()[100:140]))  # a phrase of one review
+    data = TextDataset(texts, np.zeros(len(texts), dtype=np.int64), ["a"], "generated")
+    fit, calib, _ = hold_out_calibration(data, 12, seed=0)
+    assert len(calib) == 12 and len(fit) == len(texts) - 12 - (texts[0] in calib.texts)
 
 
 def test_holdout_is_evaluated_written_and_refreshed_by_retune(tiny_checkpoint: Path, tiny_data: Path,

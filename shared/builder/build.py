@@ -117,6 +117,7 @@ def build(config: BuildConfig, out: str | Path, force: bool = False) -> Path:
             return out
         print(f"{out} was built with other {config.profile} profile settings than this release's (training "
               "changed): rebuilding it", flush=True)
+    check_out_folder(out, config.data)
     if not force:
         _refuse_other_data(out, recorded, config)
     started = time.perf_counter()
@@ -189,6 +190,27 @@ def build(config: BuildConfig, out: str | Path, force: bool = False) -> Path:
 
 DATA_FIELDS = ("family", "data", "text_columns", "second_text_columns", "label_column", "header", "quoting",
                "test_fraction")
+
+
+def check_out_folder(out: Path, data: str | Path | None = None) -> None:
+    """Before any training: `out` can be replaced whole by the finished build. A build replaces its folder, so
+    it refuses (even with --force) a file, a folder holding anything but a model, the working folder or one
+    above it, and a folder the data lies in."""
+    where = out.resolve()
+    if out.exists() and not out.is_dir():
+        raise BuildInputError(f"--out {out} is a file: name a folder (a new one, or a model folder to rebuild)")
+    if where == Path.cwd().resolve() or where in Path.cwd().resolve().parents:
+        raise BuildInputError(f"--out {out} is the working folder or one above it, which a build would replace "
+                              "whole: name a folder of its own (e.g. artifacts/mymodel)")
+    if data is not None and (where == Path(data).resolve() or where in Path(data).resolve().parents):
+        raise BuildInputError(f"the data {data} lies in --out {out}, which a build replaces whole: build into "
+                              "another folder")
+    if out.is_dir() and not (out / "manifest.json").is_file():
+        found = sorted(p.name for p in out.iterdir())
+        if found:
+            shown = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
+            raise BuildInputError(f"--out {out} holds files that are no model ({shown}); a build replaces its "
+                                  "folder whole: name a new or empty folder")
 
 
 def _refuse_other_data(out: Path, old: BuildConfig | None, config: BuildConfig) -> None:
@@ -418,11 +440,15 @@ def _replace_folder(staging: Path, out: Path) -> None:
     final = out.parent / f".{out.name}.new"
     if final.exists():
         shutil.rmtree(final)
-    shutil.copytree(staging, final)
-    _make_readable(final)
-    if out.exists():
-        shutil.rmtree(out)
-    final.rename(out)
+    try:
+        shutil.copytree(staging, final)
+        _make_readable(final)
+        if out.exists():
+            shutil.rmtree(out)
+        final.rename(out)
+    finally:
+        if final.exists():  # what failed left nothing half-written beside out
+            shutil.rmtree(final)
 
 
 def _make_readable(folder: Path) -> None:

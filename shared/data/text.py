@@ -373,14 +373,31 @@ def hold_out_calibration(data: TextDataset, n: int, seed: int, max_share: float 
             chosen.append(int(i))  # occurs once: its own row, a whole example
             if len(chosen) == wanted:
                 break
-    spans: set[str] = set()
-    for i in chosen:
-        words = norm[i].split()
-        spans.update(" ".join(words[a:b]) for a in range(len(words)) for b in range(a + 1, len(words) + 1))
-    held = set(chosen)
+    held, spans = set(chosen), WordSpans([norm[i] for i in chosen])
     fit = np.array([i for i in range(len(data)) if i not in held and norm[i] not in spans], dtype=np.int64)
     calibration, held_out = np.array(chosen[:n], dtype=np.int64), np.array(chosen[n:], dtype=np.int64)
     return data.subset(fit, data.portion), data.subset(calibration, data.portion), data.subset(held_out, data.portion)
+
+
+class WordSpans:
+    """Whether a text is a word span of one of some texts (space-normalised): a search in the few of them
+    that hold its rarest word, not a set of every span (cubic in a text's length: long reviews ran out of
+    memory)."""
+
+    def __init__(self, texts: Sequence[str]) -> None:
+        self.padded = [f" {t} " for t in texts]
+        self.holding: dict[str, list[int]] = {}
+        for position, text in enumerate(texts):
+            for word in set(text.split()):
+                self.holding.setdefault(word, []).append(position)
+
+    def __contains__(self, text: str) -> bool:
+        words = set(text.split())
+        if not words:
+            return False
+        candidates = min((self.holding.get(word, []) for word in words), key=len)
+        needle = f" {text} "  # bounded by spaces: whole words, in order
+        return any(needle in self.padded[c] for c in candidates)
 
 
 def calibration_size(requested: int, train_rows: int, max_share: float = CALIBRATION_SHARE) -> int:
