@@ -59,6 +59,21 @@ NEWS = Columns(text=("1", "2"), label="0", header=False)
 # ---- reading files
 
 
+def test_empty_texts_and_other_encodings_are_refused_with_their_line(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.csv"
+    empty.write_text("sentence,label\ngood,1\n  ,0\nbad,0\n,1\n")
+    with pytest.raises(BuildInputError, match=r"empty.csv:3: empty text \(columns \[0\]\); 2 row\(s\)"):
+        read_table(empty)
+    pairs = tmp_path / "pairs.tsv"
+    pairs.write_text("sentence1\tsentence2\tlabel\na\tb\t1\nc\t\t0\n")
+    with pytest.raises(BuildInputError, match="pairs.tsv:3: empty text"):
+        read_table(pairs)
+    latin1 = tmp_path / "latin1.csv"
+    latin1.write_bytes("sentence,label\ngood,1\nun caf\u00e9,0\n".encode("latin-1"))
+    with pytest.raises(BuildInputError, match=r"latin1.csv:3: not UTF-8 text \(byte 0xe9\): save the file as UTF-8"):
+        read_table(latin1)
+
+
 def test_headerless_file_names_its_first_row_and_says_how_to_name_columns(tmp_path: Path) -> None:
     path = write_rows(tmp_path / "news.csv", news_rows(20))
     with pytest.raises(BuildInputError) as caught:

@@ -118,6 +118,11 @@ def read_table(path: Path, label_names: list[str] | None = None, columns: Column
         texts.append(" ".join(part for part in (row[i].strip() for i in text_at) if part))
         if second_at:
             seconds.append(" ".join(part for part in (row[i].strip() for i in second_at) if part))
+        if not texts[-1] or (second_at and not seconds[-1]):  # the tiers refuse an empty text: no model learns one
+            empty = sum(not any(row[i].strip() for i in text_at) or bool(second_at) and not any(
+                row[i].strip() for i in second_at) for _, row in body if len(row) >= needed)
+            raise BuildInputError(f"{path}:{line}: empty text (columns {list(text_at) + list(second_at)}); {empty} "
+                                  "row(s) of the file have none: remove them")
         raw.append(label)
     if not texts:
         raise BuildInputError(f"{path} has a header but no rows")
@@ -134,7 +139,12 @@ def _read_rows(path: Path, quoting: Quoting) -> list[tuple[int, list[str]]]:
     """Non-empty rows with their line numbers. auto: csv quoting, unless that fails (an unbalanced quote)
     or gives rows of uneven width where raw reading gives even ones."""
     delimiter = "\t" if path.suffix.lower() in (".tsv", ".tab", ".txt") else ","
-    text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (GLUE's MRPC) is not part of a column
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (GLUE's MRPC) is not part of a column
+    except UnicodeDecodeError as exc:
+        line = exc.object[:exc.start].count(b"\n") + 1
+        raise BuildInputError(f"{path}:{line}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x}): save the file as "
+                              "UTF-8") from None
     if quoting != "auto":
         return _parse(path, text, delimiter, quoting)
     try:
