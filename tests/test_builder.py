@@ -309,6 +309,28 @@ def test_retune_switches_policy_without_retraining(tiny_artifacts: Path, tmp_pat
     assert all(b >= agree.p_tar[t] for t, b in agree.bound.items())
 
 
+def test_retune_refuses_bad_budgets_costs_and_its_own_folder_as_out(tiny_artifacts: Path, tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    import shutil
+
+    from shared.tools.cli import main
+
+    copy = tmp_path / "model"
+    shutil.copytree(tiny_artifacts, copy)
+    before = (copy / "manifest.json").read_text()
+    for flags in (["--max-drop", "-1"], ["--max-drop", "nan"], ["--hop-cost", "-1", "0.3", "0.3"],
+                  ["--layer-cost", "0.1", "0.1", "inf"]):
+        with pytest.raises(SystemExit) as stopped:  # argparse, naming the flag
+            main(["retune", "--artifacts", str(copy), "--in-place", *flags])
+        assert stopped.value.code == 2 and flags[0] in capsys.readouterr().err
+    assert main(["retune", "--artifacts", str(copy), "--in-place", "--layer-cost", "0", "0", "0",
+                 "--hop-cost", "0", "0", "0"]) == 2
+    assert "cloud-only free" in capsys.readouterr().err
+    assert main(["retune", "--artifacts", str(copy), "--out", str(copy)]) == 2  # its own folder: --in-place says so
+    assert "--in-place" in capsys.readouterr().err
+    assert (copy / "manifest.json").read_text() == before
+
+
 def test_manifest_without_the_guarantee_fields_still_loads(tiny_artifacts: Path, tmp_path: Path) -> None:
     """A manifest written before delta and the bounds existed (it had drop_confidence instead)."""
     from shared.contract.manifest import Manifest

@@ -296,6 +296,29 @@ def test_classify_command_reads_args_files_and_stdin(
     assert "text 0 is empty" in capsys.readouterr().err
 
 
+def test_classify_command_input_that_cannot_be_read_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Refused before any call (the address answers nothing): a file missing, a folder, bytes that are not UTF-8
+    in a file, an argument or stdin, and --pair-file's line numbers count blank lines."""
+    from shared.tools.cli import main
+
+    (tmp_path / "latin1.txt").write_bytes("caf\u00e9\n".encode("latin-1"))
+    (tmp_path / "pairs.tsv").write_text("a\tb\n\n\nno tab here\n")
+    nowhere = "127.0.0.1:1"
+    cases = {("-f", str(tmp_path / "missing.txt")): "missing.txt: No such file or directory",
+             ("-f", str(tmp_path)): "Is a directory",
+             ("-f", str(tmp_path / "latin1.txt")): "latin1.txt: not UTF-8 text (byte 0xe9)",
+             ("caf\udce9",): "an argument is not UTF-8 text",
+             ("--pair-file", str(tmp_path / "pairs.tsv")): "pairs.tsv: line 4 has no tab"}
+    for args, message in cases.items():
+        assert main(["classify", "--address", nowhere, *args]) == 2, args
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and len(err.splitlines()) == 1, err
+    monkeypatch.setattr("sys.stdin", __import__("io").StringIO("fine\nbad \udcff\n"))
+    assert main(["classify", "--address", nowhere, "-"]) == 2
+    assert "stdin: line 2 is not UTF-8 text" in capsys.readouterr().err
+
+
 def test_free_ports_avoid_the_ephemeral_range_and_never_repeat() -> None:
     """Outgoing connections take their source ports from the ephemeral range: a tier's port picked
     there could be taken before the tier binds it (seen in CI as 'Failed to bind')."""

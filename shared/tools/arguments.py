@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 from shared.contract.policy import DEFAULT_DELTA
 
@@ -22,7 +23,7 @@ def add_policy_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policy", choices=["cost", "p_tar"], default="cost",
                    help="cost: the cheapest thresholds within --max-drop points of the final exit's accuracy "
                         "(DIMEE's operating point); p_tar: a target per early exit (default: %(default)s)")
-    p.add_argument("--max-drop", type=float, default=0.3,
+    p.add_argument("--max-drop", type=non_negative, default=0.3,
                    help="cost policy: accuracy drop allowed against the final exit, points (default: %(default)s)")
     p.add_argument("--p-tar", nargs="+", action=_Targets, metavar="MOBILE[,EDGE]", default=(0.9, 0.9),
                    help="p_tar policy: target of the answers at mobile and edge, one value for both "
@@ -44,6 +45,17 @@ class _Targets(argparse.Action):
             setattr(namespace, self.dest, _two_floats(",".join(values)))  # type: ignore[arg-type]
         except argparse.ArgumentTypeError as exc:
             parser.error(f"{option_string}: {exc}")
+
+
+def non_negative(text: str) -> float:
+    """A finite number >= 0 (an accuracy budget, a cost)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"{text} must be a finite number >= 0")
+    return value
 
 
 def _delta(text: str) -> float:

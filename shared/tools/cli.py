@@ -63,33 +63,47 @@ def add_classify_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def read_texts(texts: Iterable[str], files: Iterable[str]) -> list[str]:
-    """Texts from the command line and files, one per line; '-' means stdin; blank lines skipped."""
+    """Texts from the command line and files, one per line; '-' means stdin; blank lines skipped.
+    Raises OSError (a file that cannot be read) or ValueError (text that is not UTF-8)."""
     collected: list[str] = []
     for text in texts:
-        collected.extend(_lines(sys.stdin) if text == "-" else [text])
+        collected.extend([line for _, line in _numbered_lines("-")] if text == "-" else [_utf8(text, "an argument")])
     for name in files:
-        if name == "-":
-            collected.extend(_lines(sys.stdin))
-        else:
-            with open(Path(name), encoding="utf-8") as f:
-                collected.extend(_lines(f))
+        collected.extend(line for _, line in _numbered_lines(name))
     return collected
 
 
-def _lines(stream: Iterable[str]) -> list[str]:
-    return [line.rstrip("\r\n") for line in stream if line.strip()]
+def _numbered_lines(name: str) -> list[tuple[int, str]]:
+    """The non-blank lines of file `name` ('-': stdin), with their line numbers."""
+    where = "stdin" if name == "-" else name
+    try:
+        if name == "-":
+            lines = list(sys.stdin)
+        else:
+            with open(Path(name), encoding="utf-8") as f:
+                lines = list(f)
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{where}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x})") from None
+    except OSError as exc:
+        raise OSError(f"{where}: {exc.strerror or exc}") from None
+    return [(number, _utf8(line.rstrip("\r\n"), f"{where}: line {number}"))
+            for number, line in enumerate(lines, 1) if line.strip()]
+
+
+def _utf8(text: str, where: str) -> str:
+    """`text` if it is valid Unicode (bytes that were not UTF-8 come in as lone surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{where} is not UTF-8 text") from None
+    return text
 
 
 def read_pairs(pairs: Iterable[Sequence[str]], files: Iterable[str]) -> list[tuple[str, str]]:
     """Pairs from --pair and from files of `first<TAB>second` lines; a line without a tab is an error."""
-    collected = [(first, second) for first, second in pairs]
+    collected = [(_utf8(first, "--pair"), _utf8(second, "--pair")) for first, second in pairs]
     for name in files:
-        if name == "-":
-            lines = _lines(sys.stdin)
-        else:
-            with open(Path(name), encoding="utf-8") as f:
-                lines = _lines(f)
-        for number, line in enumerate(lines, 1):
+        for number, line in _numbered_lines(name):
             first, tab, second = line.partition("\t")
             if not tab:
                 raise ValueError(f"{name}: line {number} has no tab between the first and the second text")
@@ -104,8 +118,8 @@ def run_classify(args: argparse.Namespace) -> int:
 
     from shared.client import TierClient, not_an_entry_tier
 
-    texts = read_texts(args.texts, args.file)
     try:
+        texts = read_texts(args.texts, args.file)
         pairs = read_pairs(args.pair, args.pair_file)
     except (OSError, ValueError) as exc:
         print(f"tierserve classify: {exc}", file=sys.stderr)
@@ -133,7 +147,9 @@ def run_classify(args: argparse.Namespace) -> int:
             except grpc.RpcError as exc:
                 wrong_tier = not_an_entry_tier(exc, args.address, tls)
                 hint = (" (is it running? `tierserve serve mobile` or `make demo`)"
-                        if exc.code() == grpc.StatusCode.UNAVAILABLE else "")
+                        if exc.code() == grpc.StatusCode.UNAVAILABLE else
+                        " (here: --pair FIRST SECOND or --pair-file FILE)" if not pairs and "send pairs" in
+                        (exc.details() or "") else "")
                 print(f"tierserve classify: {wrong_tier}" if wrong_tier else
                       f"tierserve classify: {args.address}: {exc.code().name}: {exc.details()}{hint}",
                       file=sys.stderr)

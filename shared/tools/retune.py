@@ -31,12 +31,13 @@ from shared.contract.policy import (
     DEFAULT_DELTA,
     Target,
     choose_policy,
+    cloud_only_cost,
     describe_policy,
     holdout_line,
     routed_figures,
 )
 from shared.errors import ArtifactError
-from shared.tools.arguments import add_policy_arguments
+from shared.tools.arguments import add_policy_arguments, non_negative
 
 
 def retune(folder: Path, policy: str, p_tar: tuple[float, float], max_drop_points: float,
@@ -53,8 +54,8 @@ def retune(folder: Path, policy: str, p_tar: tuple[float, float], max_drop_point
         exit_spec.threshold = tau
     manifest.policy, manifest.cost_model = spec, cost
     target_folder = folder
-    if out is not None and out.resolve() != folder.resolve():
-        if out.exists():
+    if out is not None:
+        if out.exists():  # the model's own folder too: rewriting it is what --in-place says
             raise ArtifactError(f"{out} exists: retune writes a new folder (pass another --out, or --in-place)")
         shutil.copytree(folder, out)
         target_folder = out
@@ -119,10 +120,10 @@ def add_retune_parser(subparsers: argparse._SubParsersAction) -> None:
     where.add_argument("--in-place", action="store_true",
                        help="rewrite the model's own manifest.json and report.json")
     add_policy_arguments(p)
-    p.add_argument("--layer-cost", type=float, nargs=3, metavar=("MOBILE", "EDGE", "CLOUD"),
+    p.add_argument("--layer-cost", type=non_negative, nargs=3, metavar=("MOBILE", "EDGE", "CLOUD"),
                    help="compute cost per layer at each tier (default: the manifest's, 0.1 each unless built "
                         "otherwise)")
-    p.add_argument("--hop-cost", type=float, nargs=3, metavar=("MOBILE_EDGE", "EDGE_CLOUD", "MOBILE_CLOUD"),
+    p.add_argument("--hop-cost", type=non_negative, nargs=3, metavar=("MOBILE_EDGE", "EDGE_CLOUD", "MOBILE_CLOUD"),
                    help="offloading cost per hop (default: the manifest's, 0.3 each unless built otherwise)")
     p.set_defaults(handler=run_retune)
 
@@ -134,6 +135,9 @@ def run_retune(args: argparse.Namespace) -> int:
             cost.layer_cost = dict(zip(("mobile", "edge", "cloud"), args.layer_cost, strict=True))
         if args.hop_cost:
             cost.hop_cost = dict(zip(("mobile_edge", "edge_cloud", "mobile_cloud"), args.hop_cost, strict=True))
+        if cloud_only_cost(load_manifest(args.artifacts).split_points(), cost) <= 0:
+            raise ArtifactError("the costs make cloud-only free (every cost is relative to it): give the cloud's "
+                                "layers or the mobile-cloud hop a cost above 0")
         manifest = retune(args.artifacts, args.policy, tuple(args.p_tar), args.max_drop, cost, args.delta,
                           args.target, out=args.out)
     except ArtifactError as exc:
