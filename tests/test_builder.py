@@ -96,6 +96,22 @@ def test_a_build_never_replaces_what_is_not_a_model(tiny_artifacts: Path, tmp_pa
         build(config, notes, force=True)
     assert (notes / "notes.txt").read_text() == "mine" and (tmp_path / "a-file").read_text() == "mine"
     assert (data_folder / "train.csv").is_file()
+    link = tmp_path / "current"
+    link.symlink_to(tiny_artifacts)
+    with pytest.raises(BuildInputError, match="is a symbolic link: name the folder itself"):
+        build(config, link, force=True)
+
+
+def test_a_finished_build_takes_the_place_of_the_old_one_whole(tmp_path: Path) -> None:
+    from shared.builder.build import _replace_folder
+
+    out, staging = tmp_path / "model", tmp_path / "staging"
+    for folder, name in ((out, "old.txt"), (staging, "new.txt")):
+        folder.mkdir()
+        (folder / name).write_text(name)
+    _replace_folder(staging, out)
+    assert sorted(p.name for p in out.iterdir()) == ["new.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "staging"]  # no .model.new or .model.old left
 
 
 def test_a_changed_profile_is_not_a_cached_build(tiny_artifacts: Path, tmp_path: Path) -> None:

@@ -54,10 +54,17 @@ def test_a_misspelt_setting_in_the_environment_stops_the_tier(monkeypatch: pytes
     assert "TIERSERVE_EDGE_GRACE_SECOND (did you mean TIERSERVE_EDGE_GRACE_SECONDS?)" in err and "BOGUS" not in err
     monkeypatch.delenv("TIERSERVE_EDGE_GRACE_SECOND")
     # what Kubernetes injects for Services named tierserve-edge and tierserve-edge-headless: not settings, not typos
-    for injected in ("SERVICE_HOST", "SERVICE_PORT", "SERVICE_PORT_GRPC", "PORT", "PORT_50052_TCP",
+    for injected in ("SERVICE_HOST", "SERVICE_PORT", "SERVICE_PORT_GRPC", "PORT_50052_TCP",
                      "PORT_50052_TCP_ADDR", "PORT_50052_TCP_PORT", "PORT_50052_TCP_PROTO", "HEADLESS_SERVICE_HOST"):
         monkeypatch.setenv(f"TIERSERVE_EDGE_{injected}", "10.0.0.1")
+    monkeypatch.setenv("TIERSERVE_EDGE_PORT", "tcp://10.0.0.1:50052")
+    monkeypatch.setenv("TIERSERVE_EDGE_HEADLESS_PORT", "tcp://10.0.0.2:50052")
     assert parse_settings("edge", []).tier == "edge"
+    monkeypatch.setenv("TIERSERVE_EDGE_METRIC_PORT", "9102")  # a typo, not a link: its value is no address
+    with pytest.raises(SystemExit):
+        parse_settings("edge", [])
+    assert "TIERSERVE_EDGE_METRIC_PORT (did you mean TIERSERVE_EDGE_METRICS_PORT?)" in capsys.readouterr().err
+    monkeypatch.delenv("TIERSERVE_EDGE_METRIC_PORT")
     monkeypatch.setenv("TIERSERVE_CLOUD_NEXT", "127.0.0.1:1")  # the cloud has no next tier
     with pytest.raises(SystemExit):
         parse_settings("cloud", [])

@@ -197,6 +197,8 @@ def check_out_folder(out: Path, data: str | Path | None = None) -> None:
     it refuses (even with --force) a file, a folder holding anything but a model, the working folder or one
     above it, and a folder the data lies in."""
     where = out.resolve()
+    if out.is_symlink():  # replacing it would replace the link, not the folder it names
+        raise BuildInputError(f"--out {out} is a symbolic link: name the folder itself ({where})")
     if out.exists() and not out.is_dir():
         raise BuildInputError(f"--out {out} is a file: name a folder (a new one, or a model folder to rebuild)")
     if where == Path.cwd().resolve() or where in Path.cwd().resolve().parents:
@@ -438,17 +440,25 @@ def _replace_folder(staging: Path, out: Path) -> None:
     """Move the finished build into place, so a failed build never leaves a half-written folder."""
     out.parent.mkdir(parents=True, exist_ok=True)
     final = out.parent / f".{out.name}.new"
-    if final.exists():
-        shutil.rmtree(final)
+    old = out.parent / f".{out.name}.old"
+    for leftover in (final, old):
+        if leftover.exists():
+            shutil.rmtree(leftover)
     try:
         shutil.copytree(staging, final)
         _make_readable(final)
+    except BaseException:
+        shutil.rmtree(final, ignore_errors=True)  # nothing half-written left beside out
+        raise
+    try:  # renames only: out is the old model or the new one, never a mix, whatever fails
         if out.exists():
-            shutil.rmtree(out)
+            out.rename(old)
         final.rename(out)
-    finally:
-        if final.exists():  # what failed left nothing half-written beside out
-            shutil.rmtree(final)
+    except OSError as exc:
+        raise BuildInputError(f"cannot put the new model in place of {out} ({exc.strerror}): it is in {final}, "
+                              f"{'the old one in ' + str(old) if old.exists() else 'nothing else was changed'}"
+                              ) from None
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _make_readable(folder: Path) -> None:

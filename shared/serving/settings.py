@@ -279,6 +279,15 @@ _SERVICE_LINK = re.compile(
     r"(^|_)(SERVICE_HOST|SERVICE_PORT(_[A-Z0-9_]+)?|PORT(_\d+_(TCP|UDP|SCTP)(_(PROTO|PORT|ADDR))?)?)$")
 
 
+def _service_link(suffix: str, value: str) -> bool:
+    """A name Kubernetes or Docker injects; a bare <...>_PORT only with its value's form (tcp://host:port), so
+    that a misspelt setting ending in _PORT (METRIC_PORT=9102) is still caught."""
+    found = _SERVICE_LINK.search(suffix)
+    if found is None:
+        return False
+    return found.group(2) != "PORT" or value.lower().startswith(("tcp://", "udp://", "sctp://"))
+
+
 def unknown_environment(cls: type[TierSettings], environ: Mapping[str, str] | None = None) -> list[str]:
     """Variables named with this tier's prefix that are no setting of it, each with the nearest setting's
     name where one is close: pydantic-settings ignores them, so a typo would silently leave a default.
@@ -286,9 +295,10 @@ def unknown_environment(cls: type[TierSettings], environ: Mapping[str, str] | No
     prefix = str(cls.model_config["env_prefix"])
     known = [prefix + name.upper() for name in cls.model_fields]
     unknown = []
-    for name in sorted(os.environ if environ is None else environ):
+    env = os.environ if environ is None else environ
+    for name in sorted(env):
         upper = name.upper()
-        if upper.startswith(prefix) and upper not in known and not _SERVICE_LINK.search(upper[len(prefix):]):
+        if upper.startswith(prefix) and upper not in known and not _service_link(upper[len(prefix):], env[name]):
             near = difflib.get_close_matches(name.upper(), known, n=1)
             unknown.append(name + (f" (did you mean {near[0]}?)" if near else ""))
     return unknown

@@ -106,7 +106,8 @@ def read_pairs(pairs: Iterable[Sequence[str]], files: Iterable[str]) -> list[tup
         for number, line in _numbered_lines(name):
             first, tab, second = line.partition("\t")
             if not tab:
-                raise ValueError(f"{name}: line {number} has no tab between the first and the second text")
+                raise ValueError(f"{'stdin' if name == '-' else name}: line {number} has no tab between the first "
+                                 "and the second text")
             collected.append((first, second))
     return collected
 
