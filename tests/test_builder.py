@@ -342,6 +342,14 @@ def test_retune_refuses_bad_budgets_costs_and_its_own_folder_as_out(tiny_artifac
     assert main(["retune", "--artifacts", str(copy), "--in-place", "--layer-cost", "0", "0", "0",
                  "--hop-cost", "0", "0", "0"]) == 2
     assert "cloud-only free" in capsys.readouterr().err
+    assert main(["retune", "--artifacts", str(copy), "--in-place", "--p-tar", "0.8"]) == 2  # the default is cost
+    assert "--p-tar applies to --policy p_tar, and the policy is cost (the default): add --policy p_tar" in \
+        capsys.readouterr().err
+    assert main(["retune", "--artifacts", str(copy), "--in-place", "--policy", "p_tar", "--max-drop", "1",
+                 "--target", "consistency"]) == 2
+    assert "--max-drop applies to --policy cost" in capsys.readouterr().err
+    assert main(["build", "--data", str(copy), "--out", str(tmp_path / "x"), "--target", "consistency"]) == 2
+    assert "tierserve build: --target applies to --policy p_tar" in capsys.readouterr().err
     assert main(["retune", "--artifacts", str(copy), "--out", str(copy)]) == 2  # its own folder: --in-place says so
     assert "--in-place" in capsys.readouterr().err
     assert (copy / "manifest.json").read_text() == before

@@ -23,17 +23,47 @@ def add_policy_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policy", choices=["cost", "p_tar"], default="cost",
                    help="cost: the cheapest thresholds within --max-drop points of the final exit's accuracy "
                         "(DIMEE's operating point); p_tar: a target per early exit (default: %(default)s)")
-    p.add_argument("--max-drop", type=non_negative, default=0.3,
+    p.add_argument("--max-drop", type=non_negative, default=0.3, action=_Noted,
                    help="cost policy: accuracy drop allowed against the final exit, points (default: %(default)s)")
     p.add_argument("--p-tar", nargs="+", action=_Targets, metavar="MOBILE[,EDGE]", default=(0.9, 0.9),
                    help="p_tar policy: target of the answers at mobile and edge, one value for both "
                         "(default: 0.9); `0.9,0.95` and `0.9 0.95` both work")
-    p.add_argument("--target", choices=["accuracy", "consistency"], default="accuracy",
+    p.add_argument("--target", choices=["accuracy", "consistency"], default="accuracy", action=_Noted,
                    help="p_tar policy: what --p-tar bounds, the answers' accuracy or their agreement with the "
                         "final exit, which needs no labels (default: %(default)s)")
     p.add_argument("--delta", type=_delta, default=DEFAULT_DELTA,
                    help="each guarantee holds with probability >= 1 - delta over the calibration split's draw "
                         "(default: %(default)s)")
+
+
+# the policy each policy flag applies to: given with the other policy it would be ignored
+POLICY_OF_FLAG = {"--p-tar": "p_tar", "--target": "p_tar", "--max-drop": "cost"}
+
+
+def policy_flags_problem(args: argparse.Namespace) -> str | None:
+    """What is wrong with the policy flags given (a flag of the policy not chosen), or None."""
+    wrong = sorted(f for f in getattr(args, "policy_flags_given", set()) if POLICY_OF_FLAG[f] != args.policy)
+    if not wrong:
+        return None
+    wanted = POLICY_OF_FLAG[wrong[0]]
+    return (f"{' and '.join(wrong)} {'applies' if len(wrong) == 1 else 'apply'} to --policy {wanted}, and the "
+            f"policy is {args.policy}{' (the default)' if args.policy == 'cost' else ''}: add --policy {wanted}, "
+            f"or leave {'it' if len(wrong) == 1 else 'them'} out")
+
+
+def _note_given(namespace: argparse.Namespace, flag: str | None) -> None:
+    given = getattr(namespace, "policy_flags_given", None) or set()
+    given.add(flag)
+    namespace.policy_flags_given = given
+
+
+class _Noted(argparse.Action):
+    """Stores the value, noting that the flag was given (policy_flags_problem)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object,
+                 option_string: str | None = None) -> None:
+        setattr(namespace, self.dest, values)
+        _note_given(namespace, option_string)
 
 
 class _Targets(argparse.Action):
@@ -45,6 +75,7 @@ class _Targets(argparse.Action):
             setattr(namespace, self.dest, _two_floats(",".join(values)))  # type: ignore[arg-type]
         except argparse.ArgumentTypeError as exc:
             parser.error(f"{option_string}: {exc}")
+        _note_given(namespace, option_string)
 
 
 def non_negative(text: str) -> float:

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from shared.errors import BuildInputError
-from shared.tools.arguments import add_policy_arguments
+from shared.tools.arguments import add_policy_arguments, policy_flags_problem
 
 DEFAULT_OUT = Path("artifacts/default")
 DEFAULT_IMAGE_OUT = Path("artifacts/fashion-mnist")
@@ -97,6 +97,9 @@ def run_build(args: argparse.Namespace) -> int:
 
     if args.calibration_samples is not None and args.calibration_fraction is not None:
         print("tierserve build: give --calibration-samples or --calibration-fraction, not both", file=sys.stderr)
+        return 2
+    if problem := policy_flags_problem(args):
+        print(f"tierserve build: {problem}", file=sys.stderr)
         return 2
 
     try:

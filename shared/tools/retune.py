@@ -37,7 +37,7 @@ from shared.contract.policy import (
     routed_figures,
 )
 from shared.errors import ArtifactError
-from shared.tools.arguments import add_policy_arguments, non_negative
+from shared.tools.arguments import add_policy_arguments, non_negative, policy_flags_problem
 
 
 def retune(folder: Path, policy: str, p_tar: tuple[float, float], max_drop_points: float,
@@ -129,6 +129,9 @@ def add_retune_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_retune(args: argparse.Namespace) -> int:
+    if problem := policy_flags_problem(args):
+        print(f"tierserve retune: {problem}", file=sys.stderr)
+        return 2
     try:
         cost = load_manifest(args.artifacts).cost_model
         if args.layer_cost:
