@@ -201,10 +201,11 @@ def check_out_folder(out: Path, data: str | Path | None = None) -> None:
         raise BuildInputError(f"--out {out} is a symbolic link: name the folder itself ({where})")
     if out.exists() and not out.is_dir():
         raise BuildInputError(f"--out {out} is a file: name a folder (a new one, or a model folder to rebuild)")
-    if where == Path.cwd().resolve() or where in Path.cwd().resolve().parents:
+    cwd = Path.cwd().resolve()
+    if where == cwd or where in cwd.parents:
         raise BuildInputError(f"--out {out} is the working folder or one above it, which a build would replace "
                               "whole: name a folder of its own (e.g. artifacts/mymodel)")
-    if data is not None and (where == Path(data).resolve() or where in Path(data).resolve().parents):
+    if data is not None and where in (source := Path(data).resolve(), *source.parents):
         raise BuildInputError(f"the data {data} lies in --out {out}, which a build replaces whole: build into "
                               "another folder")
     if out.is_dir() and not (out / "manifest.json").is_file():

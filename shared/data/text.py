@@ -115,12 +115,12 @@ def read_table(path: Path, label_names: list[str] | None = None, columns: Column
         label = row[label_at].strip()
         if not label:
             raise BuildInputError(f"{path}:{line}: empty label (column {label_at})")
-        texts.append(" ".join(part for part in (row[i].strip() for i in text_at) if part))
+        texts.append(_joined(row, text_at))
         if second_at:
-            seconds.append(" ".join(part for part in (row[i].strip() for i in second_at) if part))
+            seconds.append(_joined(row, second_at))
         if not texts[-1] or (second_at and not seconds[-1]):  # the tiers refuse an empty text: no model learns one
-            empty = sum(not any(row[i].strip() for i in text_at) or bool(second_at) and not any(
-                row[i].strip() for i in second_at) for _, row in body if len(row) >= needed)
+            empty = sum(not _joined(other, text_at) or bool(second_at) and not _joined(other, second_at)
+                        for _, other in body if len(other) >= needed)
             raise BuildInputError(f"{path}:{line}: empty text (columns {list(text_at) + list(second_at)}); {empty} "
                                   "row(s) of the file have none: remove them")
         raw.append(label)
@@ -133,6 +133,11 @@ def read_table(path: Path, label_names: list[str] | None = None, columns: Column
     index = {name: i for i, name in enumerate(names)}
     return TextDataset(texts, np.array([index[x] for x in raw], dtype=np.int64), list(names), str(path),
                        raw_labels=list(names), second_texts=seconds if second_at else None)
+
+
+def _joined(row: Sequence[str], columns: Sequence[int]) -> str:
+    """A row's text from its text columns, stripped and joined by spaces ("" if all are empty)."""
+    return " ".join(part for part in (row[i].strip() for i in columns) if part)
 
 
 def _read_rows(path: Path, quoting: Quoting) -> list[tuple[int, list[str]]]:

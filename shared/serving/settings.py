@@ -299,7 +299,7 @@ def unknown_environment(cls: type[TierSettings], environ: Mapping[str, str] | No
     for name in sorted(env):
         upper = name.upper()
         if upper.startswith(prefix) and upper not in known and not _service_link(upper[len(prefix):], env[name]):
-            near = difflib.get_close_matches(name.upper(), known, n=1)
+            near = difflib.get_close_matches(upper, known, n=1)
             unknown.append(name + (f" (did you mean {near[0]}?)" if near else ""))
     return unknown
 

@@ -73,9 +73,14 @@ def read_texts(texts: Iterable[str], files: Iterable[str]) -> list[str]:
     return collected
 
 
+def _source(name: str) -> str:
+    """How messages name a file argument ('-': stdin)."""
+    return "stdin" if name == "-" else name
+
+
 def _numbered_lines(name: str) -> list[tuple[int, str]]:
     """The non-blank lines of file `name` ('-': stdin), with their line numbers."""
-    where = "stdin" if name == "-" else name
+    where = _source(name)
     try:
         if name == "-":
             lines = list(sys.stdin)
@@ -106,8 +111,7 @@ def read_pairs(pairs: Iterable[Sequence[str]], files: Iterable[str]) -> list[tup
         for number, line in _numbered_lines(name):
             first, tab, second = line.partition("\t")
             if not tab:
-                raise ValueError(f"{'stdin' if name == '-' else name}: line {number} has no tab between the first "
-                                 "and the second text")
+                raise ValueError(f"{_source(name)}: line {number} has no tab between the first and the second text")
             collected.append((first, second))
     return collected
 

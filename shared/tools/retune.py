@@ -133,12 +133,13 @@ def run_retune(args: argparse.Namespace) -> int:
         print(f"tierserve retune: {problem}", file=sys.stderr)
         return 2
     try:
-        cost = load_manifest(args.artifacts).cost_model
+        source = load_manifest(args.artifacts)
+        cost = source.cost_model
         if args.layer_cost:
             cost.layer_cost = dict(zip(("mobile", "edge", "cloud"), args.layer_cost, strict=True))
         if args.hop_cost:
             cost.hop_cost = dict(zip(("mobile_edge", "edge_cloud", "mobile_cloud"), args.hop_cost, strict=True))
-        if cloud_only_cost(load_manifest(args.artifacts).split_points(), cost) <= 0:
+        if cloud_only_cost(source.split_points(), cost) <= 0:
             raise ArtifactError("the costs make cloud-only free (every cost is relative to it): give the cloud's "
                                 "layers or the mobile-cloud hop a cost above 0")
         manifest = retune(args.artifacts, args.policy, tuple(args.p_tar), args.max_drop, cost, args.delta,
